@@ -1,0 +1,40 @@
+"""Exceptions raised by lora-fx.
+
+Every error names the culprit (node, module path, file) and says what would work. They derive from
+the builtin type a caller would naturally catch (ValueError for bad arguments, RuntimeError for
+failures of a step), so ``except ValueError`` keeps working in user code.
+"""
+
+from __future__ import annotations
+
+
+class LoraFxError(Exception):
+    """Base class of every error lora-fx raises on purpose."""
+
+
+class CaptureError(LoraFxError, RuntimeError):
+    """The model could not be captured into a graph."""
+
+
+class PatternError(LoraFxError, ValueError):
+    """A target pattern is malformed or matches no site."""
+
+
+class SiteError(LoraFxError, ValueError):
+    """A selected site cannot be adapted as asked (rank, slices, weight that is not a parameter...)."""
+
+
+class FoldError(LoraFxError, ValueError):
+    """A module cannot be folded (no LoRA in it, non-finite delta...)."""
+
+
+class ExportError(LoraFxError, RuntimeError):
+    """Writing or running an ONNX file failed."""
+
+
+class VerifyError(LoraFxError):
+    """A verification could not be carried out (a failed proof is a report, not an exception)."""
+
+
+class AdapterError(LoraFxError, ValueError):
+    """An adapter file is missing, corrupt, or does not fit the model."""
