@@ -1,0 +1,33 @@
+"""lora-fx: LoRA as a graph-rewriting compiler pass.
+
+    gm  = lora_fx.trace(model, (input_ids,))          # capture (torch.export, non-strict)
+    lgm = lora_fx.lorafy(gm, ["*.q_proj", "*.v_proj"], rank=8, alpha=16)
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(lgm), lr=1e-3)
+    ...train...
+    folded = lora_fx.fold(lgm)                        # the captured graph again, new weights
+    report = lora_fx.fold_and_export(lgm, "task.onnx")
+"""
+
+from .capture import trace
+from .errors import (
+                     AdapterError,
+                     CaptureError,
+                     ExportError,
+                     FoldError,
+                     LoraFxError,
+                     PatternError,
+                     SiteError,
+                     VerifyError,
+)
+from .graph_module import LoraFxModule
+from .passes.fold import FoldReport, fold, strip
+from .passes.lorafy import LoraReport, lora_parameters, lorafy
+from .sites import Site, sites
+from .targets import Target
+
+__all__ = [
+    "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
+    "LoraFxModule", "LoraReport", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
+    "lora_parameters", "lorafy", "sites", "strip", "trace",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""Capture: any PyTorch model -> a GraphModule lora-fx can rewrite.
+
+``trace`` runs ``torch.export.export(strict=False)`` (it handles Hugging Face transformers, which
+``torch.fx.symbolic_trace`` no longer can) with batch and sequence dimensions dynamic, and returns a
+:class:`~lora_fx.graph_module.LoraFxModule` whose ``.train()`` / ``.eval()`` work.
+
+The graph is captured in eval mode (the graph you deploy). Mode-dependent ops are then rewired to read
+``self.training``::
+
+    dropout = aten.dropout(x, 0.1, False)           # as captured
+    dropout = aten.dropout(x, 0.1, self.training)   # after capture
+    sdpa(q, k, v)  ->  sdpa(q, k, v, dropout_p=self.training * 0.1)
+
+Dropout rates that the eval graph no longer shows (attention dropout is 0.0 in eval) are read from a
+second capture in train mode, aligned op by op.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, wrap
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ModeOp:
+    """Where a mode-dependent op keeps its train flag and its dropout rate (arg index or kwarg)."""
+
+    flag: int | None
+    rate: int | str | None
+
+
+MODE_OPS: dict[object, ModeOp] = {
+    aten.dropout.default: ModeOp(flag=2, rate=1),
+    aten.feature_dropout.default: ModeOp(flag=2, rate=1),
+    aten.alpha_dropout.default: ModeOp(flag=2, rate=1),
+    aten.feature_alpha_dropout.default: ModeOp(flag=2, rate=1),
+    aten.batch_norm.default: ModeOp(flag=5, rate=None),
+    aten.scaled_dot_product_attention.default: ModeOp(flag=None, rate="dropout_p"),
+}
+
+
+def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
+          dynamic: bool = True) -> LoraFxModule:
+    """Captures ``model`` into a GraphModule with torch.export (non-strict).
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face models included; set ``use_cache=False``).
+        args: example positional inputs; a batch of at least 2 keeps the batch dimension dynamic
+            (a batch of 1 is repeated to 2 for the capture).
+        kwargs: example keyword inputs (``attention_mask=...``).
+        dynamic: make dim 0 of every tensor input, and dim 1 of integer (token) inputs, dynamic.
+
+    Returns:
+        A :class:`LoraFxModule` computing ``model(*args, **kwargs)``; its parameters are the
+        model's own tensors (nothing is copied) and it remembers the example inputs.
+
+    Raises:
+        CaptureError: torch.export failed; the message shows why and what to try.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"trace() needs an nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    notes: list[str] = []
+    if dynamic:
+        args, kwargs, note = _batch_of_two(args, kwargs)
+        notes += [note] if note else []
+    shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
+
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        gm = _export(model, args, kwargs, shapes)
+        train_rates = None
+        if _has_mode_ops(gm.graph):
+            model.train()
+            train_rates = _mode_rates(_export(model, args, kwargs, shapes).graph)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+    notes += _rewire_modes(gm.graph, train_rates)
+    out = wrap(gm)
+    out.training = modes[model]
+    example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], shapes, notes)
+    for note in notes:
+        warnings.warn(f"lora_fx.trace: {note}", stacklevel=2)
+    return out
+
+
+def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
+    """``torch.export`` dynamic_shapes: batch (dim 0) dynamic, and sequence (dim 1) for token ids.
+
+    One entry per positional arg, then one per kwarg value (the order torch.export expects).
+    """
+
+    def spec(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {0: torch.export.Dim.AUTO}
+        if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()):
+            dims[1] = torch.export.Dim.AUTO
+        return dims
+
+    return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
+
+
+def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:
+    # torch.export specialises a size-1 dim to the constant 1: a batch-1 example would give a static
+    # batch-1 graph (and ONNX model) without a word. Repeating the example to batch 2 keeps it dynamic.
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()]
+    if not leaves or any(t.shape[0] != 1 for t in leaves):
+        return args, kwargs, None
+    args, kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda t: t.expand(2, *t.shape[1:]).clone() if t.dim() else t, (args, kwargs))
+    return args, kwargs, "example batch of 1 repeated to 2 so the batch dimension stays dynamic"
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, shapes) -> fx.GraphModule:
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
+    except Exception as e:  # torch.export raises many types; we add the culprit and the fixes
+        raise CaptureError(_capture_advice(model, e)) from e
+    return ep.module(check_guards=False)
+
+
+def _capture_advice(model: nn.Module, e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    head = "\n    ".join(text[:6]) if text else type(e).__name__
+    tips = []
+    if "Cache" in str(e):
+        tips.append("the model returns a KV cache: set model.config.use_cache = False (or pass use_cache=False)")
+    if isinstance(e, TypeError) or "argument" in str(e):
+        tips.append("check that the example args/kwargs fit model.forward's signature")
+    if "data-dependent" in str(e) or "guard" in str(e).lower() or "Constraint" in str(e):
+        tips.append("shape-dependent Python control flow: try trace(..., dynamic=False)")
+    tips.append("or trace it yourself with torch.fx.symbolic_trace(model) and pass that GraphModule to lorafy")
+    tip_text = "".join(f"\n  - {t}" for t in tips)
+    return (f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {head}"
+            f"\nWhat to try:{tip_text}")
+
+
+def _has_mode_ops(graph: fx.Graph) -> bool:
+    return any(n.op == "call_function" and n.target in MODE_OPS for n in graph.nodes)
+
+
+def _rate(node: fx.Node, spec: ModeOp) -> float:
+    if isinstance(spec.rate, int):
+        return float(node.args[spec.rate]) if len(node.args) > spec.rate else 0.0
+    if isinstance(spec.rate, str):
+        if spec.rate in node.kwargs:
+            return float(node.kwargs[spec.rate])
+        return float(node.args[4]) if len(node.args) > 4 else 0.0  # sdpa: dropout_p is arg 4
+    return 0.0
+
+
+def _mode_rates(graph: fx.Graph) -> list[tuple[str, float]]:
+    return [(str(n.target), _rate(n, MODE_OPS[n.target])) for n in graph.nodes
+            if n.op == "call_function" and n.target in MODE_OPS]
+
+
+def _rewire_modes(graph: fx.Graph, train_rates: list[tuple[str, float]] | None) -> list[str]:
+    """Makes mode-dependent ops follow ``self.training``; returns notes for the user."""
+    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in MODE_OPS]
+    if not nodes:
+        return []
+    notes = []
+    rates = [_rate(n, MODE_OPS[n.target]) for n in nodes]
+    if train_rates is not None:
+        ours = [str(n.target) for n in nodes]
+        theirs = [t for t, _ in train_rates]
+        matcher = difflib.SequenceMatcher(a=ours, b=theirs, autojunk=False)
+        for block in matcher.get_matching_blocks():
+            for k in range(block.size):
+                rates[block.a + k] = train_rates[block.b + k][1]
+        extra = len(theirs) - sum(b.size for b in matcher.get_matching_blocks())
+        if extra:
+            notes.append(f"{extra} train-only op(s) (e.g. nn.MultiheadAttention's attention dropout) "
+                         "vanish in the eval capture; .train() cannot bring them back")
+    training = training_node(graph)
+    for node, rate in zip(nodes, rates, strict=True):
+        spec = MODE_OPS[node.target]
+        node.meta[NODE_MODE] = {"rate": rate}
+        if spec.flag is not None:
+            args = list(node.args)
+            if isinstance(spec.rate, int) and len(args) > spec.rate:
+                args[spec.rate] = rate
+            args[spec.flag] = training
+            node.args = tuple(args)
+        elif rate > 0.0:
+            with graph.inserting_before(node):
+                p = graph.call_function(operator.mul, (training, rate))
+            p.meta[NODE_MODE] = {"rate": rate}
+            args = list(node.args[:4])
+            node.args = tuple(args)
+            node.kwargs = {**node.kwargs, spec.rate: p}
+    graph.lint()
+    return notes
+
+
+def training_node(graph: fx.Graph) -> fx.Node:
+    """The graph's ``self.training`` get_attr node, created after the placeholders if missing."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == "training":
+            return node
+    last = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            last = node
+    if last is None:
+        with graph.inserting_before(next(iter(graph.nodes))):
+            node = graph.get_attr("training")
+    else:
+        with graph.inserting_after(last):
+            node = graph.get_attr("training")
+    node.meta[NODE_MODE] = {"flag": True}
+    return node

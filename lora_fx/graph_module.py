@@ -1,0 +1,182 @@
+"""The GraphModule class lora-fx hands back, and the copy/attribute helpers every pass shares.
+
+``torch.export``'s ``ep.module()`` refuses ``.train()`` / ``.eval()``. Our modules accept them: the
+capture step rewires mode-dependent ops (dropout, batch norm, attention dropout) to read
+``self.training`` through a ``get_attr`` node, so switching mode is an attribute write, and
+``torch.compile`` simply re-specialises on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+# Keys under GraphModule.meta. Values hold plain data and tensors only (never fx.Node): deepcopy must work.
+CAPTURE_KEY = "lora_fx_capture"
+LORA_KEY = "lora_fx"
+# Keys under Node.meta.
+NODE_LORA = "lora_fx_branch"  # str: branch name, on every node lorafy added
+NODE_MODE = "lora_fx_mode"  # dict: how a mode-dependent op was rewired at capture
+
+
+@dataclass
+class Capture:
+    """What trace() remembers so that later steps need no inputs."""
+
+    args: tuple
+    kwargs: dict
+    dynamic_shapes: Any
+    mode_notes: list[str] = field(default_factory=list)
+
+
+class LoraFxModule(fx.GraphModule):
+    """A GraphModule whose ``.train()`` / ``.eval()`` work, whatever produced the graph."""
+
+    def train(self, mode: bool = True) -> LoraFxModule:
+        return nn.Module.train(self, mode)
+
+    def eval(self) -> LoraFxModule:
+        return nn.Module.train(self, False)
+
+    @property
+    def lora_report(self):
+        """The :class:`~lora_fx.passes.lorafy.LoraReport` of the lorafy pass, or None."""
+        state = self.meta.get(LORA_KEY)
+        return None if state is None else state.report
+
+
+def capture_of(gm: nn.Module) -> Capture | None:
+    meta = getattr(gm, "meta", None)
+    return meta.get(CAPTURE_KEY) if isinstance(meta, dict) else None
+
+
+def wrap(root: fx.GraphModule, graph: fx.Graph | None = None) -> LoraFxModule:
+    """Builds a LoraFxModule over ``graph`` (default: root's), sharing root's tensors."""
+    graph = root.graph if graph is None else graph
+    new = LoraFxModule(root, graph, class_name=type(root).__name__)
+    for attr in ("_in_spec", "_out_spec"):  # torch.export's pytree codegen reads these from self
+        if hasattr(root, attr):
+            setattr(new, attr, getattr(root, attr))
+    new.meta = copy.deepcopy(getattr(root, "meta", {}))
+    new.training = root.training
+    new.recompile()
+    return new
+
+
+def copy_module(gm: fx.GraphModule, *, freeze: bool) -> LoraFxModule:
+    """Deep-copies graph, submodules and buffers; parameters share storage with ``gm``.
+
+    With ``freeze`` the copy holds new Parameter objects (same storage, ``requires_grad=False``), so
+    freezing the copy leaves the user's model and its ``requires_grad`` flags alone. Tied parameters
+    stay tied: one source object maps to one new object.
+    """
+    memo: dict[int, Any] = {}
+    for p in gm.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False) if freeze else p
+    new = copy.deepcopy(gm, memo)
+    if not isinstance(new, LoraFxModule):
+        new = wrap(new)
+    return new
+
+
+def get_attr_path(root: nn.Module, qualname: str) -> Any:
+    obj: Any = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def has_attr_path(root: nn.Module, qualname: str) -> bool:
+    try:
+        get_attr_path(root, qualname)
+    except AttributeError:
+        return False
+    return True
+
+
+def set_attr_path(root: nn.Module, qualname: str, value: Any) -> None:
+    """Sets ``root.a.b.c = value``, creating empty intermediate modules where missing."""
+    *parents, leaf = qualname.split(".")
+    mod = root
+    for part in parents:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        setattr(mod, leaf, value)
+
+
+def del_attr_path(root: nn.Module, qualname: str) -> None:
+    *parents, leaf = qualname.split(".")
+    mod = get_attr_path(root, ".".join(parents)) if parents else root
+    delattr(mod, leaf)
+
+
+def prune_empty_modules(root: nn.Module) -> None:
+    """Removes submodules left without parameters, buffers or children (after fold erased LoRA)."""
+    for name, child in list(root.named_children()):
+        prune_empty_modules(child)
+        if (type(child) is nn.Module and not child._parameters and not child._buffers
+                and not child._modules):
+            delattr(root, name)
+
+
+def graph_signature(graph: fx.Graph, rename: dict[str, str] | None = None) -> list[str]:
+    """A name-free description of a graph: one line per node, node references by position.
+
+    Two graphs with equal signatures compute the same thing from the same attributes. ``rename``
+    maps get_attr targets to the names they stand for (an untied copy of a weight).
+    """
+    rename = rename or {}
+    index: dict[fx.Node, int] = {}
+    lines: list[str] = []
+    seen: dict[str, int] = {}
+
+    def fmt(a: Any) -> str:
+        if isinstance(a, fx.Node):
+            return f"%{index[a]}"
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(fmt(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+        if isinstance(a, dict):
+            return "{" + ", ".join(f"{k}: {fmt(v)}" for k, v in a.items()) + "}"
+        return repr(a)
+
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = rename.get(str(node.target), str(node.target))
+        elif isinstance(node.target, torch._ops.OpOverload):
+            target = str(node.target)
+        elif callable(node.target):
+            target = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', node.target)}"
+        else:
+            target = str(node.target)
+        args = node.args if node.op != "placeholder" else ()
+        line = f"{node.op} {target} {fmt(args)} {fmt(node.kwargs)}"
+        # An untied copy of a weight adds a get_attr (and maybe a transpose) that computes the same
+        # value as an existing node: treat duplicates of these pure nodes as one.
+        if node.op == "get_attr" or (node.op == "call_function" and "aten.t" in target or "numpy_T" in target
+                                     or "transpose" in target or "permute" in target):
+            if line in seen:
+                index[node] = seen[line]
+                continue
+            seen[line] = len(lines)
+        index[node] = len(lines)
+        lines.append(line)
+    return lines
+
+
+def first_difference(a: list[str], b: list[str]) -> str | None:
+    """Human-readable first differing line of two signatures, or None when equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"node {i}: {x!r} != {y!r}"
+    if len(a) != len(b):
+        return f"node count differs: {len(a)} != {len(b)}"
+    return None

@@ -1,0 +1,1 @@
+"""Graph passes: lorafy (inject LoRA branches) and fold (merge them back into the weights)."""

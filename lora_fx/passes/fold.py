@@ -1,0 +1,230 @@
+"""The fold pass: merge every LoRA branch into its weight, giving back the original graph.
+
+For each adapted site::
+
+    before:  y' = op(x, W) + s * B(A(dropout(x)))     # s = alpha / r
+    after:   y  = op(x, W')      with  W' = round(fp32(W) + s * fp32(B @ A))   (in W's layout)
+
+The delta is computed in fp32 (fp64 for fp64 weights) and rounded once to W's dtype: merging in bf16
+would lose most of a small update. Invariants checked before returning: no LoRA node or parameter
+remains, and the graph equals the one lorafy started from (same nodes, targets, args up to names).
+
+A weight also used where the user put no LoRA (GPT-2's tied ``lm_head``/``wte``) is not overwritten:
+the adapted site gets its own folded copy (``<weight>_folded``) and the report lists it in ``untied``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..errors import FoldError
+from ..graph_module import (
+    LORA_KEY,
+    NODE_LORA,
+    LoraFxModule,
+    copy_module,
+    del_attr_path,
+    first_difference,
+    graph_signature,
+    has_attr_path,
+    prune_empty_modules,
+    set_attr_path,
+)
+from ..sites import CONV, EMBED, IN_OUT, TRANSPOSES, Site
+from .lorafy import Branch, LoraState
+
+FOLD_KEY = "lora_fx_fold"
+
+
+@dataclass
+class FoldReport:
+    """What fold merged: per weight the largest |delta|, and the weights it had to untie."""
+
+    folded: dict[str, float] = field(default_factory=dict)  # site id -> max |W' - W|
+    untied: dict[str, str] = field(default_factory=dict)  # new parameter name -> weight it copies
+
+    def __str__(self) -> str:
+        lines = [f"folded {len(self.folded)} site(s)"]
+        lines += [f"  {sid}: max |dW| = {d:.3g}" for sid, d in self.folded.items()]
+        lines += [f"  untied {new} (copy of {old}, which other uses still read)" for new, old in self.untied.items()]
+        return "\n".join(lines)
+
+
+def fold(gm: fx.GraphModule) -> LoraFxModule:
+    """Returns a new module where every LoRA branch is merged into its weight (see module doc).
+
+    Raises:
+        FoldError: ``gm`` carries no LoRA, or a delta is not finite (NaN/inf in A or B).
+    """
+    return _fold(gm, merge=True)
+
+
+def strip(gm: fx.GraphModule) -> LoraFxModule:
+    """The base model: LoRA branches removed, weights untouched (what fold gives with B = 0)."""
+    return _fold(gm, merge=False)
+
+
+def delta_weight(gm: nn.Module, branches: list[Branch], site: Site, dtype: torch.dtype) -> torch.Tensor:
+    """sum of scale * B @ A over a site's branches, in the weight's layout and shape, in ``dtype``."""
+    cols = gm.get_parameter(branches[0].a)[0].numel()  # in, or in * kernel for conv
+    out = torch.zeros(site.out_features, cols, dtype=dtype, device=_device(gm, site))
+    for br in branches:
+        a = gm.get_parameter(br.a).detach().to(dtype)
+        b = gm.get_parameter(br.b).detach().to(dtype)
+        prod = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+        rows = slice(None) if br.slice is None else slice(*br.slice)
+        out[rows] += br.scale * prod
+    if site.layout == CONV:
+        return out.reshape(site.shape)
+    if site.layout in (IN_OUT, EMBED):
+        return out.T
+    return out
+
+
+def _device(gm: nn.Module, site: Site) -> torch.device:
+    return gm.get_parameter(site.weight).device
+
+
+def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
+    state: LoraState | None = getattr(gm, "meta", {}).get(LORA_KEY)
+    if state is None or not state.branches:
+        raise FoldError(f"{type(gm).__name__} carries no LoRA branch to fold: fold() takes what "
+                        "lora_fx.lorafy() returned")
+    out = copy_module(gm, freeze=False)
+    graph = out.graph
+    by_site: dict[str, list[Branch]] = defaultdict(list)
+    for br in state.branches:
+        by_site[br.site.id].append(br)
+    report = FoldReport()
+    nodes = {n.name: n for n in graph.nodes}
+    if merge:
+        for _sid, branches in by_site.items():
+            site = branches[0].site
+            _merge_site(out, nodes[site.node], site, branches, report)
+    _erase_lora(out, state)
+    graph.lint()
+    out.recompile()
+    del out.meta[LORA_KEY]
+    out.meta[FOLD_KEY] = report
+    _check(out, state, report)
+    return out
+
+
+def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport):
+    w = gm.get_parameter(site.weight)
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    delta = delta_weight(gm, branches, site, cdt)
+    if not torch.isfinite(delta).all():
+        bad = [br.a for br in branches if not torch.isfinite(gm.get_parameter(br.a)).all()]
+        bad += [br.b for br in branches if not torch.isfinite(gm.get_parameter(br.b)).all()]
+        raise FoldError(f"site {site.id}: the LoRA delta for {site.weight} has NaN/inf values "
+                        f"(non-finite parameters: {bad or 'none; the product overflowed'}); "
+                        "nothing was folded. Check training (learning rate, loss scaling).")
+    new = nn.Parameter((w.detach().to(cdt) + delta).to(w.dtype), requires_grad=False)
+    report.folded[site.id] = float((new.detach().to(cdt) - w.detach().to(cdt)).abs().max()) if new.numel() else 0.0
+    if node.op == "call_module":
+        _merge_module(gm, node, new, report)
+    elif _sole_use(gm, node, site):
+        set_attr_path(gm, site.weight, new)
+    else:
+        _untie(gm, node, site, new, report)
+
+
+def _weight_arg(node: fx.Node, site: Site) -> tuple[int | None, fx.Node]:
+    """(index in node.args or None for einsum operands, the node feeding the weight)."""
+    if site.kind == "einsum":
+        return None, node.args[1][site.w_operand]
+    from ..sites import OPS
+
+    i = OPS[node.target].w if node.op == "call_function" else 1
+    return i, node.args[i]
+
+
+def _sole_use(gm: LoraFxModule, node: fx.Node, site: Site) -> bool:
+    """True when writing W' under the weight's name changes no other computation.
+
+    Replacing the attribute never mutates the tensor, so other names of the same tensor (tied
+    registrations) keep the old value; only other graph reads of this name matter.
+    """
+    users = 0
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == site.weight:
+            for u in n.users:
+                users += len(u.users) if _is_transpose(u) else 1
+    return users == 1
+
+
+def _is_transpose(n: fx.Node) -> bool:
+    return n.target in TRANSPOSES or n.target in ("t", "T")
+
+
+def _untie(gm: LoraFxModule, node: fx.Node, site: Site, new: nn.Parameter, report: FoldReport):
+    suffix = f"_call{site.id.rpartition('#')[2]}" if "#" in site.id else ""
+    attr = site.weight.rpartition(".")[2]
+    name = f"{site.path}.{attr}_folded{suffix}" if site.path else f"{attr}_folded{suffix}"
+    while has_attr_path(gm, name):
+        name += "_"
+    set_attr_path(gm, name, new)
+    report.untied[name] = site.weight
+    i, src = _weight_arg(node, site)
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(name)
+        repl = attr
+        if src.op != "get_attr":  # weight reached through a transpose: copy it
+            repl = gm.graph.call_function(src.target, (attr, *src.args[1:]), dict(src.kwargs))
+    if i is None:
+        operands = list(node.args[1])
+        operands[site.w_operand] = repl
+        node.args = (node.args[0], operands, *node.args[2:])
+    else:
+        node.args = tuple(repl if k == i else a for k, a in enumerate(node.args))
+
+
+def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: FoldReport):
+    target = str(node.target)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+    if len(calls) == 1:
+        gm.get_submodule(target).weight = new
+        return
+    import copy
+
+    k = calls.index(node)
+    clone = copy.copy(gm.get_submodule(target))
+    clone._parameters = dict(clone._parameters)
+    clone.weight = new
+    name = f"{target}_folded_call{k}"
+    set_attr_path(gm, name, clone)
+    node.target = name
+    report.untied[name] = target
+
+
+def _erase_lora(gm: LoraFxModule, state: LoraState) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if NODE_LORA in node.meta and node.target is torch.ops.aten.add.Tensor and \
+                isinstance(node.args[0], fx.Node) and NODE_LORA not in node.args[0].meta:
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(list(graph.nodes)):
+        if NODE_LORA in node.meta:
+            if node.users:
+                raise FoldError(f"internal: LoRA node {node.name} still has users {list(node.users)}")
+            graph.erase_node(node)
+    for br in state.branches:
+        for name in (br.a, br.b):
+            del_attr_path(gm, name)
+    prune_empty_modules(gm)
+
+
+def _check(gm: LoraFxModule, state: LoraState, report: FoldReport) -> None:
+    leftovers = [n for n, _ in gm.named_parameters() if ".lora_A." in f".{n}" or ".lora_B." in f".{n}"]
+    if leftovers:
+        raise FoldError(f"internal: LoRA parameters remain after fold: {leftovers[:3]}")
+    rename = dict(report.untied)
+    sig = graph_signature(gm.graph, rename=rename)
+    diff = first_difference(sig, state.base_signature)
+    if diff is not None:
+        raise FoldError(f"internal: the folded graph differs from the captured one at {diff}")

@@ -1,0 +1,226 @@
+"""The lorafy pass: rewrite selected matmuls into frozen-weight-plus-low-rank subgraphs.
+
+For each selected site ``y = op(x, W)`` it adds, after the op::
+
+    before:  y = linear(x, W, b)
+    after:   y = linear(x, W, b)                        # W frozen
+             d = linear(linear(dropout(x), A), B)       # A (r, in), B (out, r): trainable
+             y' = y + (alpha / r) * d                   # every user of y now reads y'
+
+B starts at zero, so a fresh result computes exactly what the input graph computes. The input
+module, its graph and the user's model are never modified: the result is a deep copy whose base
+parameters are new frozen Parameter objects sharing storage with the originals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from ..capture import training_node
+from ..errors import PatternError, SiteError
+from ..graph_module import (
+    LORA_KEY,
+    NODE_LORA,
+    LoraFxModule,
+    copy_module,
+    graph_signature,
+    has_attr_path,
+    set_attr_path,
+)
+from ..sites import Site, sites
+from ..targets import Selection, select
+from .branches import Emitter, activation, build, init_pair, lora_shapes
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One A/B pair (a site has one, or one per slice of a fused weight). Plain data."""
+
+    key: str  # PEFT-style module key, e.g. "transformer.h.0.attn.c_attn" (+ suffixes)
+    site: Site
+    a: str  # qualified parameter names in the module
+    b: str
+    rank: int
+    alpha: float
+    scale: float
+    dropout: float
+    slice: tuple[int, int] | None
+
+
+@dataclass
+class LoraReport:
+    """What lorafy matched, and the parameter budget."""
+
+    branches: list[Branch]
+    trainable: int
+    total: int
+    rslora: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[Site]:
+        seen: dict[str, Site] = {}
+        for br in self.branches:
+            seen.setdefault(br.site.id, br.site)
+        return list(seen.values())
+
+    def __str__(self) -> str:
+        lines = [f"{'site':<40} {'op':<10} {'weight shape':<14} {'rank':>4} {'scale':>6}  slice"]
+        for br in self.branches:
+            shape = "x".join(map(str, br.site.shape))
+            sl = "" if br.slice is None else f"[{br.slice[0]}:{br.slice[1]}]"
+            lines.append(f"{br.site.id:<40} {br.site.op:<10} {shape:<14} {br.rank:>4} {br.scale:>6.3g}  {sl}")
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"{len(self.sites)} sites, {len(self.branches)} LoRA pairs; trainable "
+                     f"{self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)")
+        return "\n".join(lines)
+
+
+@dataclass
+class LoraState:
+    """Stored at ``gm.meta["lora_fx"]``: everything fold / save / export need. No fx.Node inside."""
+
+    branches: list[Branch]
+    base_signature: list[str]
+    report: LoraReport
+
+
+def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None = None,
+           dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
+           exclude=None) -> LoraFxModule:
+    """Returns a new GraphModule where the selected sites carry trainable LoRA branches.
+
+    Args:
+        gm: from :func:`lora_fx.trace`, ``torch.fx.symbolic_trace``, or a lorafied module (new sites).
+        patterns: glob / regex / :class:`lora_fx.Target` or a list; each must select a site.
+        rank: r, the default for every target. ``alpha`` defaults to ``rank`` (scale 1).
+        dropout: LoRA dropout on the branch input, active in ``.train()`` mode only.
+        init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A; B is always zero.
+        use_rslora: scale = alpha / sqrt(rank) instead of alpha / rank.
+        exclude: patterns of sites never to adapt.
+
+    Raises:
+        PatternError: a pattern matches nothing (the message lists the closest sites).
+        SiteError: a setting does not fit a site, or the site already carries LoRA.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"lorafy() needs a torch.fx.GraphModule (from lora_fx.trace or "
+                        f"torch.fx.symbolic_trace); got {type(gm).__name__}. Call lora_fx.trace(model, args).")
+    if not isinstance(init, str) or init not in ("kaiming", "gaussian"):
+        raise SiteError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+    found = sites(gm)
+    try:
+        chosen = select(found, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude)
+    except PatternError:
+        _raise_if_not_parameter(gm, patterns)
+        raise
+
+    prior: LoraState | None = gm.meta.get(LORA_KEY)
+    out = copy_module(gm, freeze=True)
+    base_signature = prior.base_signature if prior else graph_signature(out.graph)
+    graph = out.graph
+    by_name = {n.name: n for n in graph.nodes}
+    branches = list(prior.branches) if prior else []
+    for sel in chosen:
+        branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora)
+    graph.lint()
+    out.recompile()
+
+    trainable = sum(out.get_parameter(n).numel() for br in branches for n in (br.a, br.b))
+    total = sum(p.numel() for p in out.parameters())
+    report = LoraReport(branches, trainable, total, use_rslora)
+    out.meta[LORA_KEY] = LoraState(branches, base_signature, report)
+    return out
+
+
+def lora_parameters(gm: nn.Module) -> list[nn.Parameter]:
+    """The trainable A/B parameters of a lorafied module, A then B for each branch, in graph order."""
+    state: LoraState | None = getattr(gm, "meta", {}).get(LORA_KEY) if hasattr(gm, "meta") else None
+    if state is None:
+        raise SiteError(f"{type(gm).__name__} carries no LoRA: call lora_fx.lorafy(gm, patterns) first")
+    return [gm.get_parameter(n) for br in state.branches for n in (br.a, br.b)]
+
+
+def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
+    """(PEFT-style module key, parameter leaf name) of one branch."""
+    attr = site.weight.rpartition(".")[2]
+    suffix = f"_call{site.id.rpartition('#')[2]}" if "#" in site.id else ""
+    suffix += f"_slice{sl[0]}_{sl[1]}" if sl else ""
+    return site.path, f"{attr}{suffix}"
+
+
+def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool) -> list[Branch]:
+    site = sel.site
+    weight = gm.get_parameter(site.weight)
+    scale = sel.alpha / (math.sqrt(sel.rank) if rslora else sel.rank)
+    graph = gm.graph
+    x = activation(gm, node, site)
+    training = _training(graph)
+    emit = Emitter(graph, node, tag=site.id)
+    ranges = sel.slices or [None]
+    made, deltas = [], []
+    for sl in ranges:
+        path, leaf = _key(site, sl)
+        prefix = f"{path}." if path else ""
+        a_name, b_name = f"{prefix}lora_A.{leaf}", f"{prefix}lora_B.{leaf}"
+        if has_attr_path(gm, a_name) or has_attr_path(gm, b_name):
+            raise SiteError(f"site {site.id} already carries LoRA ({a_name}); lorafy each site once, "
+                            "or fold() first and lorafy the folded module")
+        width = site.out_features if sl is None else sl[1] - sl[0]
+        a_shape, b_shape = lora_shapes(site, sel.rank, width, weight)
+        a = nn.Parameter(torch.empty(a_shape, dtype=weight.dtype, device=weight.device))
+        b = nn.Parameter(torch.empty(b_shape, dtype=weight.dtype, device=weight.device))
+        init_pair(a, b, init, site.kind)
+        set_attr_path(gm, a_name, a)
+        set_attr_path(gm, b_name, b)
+        try:
+            d = build(emit, gm, node, site, x, a_name, b_name, sel.dropout, training)
+        except NotImplementedError as e:
+            raise SiteError(f"site {site.id}: {e} is not supported by LoRA") from e
+        if sl is not None:
+            d = emit("call_function", aten.constant_pad_nd.default, (d, [sl[0], site.out_features - sl[1]]))
+        deltas.append(d)
+        key = path + ("" if leaf == "weight" else f".{leaf}")
+        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = emit("call_function", aten.add.Tensor, (total, d))
+    scaled = emit("call_function", aten.mul.Tensor, (total, scale))
+    merged = emit("call_function", aten.add.Tensor, (node, scaled))
+    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+    return made
+
+
+def _training(graph: fx.Graph) -> fx.Node:
+    """``self.training`` for LoRA dropout; one lorafy creates is tagged so fold erases it again."""
+    exists = any(n.op == "get_attr" and n.target == "training" for n in graph.nodes)
+    node = training_node(graph)
+    if not exists:
+        node.meta[NODE_LORA] = "training"
+    return node
+
+
+def _raise_if_not_parameter(gm: fx.GraphModule, patterns) -> None:
+    """A pattern that names a matmul whose weight is not a parameter gets its own error."""
+    from ..sites import OPS, module_path
+    from ..targets import as_targets, matches
+
+    targets = as_targets(patterns)
+    for node in gm.graph.nodes:
+        spec = OPS.get(node.target) if node.op == "call_function" else None
+        if spec is None or spec.kind == "einsum" or len(node.args) <= spec.w:
+            continue
+        w = node.args[spec.w]
+        path = module_path(node, None)
+        probe = Site(path, path, str(node.target), spec.kind, path, spec.layout, (), 0, 0, node.name)
+        if any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
+            what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
+            raise SiteError(f"site {path} (node {node.name}, {node.target}): its weight {what} is not a "
+                            "parameter, and LoRA adapts parameters only; register the weight as an "
+                            "nn.Parameter of the module, or target another site")

@@ -1,0 +1,207 @@
+"""The pattern language: which sites to adapt, and with which rank / alpha / dropout / slices.
+
+A pattern selects a site when it matches the site's id (``path`` or ``path#k`` for one of several
+calls), its module path (``transformer.h.0.attn.c_attn``) or its weight's qualified name
+(``blocks.0.wq`` for raw parameters used by functional ops):
+
+* a glob string: ``"*.q_proj"``; a plain name ``"q_proj"`` also matches as a dotted suffix (PEFT's rule);
+* a compiled regex: full match, like PEFT's string ``target_modules``;
+* a :class:`Target` carrying per-target settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import PatternError, SiteError
+from .sites import Site
+
+KINDS = ("linear", "conv", "embedding", "einsum")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A pattern plus the LoRA settings of the sites it selects (None = the lorafy() default).
+
+    Args:
+        pattern: glob string or compiled regex.
+        rank, alpha, dropout: per-target LoRA settings.
+        ops: restrict to op names or kinds (``("linear",)``, ``("addmm", "conv2d")``).
+        slices: adapt only these output ranges of a fused weight, one A/B pair each. Ranges as
+            ``(start, stop)`` pairs or ``slice`` objects; with ``chunks=n``, ints pick chunks of n equal
+            parts: ``Target("*.c_attn", slices=[0, 2], chunks=3)`` adapts q and v of GPT-2's qkv.
+        chunks: see ``slices``.
+    """
+
+    pattern: str | re.Pattern[str]
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    ops: tuple[str, ...] | None = None
+    slices: tuple | None = None
+    chunks: int | None = None
+
+    def matches(self, site: Site) -> bool:
+        if self.ops is not None and site.op not in self.ops and site.kind not in self.ops:
+            return False
+        return matches(self.pattern, site)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One selected site with its resolved settings."""
+
+    site: Site
+    rank: int
+    alpha: float
+    dropout: float
+    slices: tuple[tuple[int, int], ...] | None  # output ranges, None = the whole weight
+
+    @property
+    def scale_base(self) -> float:
+        return self.alpha / self.rank
+
+
+def matches(pattern: str | re.Pattern[str], site: Site) -> bool:
+    names = (site.id, site.path, site.weight)
+    if isinstance(pattern, re.Pattern):
+        return any(pattern.fullmatch(n) for n in names)
+    if any(c in pattern for c in "*?["):
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return any(n == pattern or n.endswith("." + pattern) for n in names)
+
+
+def as_targets(patterns) -> list[Target]:
+    """Normalises str / regex / Target / a list of them into Targets."""
+    if isinstance(patterns, (str, re.Pattern, Target)):
+        patterns = [patterns]
+    if not isinstance(patterns, Iterable):
+        raise PatternError(f"patterns must be a glob string, a regex, a Target or a list of them; "
+                           f"got {type(patterns).__name__}")
+    out = []
+    for p in patterns:
+        if isinstance(p, Target):
+            t = p
+        elif isinstance(p, (str, re.Pattern)):
+            t = Target(p)
+        else:
+            raise PatternError(f"pattern {p!r} is a {type(p).__name__}; use a glob string, a compiled "
+                               "regex or lora_fx.Target")
+        if isinstance(t.pattern, str) and not t.pattern.strip():
+            raise PatternError("empty pattern: use '*' to select every site")
+        if t.ops is not None:
+            known = set(KINDS) | _op_names()
+            bad = [o for o in t.ops if o not in known]
+            if bad:
+                raise PatternError(f"Target({_show(t.pattern)}): unknown op(s) {bad}; supported: "
+                                   f"{sorted(known)}")
+        out.append(t)
+    if not out:
+        raise PatternError("no patterns given: pass e.g. '*.q_proj' or ['*.q_proj', '*.v_proj']")
+    return out
+
+
+def select(all_sites: Sequence[Site], patterns, *, rank: int, alpha: float | None, dropout: float,
+           exclude=None) -> list[Selection]:
+    """Resolves patterns against sites. Every pattern must select something; first match wins."""
+    targets = as_targets(patterns)
+    excluded = as_targets(exclude) if exclude else []
+    chosen: dict[str, Selection] = {}
+    for t in targets:
+        hit = [s for s in all_sites if t.matches(s)]
+        if not hit:
+            raise PatternError(_no_match(t, all_sites))
+        for s in hit:
+            if s.id in chosen or any(e.matches(s) for e in excluded):
+                continue
+            chosen[s.id] = _resolve(t, s, rank, alpha, dropout)
+    if not chosen:
+        raise PatternError(f"every site selected by {[_show(t.pattern) for t in targets]} is excluded "
+                           f"by {[_show(e.pattern) for e in excluded]}")
+    order = {s.id: i for i, s in enumerate(all_sites)}
+    return sorted(chosen.values(), key=lambda sel: order[sel.site.id])
+
+
+def _op_names() -> set[str]:
+    return {"linear", "addmm", "mm", "matmul", "einsum", "conv1d", "conv2d", "embedding", "Linear",
+            "Conv1d", "Conv2d", "Embedding"}
+
+
+def _show(p) -> str:
+    return repr(p.pattern) if isinstance(p, re.Pattern) else repr(p)
+
+
+def _no_match(t: Target, all_sites: Sequence[Site]) -> str:
+    names = sorted({n for s in all_sites for n in (s.path, s.weight)})
+    key = t.pattern.pattern if isinstance(t.pattern, re.Pattern) else t.pattern
+    bare = key.strip("*.?")
+    close = difflib.get_close_matches(key, names, n=5, cutoff=0.3)
+    close += [n for n in names if bare and bare.split(".")[-1] in n and n not in close][: 5 - len(close)]
+    hint = ", ".join(close) if close else ", ".join(names[:5])
+    only = f" (restricted to ops {t.ops})" if t.ops else ""
+    return (f"pattern {_show(t.pattern)}{only} matches no adaptable site among {len(all_sites)}; "
+            f"closest: {hint}. List them all with lora_fx.sites(gm).")
+
+
+def _resolve(t: Target, s: Site, rank: int, alpha: float | None, dropout: float) -> Selection:
+    r = t.rank if t.rank is not None else rank
+    a = t.alpha if t.alpha is not None else alpha
+    d = t.dropout if t.dropout is not None else dropout
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise SiteError(f"site {s.id}: rank must be a positive int, got {r!r}")
+    a = float(r) if a is None else a
+    if not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+        raise SiteError(f"site {s.id}: alpha must be a finite number > 0, got {a!r}")
+    if not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise SiteError(f"site {s.id}: dropout must be in [0, 1), got {d!r}")
+    slices = _slices(t, s)
+    widths = [b - a_ for a_, b in slices] if slices else [s.out_features]
+    limit = min(s.in_features, *widths)
+    if r > limit:
+        raise SiteError(f"site {s.id} ({s.op} {s.weight}, in={s.in_features}, out={s.out_features}): "
+                        f"rank {r} exceeds min(in, out) = {limit}; use rank <= {limit}")
+    return Selection(s, r, float(a), float(d), slices)
+
+
+def _slices(t: Target, s: Site) -> tuple[tuple[int, int], ...] | None:
+    if t.slices is None:
+        if t.chunks is not None:
+            raise SiteError(f"site {s.id}: chunks={t.chunks} needs slices=[chunk indices]")
+        return None
+    if s.kind != "linear":
+        raise SiteError(f"site {s.id}: slices work on linear-like ops (linear/addmm/mm/matmul), "
+                        f"not {s.op}")
+    out = s.out_features
+    ranges = []
+    for item in t.slices:
+        if isinstance(item, slice):
+            start, stop, step = item.indices(out)
+            if step != 1:
+                raise SiteError(f"site {s.id}: slice {item} has step {step}; only contiguous ranges")
+        elif isinstance(item, int) and t.chunks:
+            if out % t.chunks:
+                raise SiteError(f"site {s.id}: out_features {out} is not divisible into {t.chunks} chunks")
+            if not 0 <= item < t.chunks:
+                raise SiteError(f"site {s.id}: chunk {item} out of range 0..{t.chunks - 1}")
+            size = out // t.chunks
+            start, stop = item * size, (item + 1) * size
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            start, stop = item
+        else:
+            raise SiteError(f"site {s.id}: slice {item!r} is not (start, stop), a slice, or a chunk "
+                            "index with chunks=n")
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= out):
+            raise SiteError(f"site {s.id}: slice {item!r} is out of range for {out} output features")
+        ranges.append((start, stop))
+    ranges.sort()
+    for (_, b), (c, _) in zip(ranges, ranges[1:], strict=False):
+        if c < b:
+            raise SiteError(f"site {s.id}: slices {ranges} overlap")
+    if not ranges:
+        raise SiteError(f"site {s.id}: slices is empty")
+    return tuple(ranges)
