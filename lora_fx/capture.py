@@ -219,11 +219,9 @@ def training_node(graph: fx.Graph) -> fx.Node:
     for node in graph.nodes:
         if node.op == "placeholder":
             last = node
-    if last is None:
-        with graph.inserting_before(next(iter(graph.nodes))):
-            node = graph.get_attr("training")
-    else:
-        with graph.inserting_after(last):
+    with warnings.catch_warnings():  # fx warns that "training" is no tensor or module: it is a bool
+        warnings.simplefilter("ignore")
+        with graph.inserting_after(last) if last else graph.inserting_before(next(iter(graph.nodes))):
             node = graph.get_attr("training")
     node.meta[NODE_MODE] = {"flag": True}
     return node
