@@ -139,13 +139,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, shapes) -> fx.GraphModu
 def _capture_advice(model: nn.Module, e: Exception) -> str:
     text = str(e).strip().splitlines()
     head = "\n    ".join(text[:6]) if text else type(e).__name__
+    msg = str(e)
     tips = []
-    if "Cache" in str(e):
+    if "Cache" in msg:
         tips.append("the model returns a KV cache: set model.config.use_cache = False (or pass use_cache=False)")
-    if isinstance(e, TypeError) or "argument" in str(e):
-        tips.append("check that the example args/kwargs fit model.forward's signature")
-    if "data-dependent" in str(e) or "guard" in str(e).lower() or "Constraint" in str(e):
-        tips.append("shape-dependent Python control flow: try trace(..., dynamic=False)")
+    if "data-dependent" in msg or "DataDependent" in type(e).__name__:
+        tips.append("Python control flow on tensor values (if x.sum() > 0) cannot be captured: use "
+                    "torch.where / torch.cond, or torch.fx.symbolic_trace with concrete_args")
+    elif "Constraint" in msg or "specializ" in msg:
+        tips.append("a dimension was specialised by the model's code: try trace(..., dynamic=False)")
+    if isinstance(e, (TypeError, RuntimeError, ValueError)) and "data-dependent" not in msg:
+        tips.append("check that the example args/kwargs fit model.forward (names, shapes, dtypes): "
+                    "calling model(*args, **kwargs) eagerly should work first")
     tips.append("or trace it yourself with torch.fx.symbolic_trace(model) and pass that GraphModule to lorafy")
     tip_text = "".join(f"\n  - {t}" for t in tips)
     return (f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {head}"

@@ -218,9 +218,10 @@ def _raise_if_not_parameter(gm: fx.GraphModule, patterns) -> None:
             continue
         w = node.args[spec.w]
         path = module_path(node, None)
-        probe = Site(path, path, str(node.target), spec.kind, path, spec.layout, (), 0, 0, node.name)
+        wname = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else path
+        probe = Site(path, path, str(node.target), spec.kind, wname, spec.layout, (), 0, 0, node.name)
         if any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
             what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
-            raise SiteError(f"site {path} (node {node.name}, {node.target}): its weight {what} is not a "
+            raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is not a "
                             "parameter, and LoRA adapts parameters only; register the weight as an "
                             "nn.Parameter of the module, or target another site")

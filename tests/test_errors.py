@@ -1,0 +1,103 @@
+"""The bad-input catalogue: one case per row, each asserting the exception type and that the message
+names the culprit and a fix. No case may end in a bare KeyError/AttributeError/IndexError."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import traced
+from torch import nn
+
+import lora_fx
+
+
+@dataclass
+class Case:
+    name: str
+    call: Callable[[], object]
+    error: type[Exception]
+    says: list[str]  # regexes the message must contain: the culprit and the fix
+
+
+class _BufferWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(4, 4))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x @ self.w)
+
+
+class _ValueBranch(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def _gpt2():
+    return traced("gpt2")[3]
+
+
+def _mlp():
+    return traced("mlp")
+
+
+CASES = [
+    Case("uncapturable model", lambda: lora_fx.trace(_ValueBranch(), (torch.randn(2, 4),)),
+         lora_fx.CaptureError, ["_ValueBranch", "torch.where|torch.cond"]),
+    Case("example inputs that do not fit", lambda: lora_fx.trace(_mlp()[0], (torch.randn(2, 7),)),
+         lora_fx.CaptureError, ["could not capture", "example args/kwargs fit"]),
+    Case("not a module", lambda: lora_fx.trace("gpt2", ()), lora_fx.CaptureError, ["nn.Module", "str"]),
+    Case("pattern matches nothing", lambda: lora_fx.lorafy(_gpt2(), "*.q_proj"),
+         lora_fx.PatternError, [r"\*\.q_proj", "closest: .*c_proj", "lora_fx.sites"]),
+    Case("pattern of the wrong type", lambda: lora_fx.lorafy(_gpt2(), 42), lora_fx.PatternError,
+         ["int", "glob string"]),
+    Case("empty pattern", lambda: lora_fx.lorafy(_gpt2(), ""), lora_fx.PatternError, ["empty", "'\\*'"]),
+    Case("rank 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", rank=0), lora_fx.SiteError,
+         ["c_attn", "positive int"]),
+    Case("rank above min(in, out)", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", rank=65), lora_fx.SiteError,
+         ["c_attn", "rank 65 exceeds", "rank <= 64"]),
+    Case("alpha <= 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", alpha=-1), lora_fx.SiteError,
+         ["c_attn", "alpha must be"]),
+    Case("dropout 1", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", dropout=1.0), lora_fx.SiteError,
+         ["c_attn", r"\[0, 1\)"]),
+    Case("unknown init", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", init="xavier"), lora_fx.SiteError,
+         ["xavier", "kaiming"]),
+    Case("unknown op", lambda: lora_fx.lorafy(_gpt2(), lora_fx.Target("*.c_attn", ops=("conv3d",))),
+         lora_fx.PatternError, ["conv3d", "supported"]),
+    Case("slice out of range", lambda: lora_fx.lorafy(_gpt2(), lora_fx.Target("*.c_attn", slices=[(0, 500)])),
+         lora_fx.SiteError, ["c_attn", "out of range", "192"]),
+    Case("chunk out of range", lambda: lora_fx.lorafy(_gpt2(), lora_fx.Target("*.c_attn", slices=[3], chunks=3)),
+         lora_fx.SiteError, ["c_attn", "chunk 3", "0..2"]),
+    Case("overlapping slices", lambda: lora_fx.lorafy(_gpt2(), lora_fx.Target("*.c_attn", slices=[(0, 10), (5, 20)])),
+         lora_fx.SiteError, ["c_attn", "overlap"]),
+    Case("slices on an embedding", lambda: lora_fx.lorafy(_gpt2(), lora_fx.Target("transformer.wpe", slices=[(0, 8)])),
+         lora_fx.SiteError, ["wpe", "linear-like"]),
+    Case("weight that is not a parameter",
+         lambda: lora_fx.lorafy(lora_fx.trace(_BufferWeight(), (torch.randn(2, 4),)), "w"),
+         lora_fx.SiteError, ["get_attr w", "not a parameter", "nn.Parameter"]),
+    Case("lorafy twice on the same sites",
+         lambda: lora_fx.lorafy(lora_fx.lorafy(_gpt2(), "*.c_attn"), "*.c_attn"),
+         lora_fx.SiteError, ["c_attn", "already carries LoRA", "fold"]),
+    Case("lorafy of a plain module", lambda: lora_fx.lorafy(_mlp()[0], "fc1"), TypeError,
+         ["GraphModule", "lora_fx.trace"]),
+    Case("fold of a module with no LoRA", lambda: lora_fx.fold(_gpt2()), lora_fx.FoldError,
+         ["no LoRA", "lorafy"]),
+    Case("lora_parameters of a module with no LoRA", lambda: lora_fx.lora_parameters(_gpt2()),
+         lora_fx.SiteError, ["no LoRA", "lorafy"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case):
+    with pytest.raises(Exception) as info:
+        case.call()
+    err = info.value
+    assert type(err) not in (KeyError, AttributeError, IndexError), f"bare {type(err).__name__}: {err}"
+    assert isinstance(err, case.error), f"{type(err).__name__}: {err}"
+    for pattern in case.says:
+        assert re.search(pattern, str(err)), f"{pattern!r} not in: {err}"
