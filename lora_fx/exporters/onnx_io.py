@@ -1,0 +1,435 @@
+"""Write ONNX files atomically with torch's dynamo exporter, open ONNX Runtime sessions, run them.
+
+Facts about ``torch.onnx.export(..., dynamo=True)`` (torch 2.13, onnxscript 0.7, onnx-ir 1.1) that
+shape this module, all measured here:
+
+* ``dynamic_shapes`` takes ``torch.export.Dim.AUTO`` as is (so do ``Dim.DYNAMIC`` and named ``Dim``),
+  for eager modules and for GraphModules from ``torch.export.export(...).module()``, so no
+  conversion is done. A GraphModule must be given its dynamic shapes again: without them the export
+  is static even though the GraphModule itself is dynamic. AUTO axes come out named after torch
+  symbols (``s23``); they are renamed ``<input>_dim<axis>`` so exports of equal graphs name them alike.
+* The exporter optimizes by default (``optimize=True``: onnxscript constant folding, rewrite rules,
+  ``DeduplicateInitializersPass``, CSE, then ``NameFixPass`` which names constants ``val_NNN``).
+  Some of it depends on weight *values*: a Gemm bias that is all zeros is dropped, and identical
+  initializers of <= 1024 elements are merged (every fresh LayerNorm shares one weight/bias pair).
+  The structure of an optimized export therefore depends on its weights, which defeats "the folded
+  export has the base export's structure", so ``export_onnx`` defaults to ``optimize=False``.
+  ONNX Runtime optimizes at session creation anyway: random GPT-2 small (batch 2, seq 16, 2 threads)
+  took 31.4 ms unoptimized (1762 nodes, 6.2 s export) vs 32.8 ms optimized (651 nodes, 9.3 s).
+* Both modes are deterministic: exporting one module twice gives byte-identical ModelProtos.
+* Graph inputs are the tensor leaves of ``(args, kwargs)`` in pytree order; ``None`` and Python
+  scalars (``use_cache=False``) are baked into the graph; unused tensor inputs stay graph inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lora_fx.errors import ExportError
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+__all__ = ["ExportInfo", "available_providers", "export_onnx", "ort_session", "run_onnx"]
+
+# protobuf cannot serialize a ModelProto over 2 GiB; stay clear of it (graph + metadata).
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Names torch gives to dynamic dimensions (backed s<N>, unbacked u<N>).
+_TORCH_SYMBOL = re.compile(r"[su]\d+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NO_ORT = "onnxruntime is not installed: pip install onnxruntime (CPU) or lora-fx[gpu]"
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`export_onnx` wrote, read back from the file.
+
+    Attributes:
+        path: Absolute path of the ``.onnx`` file.
+        nodes: Number of nodes in the main graph.
+        op_counts: Node count per op type (``domain::op`` outside the default domain).
+        initializers: Number of initializers in the main graph.
+        initializer_bytes: Their size in bytes, as stored.
+        external_data: Whether the weights live in ``<path>.data``.
+        seconds: Wall time of export plus write.
+        opset: Version of the default ONNX domain.
+    """
+
+    path: str
+    nodes: int
+    op_counts: dict[str, int]
+    initializers: int
+    initializer_bytes: int
+    external_data: bool
+    seconds: float
+    opset: int
+
+
+def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
+                kwargs: dict[str, Any] | None = None, *, dynamic_shapes: Any = None, opset: int | None = None,
+                external_data: bool | None = None, optimize: bool = False) -> ExportInfo:
+    """Export ``module`` to ``path`` with the dynamo exporter, atomically.
+
+    The model is exported in memory, written into a temporary folder next to ``path`` and moved into
+    place with ``os.replace`` (data file first, then the model), so a failure leaves an earlier file
+    at ``path`` and its data file untouched and no temporary files behind. Only the moment between
+    the two renames of an external-data export is not atomic.
+
+    Args:
+        module: An ``nn.Module`` or a GraphModule from ``torch.export.export(...).module()``.
+        path: Target ``.onnx`` file; its directory must exist and be writable.
+        args: Example positional inputs. Use sizes >= 2 on dynamic axes (size 1 warns, see
+            ``_warn_size_one``).
+        kwargs: Example keyword inputs.
+        dynamic_shapes: As for ``torch.export.export``: one entry per positional arg then one per
+            kwarg value, e.g. ``({0: Dim.AUTO, 1: Dim.AUTO},)`` for a token batch.
+        opset: ONNX opset version; ``None`` lets torch choose.
+        external_data: Store weights in ``<path>.data`` (relative reference). ``None`` does so when
+            the initializers exceed ~1.8 GB. Without external data a stale ``<path>.data`` left by
+            an earlier export to the same path is removed.
+        optimize: Run torch's ONNX optimizer. Off by default: it makes the graph's structure depend
+            on weight values (see the module docstring).
+
+    Returns:
+        An :class:`ExportInfo` read back from the written file.
+
+    Raises:
+        ExportError: The directory is missing or unwritable (raised before exporting), the exporter
+            failed, or the file could not be written.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory = _check_target(path)
+    start = time.perf_counter()
+    _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
+    program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, optimize)
+    _stable_axis_names(program)
+    if external_data is None:
+        external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
+    _atomic_save(program.model, path, directory, external_data)
+    return _describe(path, time.perf_counter() - start)
+
+
+def _check_target(path: str) -> str:
+    """Return the directory of ``path`` after checking that a file can be created there."""
+    directory = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write ONNX to {path!r}: it is a directory; pass a file path such as {os.path.join(path, 'model.onnx')!r}")
+    if not os.path.isdir(directory):
+        raise ExportError(f"cannot write {path!r}: directory {directory!r} does not exist; create it first (os.makedirs(..., exist_ok=True)) or choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path!r}: directory {directory!r} is not writable; fix its permissions or choose another directory")
+    return directory
+
+
+def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any, path: str) -> None:
+    """Warn when an axis asked to be dynamic has example size 1.
+
+    torch.onnx captures eager modules with ``backed_size_oblivious`` so those stay dynamic, but a
+    GraphModule captured at size 1 keeps static output shapes (ORT then warns or fails at other
+    sizes), and without ``dynamic_shapes`` the axis is baked in.
+    """
+    import torch
+
+    if not isinstance(dynamic_shapes, (tuple, list)):
+        return
+    for i, (value, spec) in enumerate(zip((*args, *(kwargs or {}).values()), dynamic_shapes, strict=False)):
+        if isinstance(value, torch.Tensor) and isinstance(spec, dict):
+            ones = [a for a, dim in spec.items() if dim is not None and -value.dim() <= a < value.dim() and value.shape[a] == 1]
+            if ones:
+                warnings.warn(f"{path}: input {i} axes {ones} are marked dynamic but have example size 1, which torch may specialize (a GraphModule captured at size 1 exports static shapes); use example sizes >= 2", stacklevel=3)
+
+
+def _first_lines(exc: BaseException, limit: int = 8) -> str:
+    """Short form of an exception: the exporter's run to hundreds of lines of advice and graphs."""
+    text = _ANSI.sub("", str(exc)).strip()
+    head, found, summary = text.partition("## Exception summary")
+    # torch.onnx puts the real cause under this heading, after a generic "next steps" preamble.
+    lines = head.splitlines()[:1] + summary.strip().splitlines() if found else text.splitlines()
+    more = f" ... ({len(lines) - limit} more lines)" if len(lines) > limit else ""
+    return f"{type(exc).__name__}: " + "\n".join(lines[:limit]) + more
+
+
+def _run_exporter(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+                  dynamic_shapes: Any, opset: int | None, optimize: bool) -> Any:
+    """Call ``torch.onnx.export`` in memory and return its ONNXProgram."""
+    import torch
+
+    with warnings.catch_warnings():
+        if isinstance(module, torch.fx.GraphModule):
+            # A torch.export GraphModule cannot switch to eval() (NotImplementedError): its dropout
+            # and batch-norm mode were baked in at capture, so the training-mode warning is noise.
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        try:
+            program = torch.onnx.export(
+                module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                opset_version=opset, optimize=optimize, verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed for {path!r}: {_first_lines(exc)}") from exc
+    if program is None:
+        raise ExportError(f"torch.onnx.export returned no program for {path!r}; is torch >= 2.9 installed?")
+    return program
+
+
+def _stable_axis_names(program: Any) -> None:
+    """Rename torch-generated axis symbols (``s23``) to ``<first input using it>_dim<axis>``."""
+    import onnx_ir as ir
+
+    mapping: dict[str | ir.SymbolicDim, str] = {}
+    for value in program.model.graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and _TORCH_SYMBOL.fullmatch(dim.value):
+                mapping.setdefault(dim.value, f"{value.name}_dim{axis}")
+    if mapping:
+        program.rename_axes(mapping)
+
+
+def _initializer_nbytes(model: Any) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _atomic_save(model: Any, path: str, directory: str, external_data: bool) -> None:
+    """Write ``model`` to ``path`` (and ``path + '.data'``) through a temporary sibling folder.
+
+    Inside the temporary folder the files already carry their final names, so the model's relative
+    external-data reference needs no fix-up after the move.
+    """
+    import onnx_ir as ir
+
+    name = os.path.basename(path)
+    data_name = name + ".data"
+    try:
+        tmp_dir = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ExportError(f"cannot create a temporary folder in {directory!r} to write {path!r}: {exc}") from exc
+    try:
+        tmp_model = os.path.join(tmp_dir, name)
+        try:
+            ir.save(model, tmp_model, external_data=data_name if external_data else None)
+        except Exception as exc:
+            raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+        if external_data:
+            # Data first: a reader that opens the new model must find the new data beside it.
+            os.replace(os.path.join(tmp_dir, data_name), path + ".data")
+        os.replace(tmp_model, path)
+        if not external_data and os.path.isfile(path + ".data"):
+            os.remove(path + ".data")
+    except OSError as exc:
+        raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _describe(path: str, seconds: float) -> ExportInfo:
+    """Read the written file back (weights not loaded) and summarize it."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    graph = proto.graph
+    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportInfo(path=path, nodes=len(graph.node), op_counts=dict(ops), initializers=len(graph.initializer),
+                      initializer_bytes=sum(_stored_nbytes(t) for t in graph.initializer),
+                      external_data=external, seconds=seconds, opset=opset)
+
+
+def _stored_nbytes(tensor: Any) -> int:
+    """Bytes a TensorProto's values take, without loading external data."""
+    import onnx
+
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        if "length" in info:
+            return int(info["length"])
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return itemsize * int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(_NO_ORT) from exc
+    return onnxruntime
+
+
+def available_providers(preferred: list[str] | None = None) -> list[str]:
+    """Execution providers to use, best first, always ending with CPU.
+
+    Args:
+        preferred: Providers in order of preference; default CUDA then CPU. Each one is kept only
+            if onnxruntime was built with it and a session can actually use it.
+
+    Returns:
+        E.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` or ``["CPUExecutionProvider"]``.
+    """
+    ort = _import_ort()
+    built = set(ort.get_available_providers())
+    order = list(preferred) if preferred else ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    chosen = [p for p in order if p in built and _usable(p)]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@functools.cache
+def _usable(provider: str) -> bool:
+    """Whether a session really runs on ``provider``.
+
+    onnxruntime-gpu lists CUDA even when libcudart/cuDNN cannot be loaded, and then silently falls
+    back to CPU; a one-node probe session tells the truth once per process.
+    """
+    if provider == "CPUExecutionProvider":
+        return True
+    from onnx import TensorProto, helper
+
+    ort = _import_ort()
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the failed CUDA load is the expected answer, not an error
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider, "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return provider in session.get_providers()
+
+
+def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = None, threads: int | None = None,
+                spinning: bool = False) -> onnxruntime.InferenceSession:
+    """Open an ONNX Runtime session on ``path``.
+
+    Args:
+        path: The ``.onnx`` file (its external data is found beside it).
+        providers: Execution providers; default :func:`available_providers`.
+        threads: ``intra_op_num_threads``; ``None`` lets ORT use all cores.
+        spinning: Let idle intra-op threads spin. Off by default: a spinning idle session steals a
+            core from the one being timed (identical files measured 0.98-1.08x apart with spinning).
+
+    Raises:
+        ExportError: onnxruntime is missing, the file does not exist or cannot be loaded.
+    """
+    ort = _import_ort()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ExportError(f"ONNX file {path!r} does not exist; write it first with export_onnx()")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers or available_providers())
+    except Exception as exc:
+        raise ExportError(f"onnxruntime could not load {path!r}: {_first_lines(exc)}") from exc
+
+
+def run_onnx(session_or_path: onnxruntime.InferenceSession | str | os.PathLike[str], args: tuple[Any, ...],
+             kwargs: dict[str, Any] | None = None, *, providers: list[str] | None = None) -> list[np.ndarray]:
+    """Run an exported model on the inputs the torch module would take.
+
+    Inputs are matched to graph inputs by this rule:
+
+    1. The tensor leaves of ``(args, kwargs)`` are taken in pytree order (positional, then kwarg
+       values); ``None`` and Python scalars are skipped because the exporter bakes them in.
+    2. If there are as many leaves as graph inputs, they are fed in order (what torch's own
+       ``ONNXProgram.__call__`` does).
+    3. Otherwise a top-level tensor kwarg whose name is a graph input feeds that input, a top-level
+       kwarg with another name is taken as dropped by the exporter, and the remaining graph inputs
+       take the remaining leaves in order, skipping leaves whose dtype or rank/static dims do not
+       fit. An input left without a leaf is an :class:`ExportError` listing both sides.
+
+    Args:
+        session_or_path: A session from :func:`ort_session` or an ``.onnx`` path.
+        args: Positional inputs (torch tensors or numpy arrays, possibly nested).
+        kwargs: Keyword inputs.
+        providers: Used only when a path is given.
+
+    Returns:
+        The graph outputs as numpy arrays, in graph order.
+    """
+    is_path = isinstance(session_or_path, (str, os.PathLike))
+    session = ort_session(session_or_path, providers=providers) if is_path else session_or_path
+    feeds = _match_inputs(session.get_inputs(), _tensor_leaves(args, kwargs or {}))
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:
+        fed = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in feeds.items())
+        raise ExportError(f"onnxruntime run failed with inputs {{{fed}}}: {_first_lines(exc)}") from exc
+    return [np.asarray(o) for o in outputs]
+
+
+def _tensor_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str | None, np.ndarray]]:
+    """(kwarg name or None, array) for each tensor leaf, in the exporter's input order."""
+    import torch
+    from torch.utils import _pytree
+
+    def arrays(tree: Any) -> list[np.ndarray]:
+        out = []
+        for leaf in _pytree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.dtype == torch.bfloat16:
+                    raise ExportError("run_onnx cannot feed bfloat16 tensors (numpy has no bfloat16); cast the input to float32")
+                out.append(leaf.detach().cpu().numpy())
+            elif isinstance(leaf, np.ndarray):
+                out.append(leaf)
+        return out
+
+    leaves: list[tuple[str | None, np.ndarray]] = [(None, a) for a in arrays(tuple(args))]
+    for key, value in kwargs.items():
+        named = isinstance(value, (torch.Tensor, np.ndarray))  # nested kwargs get exporter-made names
+        leaves.extend((key if named else None, a) for a in arrays(value))
+    return leaves
+
+
+def _fits(node_arg: Any, array: np.ndarray) -> bool:
+    """Whether ``array`` can feed ``node_arg``: ORT type string, rank and static dims agree."""
+    shape, name = node_arg.shape, {"float32": "float", "float64": "double"}.get(array.dtype.name, array.dtype.name)
+    if node_arg.type != f"tensor({name})" or len(shape) != array.ndim:
+        return False
+    return all(not isinstance(d, int) or d == n for d, n in zip(shape, array.shape, strict=True))
+
+
+def _match_inputs(inputs: list[Any], leaves: list[tuple[str | None, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Apply the matching rule documented in :func:`run_onnx`."""
+    if len(leaves) == len(inputs):
+        return {i.name: a for i, (_, a) in zip(inputs, leaves, strict=True)}
+    names = {i.name for i in inputs}
+    feeds: dict[str, np.ndarray] = {}
+    rest: list[np.ndarray] = []
+    for key, array in leaves:
+        if key is None:
+            rest.append(array)
+        elif key in names and key not in feeds:
+            feeds[key] = array
+    remaining = iter(rest)
+    for node_arg in inputs:
+        if node_arg.name in feeds:
+            continue
+        for array in remaining:
+            if _fits(node_arg, array):
+                feeds[node_arg.name] = array
+                break
+        else:
+            want = ", ".join(f"{i.name}: {i.type}{i.shape}" for i in inputs)
+            have = ", ".join(f"{k or '<positional>'}: {a.dtype}{list(a.shape)}" for k, a in leaves)
+            raise ExportError(f"cannot match inputs to graph input {node_arg.name!r}: graph wants ({want}); got ({have})")
+    return {i.name: feeds[i.name] for i in inputs}
