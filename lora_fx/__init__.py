@@ -19,6 +19,7 @@ from .errors import (
                      SiteError,
                      VerifyError,
 )
+from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
 from .graph_module import LoraFxModule
 from .passes.fold import FoldReport, fold, strip
 from .passes.lorafy import LoraReport, lora_parameters, lorafy
@@ -28,6 +29,7 @@ from .targets import Target
 __all__ = [
     "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
     "LoraFxModule", "LoraReport", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
-    "lora_parameters", "lorafy", "sites", "strip", "trace",
+    "lora_parameters", "lorafy", "sites", "strip", "trace", "ExportReport", "VerifyReport",
+    "fold_and_export", "verify_fold",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""The CI proof: every zoo model, trained a little, folds and exports to ONNX that IS its base export."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import traced
+from helpers import first_tensor, randomize_lora
+from zoo import zoo_params
+
+import lora_fx
+from lora_fx.exporters.onnx_io import ort_session, run_onnx
+
+
+def _train(lgm, args, kwargs, steps: int = 3):
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(lgm), lr=1e-2)
+    lgm.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        first_tensor(lgm(*args, **kwargs)).float().pow(2).mean().backward()
+        opt.step()
+    lgm.eval()
+    assert any(torch.count_nonzero(p) for p in lora_fx.lora_parameters(lgm)[1::2]), "B must be != 0"
+
+
+@pytest.mark.parametrize("case", zoo_params(include_slow=True))
+def test_zoo_folded_export_is_the_base_export(case, tmp_path):
+    _, args, kwargs, gm = traced(case.name)
+    lgm = lora_fx.lorafy(gm, case.targets, rank=2)
+    _train(lgm, args, kwargs)
+    report = lora_fx.fold_and_export(lgm, tmp_path / "task.onnx")
+    v = report.verification
+    assert v.ok, str(v)
+    assert v.graph_ok and v.structure.ok and report.lora_nodes_added == 0
+    assert report.export.nodes == report.base.nodes
+    assert len(v.numerics) == 2 and all(c.max_rel_err <= 1e-4 for c in v.numerics)
+    assert len(v.structure.changed_initializers) >= case.n_sites - len(v.structure.added_initializers)
+    assert "PASSED" in str(report)
+
+
+def test_unfolded_export_fails_structure_negative_control(tmp_path):
+    _, args, kwargs, gm = traced("gpt2")
+    lgm = lora_fx.lorafy(gm, "*.c_attn", rank=2)
+    randomize_lora(lgm)
+    unfolded = lora_fx.fold_and_export(lgm, tmp_path / "unfolded.onnx", folded=False)
+    assert unfolded.lora_nodes_added > 0
+    assert unfolded.verification.numerics and all(c.ok for c in unfolded.verification.numerics)
+    folded = lora_fx.fold_and_export(lgm, tmp_path / "task.onnx", verify=False)
+    raw = lora_fx.verify_fold(tmp_path / "task.onnx", tmp_path / "unfolded.onnx")
+    assert not raw.structure.ok and "node" in raw.structure.first_difference
+    assert lora_fx.verify_fold(unfolded.base.path if os.path.exists(unfolded.base.path) else
+                               tmp_path / "task.onnx", folded.path).structure.ok
+
+
+@pytest.mark.parametrize("name,target,max_seq", [
+    ("gpt2", lora_fx.Target("*.c_attn", slices=[0, 2], chunks=3), 60),  # 64 learned positions
+    ("llama", "*.q_proj", 77),
+])
+def test_dynamic_batch_and_sequence_in_onnx_runtime(tmp_path, name, target, max_seq):
+    """Traced with batch 2 / sequence 8; runs at batch 1 and 7, sequence 5 and up to 77."""
+    model, args, _, gm = traced(name)
+    lgm = lora_fx.lorafy(gm, target, rank=2)
+    randomize_lora(lgm)
+    path = lora_fx.fold_and_export(lgm, tmp_path / "task.onnx").path
+    session = ort_session(path)
+    for batch, seq in [(1, 5), (7, 5), (1, max_seq), (7, max_seq)]:
+        ids = torch.randint(0, 100, (batch, seq))
+        (logits, *_) = run_onnx(session, (ids,))
+        assert logits.shape[:2] == (batch, seq)
+        with torch.no_grad():
+            expected = lgm(ids).logits.numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,targets", [("gpt2", ["*.c_attn"]), ("llama", ["*.q_proj", "*.v_proj"])])
+def test_fp16_export_for_gpu(tmp_path, name, targets):
+    _, args, kwargs, gm = traced(name)
+    lgm = lora_fx.lorafy(gm, targets, rank=2)
+    randomize_lora(lgm)
+    report = lora_fx.fold_and_export(lgm, tmp_path / "task16.onnx", dtype=torch.float16)
+    model = onnx.load(report.path)
+    dtypes = {t.data_type for t in model.graph.initializer if t.data_type in (1, 10)}
+    assert dtypes == {onnx.TensorProto.FLOAT16}
+    v = report.verification
+    assert v.structure.ok and v.provider
+    assert "CPUExecutionProvider" in v.provider or "CUDA" in v.provider
+    assert all(c.ok for c in v.numerics), str(v)
+
+
+def test_external_data_and_atomic_failure(tmp_path, monkeypatch):
+    _, args, kwargs, gm = traced("mlp")
+    lgm = lora_fx.lorafy(gm, "fc1", rank=2)
+    randomize_lora(lgm)
+    report = lora_fx.fold_and_export(lgm, tmp_path / "task.onnx", external_data=True)
+    assert report.export.external_data and report.verification.ok
+    before = (tmp_path / "task.onnx").read_bytes()
+    import lora_fx.exporters.export as ex
+
+    def boom(*a, **k):
+        raise lora_fx.ExportError("injected failure")
+
+    monkeypatch.setattr(ex, "export_onnx", boom)
+    with pytest.raises(lora_fx.ExportError, match="injected"):
+        lora_fx.fold_and_export(lgm, tmp_path / "task.onnx")
+    assert (tmp_path / "task.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.onnx", "task.onnx.data"]
+
+
+def test_export_errors(tmp_path):
+    _, _, _, gm = traced("mlp")
+    with pytest.raises(lora_fx.ExportError, match="no LoRA"):
+        lora_fx.fold_and_export(gm, tmp_path / "x.onnx")
+    lgm = lora_fx.lorafy(gm, "fc1", rank=2)
+    with pytest.raises(lora_fx.ExportError, match="does not exist; create it"):
+        lora_fx.fold_and_export(lgm, tmp_path / "no" / "such" / "x.onnx")
