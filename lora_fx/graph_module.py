@@ -9,6 +9,7 @@ capture step rewires mode-dependent ops (dropout, batch norm, attention dropout)
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +78,9 @@ def copy_module(gm: fx.GraphModule, *, freeze: bool) -> LoraFxModule:
     memo: dict[int, Any] = {}
     for p in gm.parameters():
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False) if freeze else p
-    new = copy.deepcopy(gm, memo)
+    with warnings.catch_warnings():  # deep-copying torch.export's TreeSpec warns about LeafSpec
+        warnings.simplefilter("ignore", FutureWarning)
+        new = copy.deepcopy(gm, memo)
     if not isinstance(new, LoraFxModule):
         new = wrap(new)
     return new
