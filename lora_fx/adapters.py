@@ -1,0 +1,410 @@
+"""LoRA adapters on disk, in PEFT's layout, so that PEFT and lora-fx read each other's files.
+
+An adapter is a folder with two files::
+
+    adapter_config.json         PEFT's LoraConfig fields + a "lora_fx" section (below)
+    adapter_model.safetensors   the A/B tensors
+
+Tensor names (``<key>`` is a branch key, e.g. ``transformer.h.0.attn.c_attn``)::
+
+    base_model.model.<key>.lora_A.weight   (r, in[, kh, kw])   nn.Linear, GPT-2 Conv1D, convolutions
+    base_model.model.<key>.lora_B.weight   (out, r[, 1, 1])    (exactly what PEFT's save_pretrained writes)
+    base_model.model.<key>.lora_embedding_A / lora_embedding_B  nn.Embedding (PEFT's names)
+    lora_fx.<key>.lora_A.weight / lora_fx.<key>.lora_B.weight  what PEFT cannot express: slices of a
+        fused weight (``<key>`` ends in ``_slice<start>_<stop>``), raw parameters used by functional
+        ops, extra calls of one module, einsum/matmul sites. PEFT ignores these keys (it loads the
+        rest and warns that it ignores the ``lora_fx`` config field).
+
+The config holds what PEFT reads (``peft_type`` "LORA", ``r``, ``lora_alpha``, ``target_modules``:
+the full module keys PEFT can adapt, ``rank_pattern`` / ``alpha_pattern`` for modules whose rank or
+alpha differ from ``r`` / ``lora_alpha``, ``fan_in_fan_out`` (True when a target is GPT-2's Conv1D,
+an ``aten.addmm`` site with layout "in,out"), ``use_rslora``, ``lora_dropout``, ``bias`` "none") and::
+
+    "lora_fx": {"format": 1,
+                "sha256": "<hex digest of adapter_model.safetensors>",
+                "branches": [{"key", "site", "weight", "op", "layout", "rank", "alpha", "scale",
+                              "dropout", "slice": [start, stop] | null, "peft": bool}, ...]}
+
+The delta of a branch is ``scale * B @ A`` (``scale = alpha / r``, or ``alpha / sqrt(r)`` with
+rsLoRA), added to the rows ``slice`` of the weight's output (all rows when null). Files without the
+section (written by PEFT) get their scales from ``r`` / ``lora_alpha`` and the patterns.
+
+Reading never unpickles (safetensors only), checks every key, shape and value (NaN/inf) before
+anything is changed, and turns any failure (corrupt or truncated file, config/tensor mismatch) into
+:class:`~lora_fx.errors.AdapterError` naming the file. Names read from files never become paths.
+Task switching on folded models and weighted combinations live in :mod:`lora_fx.switching`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import fx
+
+from ._atomic import write_files_atomically
+from .errors import AdapterError
+from .graph_module import LORA_KEY
+from .passes.lorafy import Branch, lorafy
+from .sites import IN_OUT
+from .targets import Target
+
+CONFIG = "adapter_config.json"
+TENSORS = "adapter_model.safetensors"
+FORMAT = 1
+_PEFT_PREFIX = "base_model.model."
+_FX_PREFIX = "lora_fx."
+_KEY_RE = re.compile(r"(base_model\.model|lora_fx)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
+                     r"lora_embedding_A|lora_embedding_B)")
+# Module types PEFT's LoRA wraps, by class name (nn_module_stack records the type)
+_PEFT_TYPES = {"Linear": "linear", "Conv1D": "addmm", "Conv1d": "conv1d", "Conv2d": "conv2d",
+               "Conv3d": "conv3d", "Embedding": "embedding"}
+
+
+@dataclass(frozen=True)
+class AdapterBranch:
+    """One A/B pair with its meaning: ``delta[slice rows] += scale * B @ A`` at site ``site``."""
+
+    key: str
+    site: str  # site id in the graph (lora_fx.sites(gm))
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    scale: float
+    slice: tuple[int, int] | None = None
+    dropout: float = 0.0
+    peft: bool = True  # stored under PEFT's key names
+    weight: str = ""  # qualified weight name (informational)
+    op: str = ""
+    layout: str = ""
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class Adapter:
+    """A set of branches read from a file or snapshot from a lorafied module (tensors detached)."""
+
+    branches: dict[str, AdapterBranch]
+    use_rslora: bool = False
+    source: str = "<module>"
+
+
+def adapter_of(lgm: fx.GraphModule) -> Adapter:
+    """Snapshot (detached clones) of the current A/B values of a lorafied module."""
+    state = _state(lgm, "adapter_of")
+    out = {}
+    for br in state.branches:
+        a, b = (lgm.get_parameter(n).detach().clone() for n in (br.a, br.b))
+        out[br.key] = AdapterBranch(br.key, br.site.id, a, b, br.alpha, br.scale, br.slice, br.dropout,
+                                    _is_peft(lgm, br), br.site.weight, br.site.op, br.site.layout)
+    return Adapter(out, bool(state.report.rslora), f"<{type(lgm).__name__}>")
+
+
+def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path:
+    """Writes the adapter of a lorafied module (or an :class:`Adapter`) to the folder ``path``.
+
+    Both files are written to temporary files inside ``path`` and moved into place with
+    ``os.replace``; on failure the previous adapter in ``path`` is left as it was.
+
+    Returns:
+        The folder.
+    """
+    adapter = lgm if isinstance(lgm, Adapter) else adapter_of(lgm)
+    tensors = {}
+    for br in adapter.branches.values():
+        ka, kb = file_keys(br)
+        tensors[ka] = br.a.detach().cpu().contiguous().clone()
+        tensors[kb] = br.b.detach().cpu().contiguous().clone()
+    blob = st_save(tensors, metadata={"format": "pt"})
+    config = _config(adapter, hashlib.sha256(blob).hexdigest())
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_files_atomically(folder, [(TENSORS, blob), (CONFIG, (json.dumps(config, indent=2) + "\n").encode())])
+    return folder
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Reads and validates an adapter folder (lora-fx's or PEFT's), without a model.
+
+    Raises:
+        AdapterError: missing files, a pickle-only adapter, a corrupt/truncated file, unknown or
+            unpaired tensor names, inconsistent shapes, NaN/inf values, or a config that does not
+            describe the tensors.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist or is not a folder; pass the folder "
+                           f"holding {CONFIG} and {TENSORS} (download hub adapters first)")
+    tpath = folder / TENSORS
+    if not tpath.is_file():
+        old = " It holds adapter_model.bin, a pickle that lora-fx never loads: re-save it with PEFT " \
+              "(safe_serialization=True)." if (folder / "adapter_model.bin").exists() else ""
+        raise AdapterError(f"{tpath} is missing.{old}")
+    config = _read_config(folder / CONFIG)
+    blob = tpath.read_bytes()
+    fx_cfg = config.get("lora_fx") if isinstance(config.get("lora_fx"), dict) else {}
+    digest = fx_cfg.get("sha256")
+    if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+        raise AdapterError(f"{tpath} does not match the sha256 recorded in {folder / CONFIG}: the file "
+                           "was changed, truncated or only half-written; save the adapter again")
+    try:
+        tensors = st_load(blob)
+    except Exception as e:  # safetensors raises its own error types for every malformed input
+        raise AdapterError(f"{tpath} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                           "corrupt or truncated: save the adapter again") from e
+    return _parse(tensors, config, fx_cfg, str(tpath))
+
+
+def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.GraphModule:
+    """Loads an adapter into a lorafied module, in place, after checking all of it.
+
+    ``gm`` may also be a graph without LoRA (from :func:`lora_fx.trace`): it is then lorafied with the
+    adapter's sites, ranks, alphas and slices, and the new module is returned.
+
+    Returns:
+        The module holding the adapter (``gm`` itself when it was lorafied already).
+
+    Raises:
+        AdapterError: a key of the model is missing from the file, the file has keys the model lacks,
+            or a shape or scale (alpha / r) differs; the message lists them with the nearest names.
+            Nothing is changed then.
+    """
+    adapter = src if isinstance(src, Adapter) else read_adapter(src)
+    if LORA_KEY not in getattr(gm, "meta", {}):
+        gm = lorafy(gm, _targets(adapter), use_rslora=adapter.use_rslora)
+    state = gm.meta[LORA_KEY]
+    want = {br.key: br for br in state.branches}
+    have = adapter.branches
+    problems = []
+    for key in sorted(want.keys() - have.keys()):
+        br = want[key]
+        problems.append(f"missing {key} (module parameters {br.a}, {br.b}){_near(key, have, 'file')}")
+    for key in sorted(have.keys() - want.keys()):
+        problems.append(f"unexpected {'/'.join(file_keys(have[key]))}{_near(key, want, 'module')}")
+    for key in sorted(want.keys() & have.keys()):
+        problems += _mismatches(gm, want[key], have[key])
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise AdapterError(f"adapter {adapter.source} does not fit the module ({len(problems)} problem(s)); "
+                           f"nothing was loaded:\n  {shown}\nFix: lorafy the graph with the adapter's "
+                           "targets, ranks and alphas (its adapter_config.json lists them), or pass a "
+                           "graph without LoRA to load_adapter to have it lorafied from the file.")
+    with torch.no_grad():
+        for key, br in want.items():
+            for name, t in ((br.a, have[key].a), (br.b, have[key].b)):
+                p = gm.get_parameter(name)
+                p.copy_(t.to(dtype=p.dtype, device=p.device))
+    return gm
+
+
+def file_keys(br: AdapterBranch) -> tuple[str, str]:
+    """The two tensor names of a branch in ``adapter_model.safetensors``."""
+    if not br.peft:
+        return f"{_FX_PREFIX}{br.key}.lora_A.weight", f"{_FX_PREFIX}{br.key}.lora_B.weight"
+    if br.op == "embedding":
+        return f"{_PEFT_PREFIX}{br.key}.lora_embedding_A", f"{_PEFT_PREFIX}{br.key}.lora_embedding_B"
+    return f"{_PEFT_PREFIX}{br.key}.lora_A.weight", f"{_PEFT_PREFIX}{br.key}.lora_B.weight"
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def _state(gm, who: str):
+    state = getattr(gm, "meta", {}).get(LORA_KEY) if hasattr(gm, "meta") else None
+    if state is None:
+        raise AdapterError(f"{who}: {type(gm).__name__} carries no LoRA; pass what lora_fx.lorafy() returned")
+    return state
+
+
+def _is_peft(lgm: fx.GraphModule, br: Branch) -> bool:
+    """True when PEFT can hold this branch: a whole weight of one call of a module type PEFT wraps."""
+    site = br.site
+    if br.slice is not None or br.key != site.path or "#" in site.id or not site.path:
+        return False
+    node = next((n for n in lgm.graph.nodes if n.name == site.node), None)
+    if node is None:
+        return False
+    if node.op == "call_module":
+        tname = type(lgm.get_submodule(str(node.target))).__name__
+    else:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return False
+        owner = list(stack.values())[-1][1]
+        tname = (owner if isinstance(owner, str) else getattr(owner, "__qualname__", str(owner))).split(".")[-1]
+    return tname in _PEFT_TYPES and site.op in (_PEFT_TYPES[tname], tname)
+
+
+def _common(values: list, default):
+    return Counter(values).most_common(1)[0][0] if values else default
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _config(adapter: Adapter, digest: str) -> dict:
+    brs = list(adapter.branches.values())
+    peft = [br for br in brs if br.peft]
+    r = _common([br.rank for br in peft] or [br.rank for br in brs], 8)
+    alpha = _common([br.alpha for br in peft] or [br.alpha for br in brs], r)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "inference_mode": True, "r": r, "lora_alpha": _num(alpha),
+        "lora_dropout": _common([br.dropout for br in brs], 0.0),
+        "target_modules": sorted({br.key for br in peft}),
+        "fan_in_fan_out": any(br.layout == IN_OUT for br in peft), "bias": "none",
+        "use_rslora": adapter.use_rslora, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {br.key: br.rank for br in peft if br.rank != r},
+        "alpha_pattern": {br.key: _num(br.alpha) for br in peft if br.alpha != alpha},
+        "lora_fx": {"format": FORMAT, "sha256": digest, "branches": [
+            {"key": br.key, "site": br.site, "weight": br.weight, "op": br.op, "layout": br.layout,
+             "rank": br.rank, "alpha": br.alpha, "scale": br.scale, "dropout": br.dropout,
+             "slice": list(br.slice) if br.slice else None, "peft": br.peft} for br in brs]},
+    }
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise AdapterError(f"{path} is missing; an adapter folder needs {CONFIG} next to {TENSORS}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); save the adapter again") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias terms")):
+        if config.get(flag):
+            raise AdapterError(f"{path}: {flag} is true; {what} is not supported by lora-fx")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise AdapterError(f"{path}: bias={config.get('bias')!r} / modules_to_save="
+                           f"{config.get('modules_to_save')!r} store full tensors lora-fx does not load; "
+                           "save the PEFT adapter with bias='none' and no modules_to_save")
+    return config
+
+
+def _pattern(patterns: dict, key: str, default):
+    for pat, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pat})$", key):  # PEFT's get_pattern_key rule
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source: str) -> Adapter:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    peft_of: dict[str, bool] = {}
+    emb: set[str] = set()
+    bad = []
+    for name, t in tensors.items():
+        m = _KEY_RE.fullmatch(name)
+        if m is None:
+            bad.append(name)
+            continue
+        key, role = m.group(2), m.group(3)
+        pairs.setdefault(key, {})["a" if "_A" in role else "b"] = t
+        peft_of[key] = m.group(1) != "lora_fx"
+        if "embedding" in role:
+            emb.add(key)
+    if bad:
+        raise AdapterError(f"{source}: tensors lora-fx does not understand: {sorted(bad)[:8]}; it loads "
+                           "plain LoRA A/B pairs only (no DoRA magnitudes, biases or modules_to_save)")
+    rslora = bool(config.get("use_rslora", False))
+    entries = {e.get("key"): e for e in fx_cfg.get("branches", []) if isinstance(e, dict)}
+    if entries and entries.keys() != pairs.keys():
+        odd = sorted(entries.keys() ^ pairs.keys())[:8]
+        raise AdapterError(f"{source}: the lora_fx section of {CONFIG} and the tensors disagree on {odd}; "
+                           "save the adapter again")
+    out = {}
+    for key, pair in sorted(pairs.items()):
+        if set(pair) != {"a", "b"}:
+            half = "lora_B" if "a" in pair else "lora_A"
+            raise AdapterError(f"{source}: {key} has no {half} tensor; every branch needs both A and B")
+        a, b = pair["a"], pair["b"]
+        if not (a.is_floating_point() and b.is_floating_point()) or a.dim() < 2 or b.dim() < 2 \
+                or b.shape[1] != a.shape[0] or any(s != 1 for s in b.shape[2:]):
+            raise AdapterError(f"{source}: {key}: A {tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} "
+                               f"{b.dtype} are not a LoRA pair (floating A (r, in...), B (out, r))")
+        for role, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{source}: {key}.{role} holds NaN/inf values; the adapter is broken "
+                                   "(check training: learning rate, loss scaling)")
+        out[key] = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source)
+    return Adapter(out, rslora, source)
+
+
+def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dict | None, peft: bool,
+            emb: bool, rslora: bool, source: str) -> AdapterBranch:
+    rank = int(a.shape[0])
+    if entry is not None:
+        alpha, dropout = float(entry.get("alpha", rank)), float(entry.get("dropout", 0.0))
+        sl = entry.get("slice")
+        sl = (int(sl[0]), int(sl[1])) if sl else None
+        site, weight = str(entry.get("site", key)), str(entry.get("weight", ""))
+        op, layout = str(entry.get("op", "")), str(entry.get("layout", ""))
+        want_rank = int(entry.get("rank", rank))
+    else:
+        want_rank = int(_pattern(config.get("rank_pattern"), key, config.get("r", rank)))
+        alpha = float(_pattern(config.get("alpha_pattern"), key, config.get("lora_alpha", want_rank)))
+        dropout, sl, site, weight = float(config.get("lora_dropout") or 0.0), None, key, ""
+        layout = IN_OUT if config.get("fan_in_fan_out") else ""  # keeps the flag when saved again
+        op = "embedding" if emb else ""
+    if want_rank != rank:
+        raise AdapterError(f"{source}: {key} has rank {rank} (shape of lora_A {tuple(a.shape)}) but the "
+                           f"config says r={want_rank}; the config does not describe these tensors")
+    if sl is not None and sl[1] - sl[0] != b.shape[0]:
+        raise AdapterError(f"{source}: {key}: slice {sl} is {sl[1] - sl[0]} rows but lora_B has {b.shape[0]}")
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
+    return AdapterBranch(key, site, a, b, alpha, scale, sl, dropout, peft, weight, op, layout)
+
+
+def _near(key: str, pool, where: str) -> str:
+    close = difflib.get_close_matches(key, sorted(pool), n=3, cutoff=0.5)
+    return f"; nearest in the {where}: {', '.join(close)}" if close else f"; the {where} has none like it"
+
+
+def _mismatches(gm, want: Branch, have: AdapterBranch) -> list[str]:
+    out = []
+    for role, name, t in (("lora_A", want.a, have.a), ("lora_B", want.b, have.b)):
+        shape = tuple(gm.get_parameter(name).shape)
+        if tuple(t.shape) != shape:
+            out.append(f"shape {want.key}.{role}: file {tuple(t.shape)} vs module {shape} ({name})")
+    if not (torch.isfinite(have.a).all() and torch.isfinite(have.b).all()):
+        out.append(f"values {want.key}: A or B holds NaN/inf")
+    if not math.isclose(want.scale, have.scale, rel_tol=1e-6):
+        out.append(f"scale {want.key}: file alpha/r = {have.alpha:g}/{have.rank} -> {have.scale:g}, module "
+                   f"{want.alpha:g}/{want.rank} -> {want.scale:g} (lorafy with alpha={have.alpha:g})")
+    if have.slice is not None and have.slice != want.slice:
+        out.append(f"slice {want.key}: file {have.slice} vs module {want.slice}")
+    return out
+
+
+def _targets(adapter: Adapter) -> list[Target]:
+    """lorafy targets that recreate an adapter's branches: one exact Target per site."""
+    by_site: dict[str, list[AdapterBranch]] = {}
+    for br in adapter.branches.values():
+        by_site.setdefault(br.site, []).append(br)
+    targets = []
+    for site, brs in by_site.items():
+        first = brs[0]
+        slices = tuple(br.slice for br in brs if br.slice is not None) or None
+        targets.append(Target(re.compile(re.escape(site)), rank=first.rank, alpha=first.alpha,
+                              dropout=first.dropout, slices=slices))
+    return targets
