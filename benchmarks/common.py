@@ -1,0 +1,199 @@
+"""Shared helpers for the benchmarks: environment record, interleaved timing, statistics, output files.
+
+Every benchmark writes three files into its output folder: ``<name>.json`` (all raw samples and
+summaries plus the environment), ``<name>.md`` (a README-ready table and a plain verdict per goal)
+and ``<name>.png`` (a matplotlib plot, Agg backend).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def environment() -> dict[str, Any]:
+    """Date (UTC), library versions, CPU model and core count: stored with every result."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for mod in ("onnxruntime", "onnx", "transformers", "peft"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # optional: a missing library is recorded, not fatal
+            info[mod] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class Stats:
+    """Robust summary of a list of samples: median, quartiles, extremes."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Stats:
+        """Summarise ``samples`` (at least one value)."""
+        xs = sorted(float(x) for x in samples)
+        if len(xs) == 1:
+            return cls(xs[0], xs[0], xs[0], xs[0], xs[0], 1)
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        return cls(statistics.median(xs), q[0], q[2], xs[0], xs[-1], len(xs))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "min": self.min, "max": self.max, "n": self.n}
+
+    def fmt(self, digits: int = 3, scale: float = 1.0) -> str:
+        """``median [q1, q3]`` with ``digits`` decimals, values multiplied by ``scale``."""
+        m, a, b = self.median * scale, self.q1 * scale, self.q3 * scale
+        return f"{m:.{digits}f} [{a:.{digits}f}, {b:.{digits}f}]"
+
+
+def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
+    """``items`` rotated by ``round_index``: each variant takes each position equally often."""
+    k = round_index % len(items) if items else 0
+    return list(items[k:]) + list(items[:k])
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int = 1) -> dict[str, list[float]]:
+    """Times each callable ``inner`` times per round, variants round-robin with the order rotated.
+
+    Returns per variant one sample per round: the mean seconds of that round's ``inner`` calls, so
+    samples of the same round index are paired (taken close in time) and their ratios are fair under
+    drifting machine load.
+    """
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in rotated(names, r):
+            fn = fns[name]
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            out[name].append((time.perf_counter() - t) / inner)
+    return out
+
+
+def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-round ratios ``num[i] / den[i]``."""
+    return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``; collects garbage first so earlier work does not bill this call."""
+    gc.collect()
+    t = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t
+
+
+def verdict(value: float, lo: float | None, hi: float | None) -> str:
+    """``MET`` when ``lo <= value <= hi`` (None = unbounded), else ``MISSED``."""
+    ok = (lo is None or value >= lo) and (hi is None or value <= hi)
+    return "MET" if ok else "MISSED"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def env_line(env: dict[str, Any]) -> str:
+    """One markdown line describing where and when a result was measured."""
+    return (f"Measured {env['date_utc']} UTC on {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
+            f"onnxruntime {env.get('onnxruntime')}, transformers {env.get('transformers')}, "
+            f"peft {env.get('peft')}, Python {env['python']}.")
+
+
+def out_dir(path: str | None) -> str:
+    """The output folder (default ``benchmarks/results``), created if needed."""
+    path = os.path.abspath(path or RESULTS_DIR)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_outputs(out: str, name: str, data: dict[str, Any], markdown: str,
+                  plot: Callable[[Any], None]) -> dict[str, str]:
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (``plot(ax_or_fig)`` draws it).
+
+    ``plot`` receives a matplotlib ``Figure``; it adds its own axes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {ext: os.path.join(out, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+        f.write("\n")
+    with open(paths["md"], "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    fig = plt.figure(figsize=(8, 4.5), dpi=110)
+    try:
+        plot(fig)
+        fig.tight_layout()
+        fig.savefig(paths["png"])
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Stats):
+        return obj.as_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+    return str(obj)
+
+
+def quiet() -> None:
+    """Silence warnings and library chatter that would bury the benchmark output."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def log(msg: str) -> None:
+    """Progress line with a timestamp (stdout, flushed)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

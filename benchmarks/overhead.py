@@ -1,0 +1,160 @@
+"""Pass overhead benchmark: trace, lorafy, fold and export times vs model size (GPT-2, hidden 768).
+
+Per size (2, 4, 8, 12, 24 layers; random weights; ids (2, 64)), per repetition:
+
+* ``trace``: ``lora_fx.trace`` (torch.export non-strict; GPT-2 has dropout, so it captures twice,
+  eval and train, to make ``.train()``/``.eval()`` work);
+* ``lorafy``: ``lorafy(gm, "*.c_attn", rank=8)``; ``fold``: ``fold(lgm)``;
+* ``fold_and_export``: ``fold_and_export(lgm, path, verify=False)`` (fold + dynamo export + atomic
+  write + read-back summary);
+* ``plain export``: ``torch.onnx.export(gm, dynamo=True, dynamic_shapes=<same>, optimize=False)`` of
+  the traced *base* GraphModule, then ``save`` -- like with like: the same kind of input (a
+  GraphModule), the same exporter settings export_onnx uses, and a file written.
+
+The two exports alternate which goes first. Repetitions are size-major-last (rep 1 over all sizes,
+then rep 2 ...) and stop when the time budget would be exceeded; what was skipped is recorded.
+
+Goals at GPT-2-small size (12 layers): (lorafy + fold) <= 5% of trace time; fold_and_export
+<= 1.1x the plain export.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from .common import Stats, env_line, environment, log, md_table, timed, verdict, write_outputs
+
+NAME = "overhead"
+STAGES = ("trace", "lorafy", "fold", "fold_and_export", "plain_export")
+GOAL_PASSES, GOAL_EXPORT = 0.05, 1.1
+
+
+def _model(n_layer: int, smoke: bool) -> tuple[torch.nn.Module, tuple]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if smoke:
+        config = GPT2Config(n_layer=n_layer, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=False)
+    else:
+        config = GPT2Config(n_layer=n_layer, use_cache=False)  # GPT-2 small widths: 768 wide, 12 heads
+    ids = torch.randint(0, config.vocab_size, (2, 16 if smoke else 64), generator=torch.Generator().manual_seed(0))
+    return GPT2LMHeadModel(config).eval(), (ids,)
+
+
+def _plain_export(gm: torch.nn.Module, args: tuple, path: str) -> None:
+    from lora_fx.capture import dynamic_shapes_for
+
+    program = torch.onnx.export(gm, args, dynamo=True, dynamic_shapes=dynamic_shapes_for(args, {}),
+                                optimize=False, verbose=False)
+    program.save(path)
+
+
+def _measure(n_layer: int, smoke: bool, rep: int, folder: str) -> dict[str, float]:
+    import lora_fx
+
+    model, args = _model(n_layer, smoke)
+    row: dict[str, float] = {}
+    gm, row["trace"] = timed(lambda: lora_fx.trace(model, args))
+    lgm, row["lorafy"] = timed(lambda: lora_fx.lorafy(gm, "*.c_attn", rank=8))
+    _, row["fold"] = timed(lambda: lora_fx.fold(lgm))
+    exports = {
+        "fold_and_export": lambda: lora_fx.fold_and_export(lgm, os.path.join(folder, "fae.onnx"), verify=False),
+        "plain_export": lambda: _plain_export(gm, args, os.path.join(folder, "plain.onnx")),
+    }
+    order = list(exports) if rep % 2 == 0 else list(exports)[::-1]
+    for name in order:
+        _, row[name] = timed(exports[name])
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return row
+
+
+def run(out: str, smoke: bool = False, budget_s: float | None = None, reps: int = 3) -> dict[str, Any]:
+    """Runs the benchmark and writes ``overhead.{json,md,png}`` into ``out``."""
+    layers = (1, 2) if smoke else (2, 4, 8, 12, 24)
+    reps = 1 if smoke else reps
+    budget_s = budget_s or (60.0 if smoke else 330.0)
+    env = environment()
+    start = time.perf_counter()
+    samples: dict[int, list[dict[str, float]]] = {n: [] for n in layers}
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for rep in range(reps):
+            for n in layers:
+                known = [sum(r[s] for s in STAGES) for r in samples[n]]
+                prev = [m for m in layers if m < n and samples[m]]
+                estimate = known[0] if known else (sum(samples[prev[-1]][0][s] for s in STAGES) * n / prev[-1]
+                                                   if prev else 0.0)
+                elapsed = time.perf_counter() - start
+                mandatory = rep == 0 and n <= 12
+                if not mandatory and elapsed + estimate > budget_s:
+                    skipped.append(f"{n} layers, repetition {rep + 1} (estimated {estimate:.0f}s, "
+                                   f"{elapsed:.0f}s of the {budget_s:.0f}s budget used)")
+                    continue
+                log(f"{NAME}: {n} layers, repetition {rep + 1}")
+                samples[n].append(_measure(n, smoke, rep, folder))
+    sizes = []
+    for n in layers:
+        rows = samples[n]
+        if not rows:
+            continue
+        passes = [(r["lorafy"] + r["fold"]) / r["trace"] for r in rows]
+        export = [r["fold_and_export"] / r["plain_export"] for r in rows]
+        sizes.append({"n_layer": n, "params_m": rows[0]["params_m"], "reps": len(rows),
+                      "seconds": {s: Stats.of([r[s] for r in rows]) for s in STAGES},
+                      "passes_over_trace": Stats.of(passes), "export_ratio": Stats.of(export), "samples": rows})
+    ref = next((s for s in sizes if s["n_layer"] == (2 if smoke else 12)), sizes[-1])
+    goals = {"(lorafy+fold)/trace <= 0.05": {"n_layer": ref["n_layer"], "median": ref["passes_over_trace"].median,
+                                             "verdict": verdict(ref["passes_over_trace"].median, None, GOAL_PASSES)},
+             "fold_and_export/plain <= 1.1": {"n_layer": ref["n_layer"], "median": ref["export_ratio"].median,
+                                              "verdict": verdict(ref["export_ratio"].median, None, GOAL_EXPORT)}}
+    data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
+            "budget_s": budget_s, "example_input": "ids (2, 16)" if smoke else "ids (2, 64)",
+            "sizes": sizes, "skipped": skipped, "goals": goals}
+    return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    rows = []
+    for s in data["sizes"]:
+        sec = s["seconds"]
+        rows.append([s["n_layer"], f"{s['params_m']:.0f}M", s["reps"], *(sec[k].fmt(2) for k in ("trace", "plain_export",
+                     "fold_and_export")), sec["lorafy"].fmt(3), sec["fold"].fmt(3),
+                     f"{100 * s['passes_over_trace'].median:.2f}%",
+                     f"{s['export_ratio'].median:.3f} ({s['export_ratio'].min:.3f}-{s['export_ratio'].max:.3f})"])
+    table = md_table(["layers", "params", "reps", "trace s", "plain export s", "fold_and_export s", "lorafy s",
+                      "fold s", "(lorafy+fold)/trace", "fold_and_export/plain (min-max)"], rows)
+    lines = ["## Pass overhead vs model size (GPT-2, hidden 768, r=8 on c_attn)", "", env_line(data["env"]), "",
+             f"Example input {data['example_input']}. Cells: median [IQR] seconds over repetitions. `plain export` = "
+             "`torch.onnx.export(gm, dynamo=True, optimize=False, dynamic_shapes=<same>)` of the traced base "
+             "GraphModule + save (like with like: fold_and_export also exports a GraphModule with those settings; "
+             "it adds fold, atomic write and a read-back summary). `trace` includes lora-fx's second capture in "
+             "train mode (GPT-2 has dropout).", "", table, ""]
+    for name, g in data["goals"].items():
+        lines.append(f"- Goal {name} at {g['n_layer']} layers: measured {g['median']:.3f} -> {g['verdict']}.")
+    if data["skipped"]:
+        lines.append(f"- Skipped to stay within the {data['budget_s']:.0f}s budget: " + "; ".join(data["skipped"]) + ".")
+    return "\n".join(lines)
+
+
+def _plot(fig, data: dict[str, Any]) -> None:
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    xs = [s["n_layer"] for s in data["sizes"]]
+    for stage in STAGES:
+        ax1.plot(xs, [max(s["seconds"][stage].median, 1e-4) for s in data["sizes"]], marker="o", label=stage)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("GPT-2 layers")
+    ax1.set_ylabel("seconds (median)")
+    ax1.legend(fontsize=7)
+    ax2.plot(xs, [s["export_ratio"].median for s in data["sizes"]], marker="o", label="fold_and_export / plain export")
+    ax2.plot(xs, [s["passes_over_trace"].median for s in data["sizes"]], marker="s", label="(lorafy+fold) / trace")
+    ax2.axhline(GOAL_EXPORT, color="tab:blue", ls="--", lw=0.8)
+    ax2.axhline(GOAL_PASSES, color="tab:orange", ls="--", lw=0.8)
+    ax2.set_xlabel("GPT-2 layers")
+    ax2.set_ylabel("ratio (dashed: goal)")
+    ax2.legend(fontsize=7)
+    fig.suptitle("lora-fx pass and export overhead")

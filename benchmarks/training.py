@@ -1,0 +1,261 @@
+"""Training benchmark: step time and peak memory of lora-fx vs PEFT vs full fine-tuning (AdamW).
+
+Model: GPT-2-small-sized (124M, random weights), batch 4, sequence 128, train mode (dropout on);
+LoRA r=8, alpha=8, dropout 0 on every ``c_attn``; the same causal-LM loss (cross entropy on shifted
+logits, computed outside the model) and ``AdamW(lr=1e-4)`` over the trainable parameters for all three.
+
+* **Step time**: one process holds the three models; after 2 warm-up steps each, steps are taken
+  round-robin with the order rotated each round (a step = zero_grad, forward, loss, backward,
+  optimizer step), so machine load hits all variants alike. Ratios are per round (paired).
+* **Peak memory**: one fresh subprocess per variant (the parent's allocations cannot leak in). The
+  child imports everything, builds the model, sets the variant up (lora-fx: trace + lorafy; PEFT:
+  ``get_peft_model``), then resets the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``)
+  and runs 1 warm-up + 2 steps; peak = ``VmHWM`` of ``/proc/self/status`` afterwards (exact, not
+  sampled). Reported: peak minus the RSS right after the imports (weights + training state +
+  activations: what training this model costs), and peak minus the RSS after setup (the training
+  increment). ``malloc_trim(0)`` runs before each baseline so freed setup memory is not counted twice.
+
+Goals: time lora-fx/PEFT <= 1.0, lora-fx/full <= 0.8; peak memory lora-fx/full <= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    Stats,
+    env_line,
+    environment,
+    log,
+    md_table,
+    paired_ratios,
+    rotated,
+    verdict,
+    write_outputs,
+)
+
+NAME = "training"
+VARIANTS = ("lora-fx", "peft", "full")
+GOALS = {"time lora-fx/peft": (None, 1.0), "time lora-fx/full": (None, 0.8), "memory lora-fx/full": (None, 0.5)}
+
+
+def _model(smoke: bool) -> torch.nn.Module:
+    from lora_fx.examples import zoo_models as zm
+
+    model = (zm.gpt2() if smoke else zm.gpt2_small_sized())[0]
+    return model
+
+
+def _batch(smoke: bool, vocab: int) -> torch.Tensor:
+    batch, seq = (2, 16) if smoke else (4, 128)
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out["logits"]
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _setup(variant: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
+    """Prepares ``model`` for ``variant``; returns a function doing one training step (returns the loss)."""
+    if variant == "lora-fx":
+        import lora_fx
+
+        net = lora_fx.lorafy(lora_fx.trace(model, (ids,)), "*.c_attn", rank=8, alpha=8)
+        params = lora_fx.lora_parameters(net)
+    elif variant == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+        net = get_peft_model(model, config)
+        params = [p for p in net.parameters() if p.requires_grad]
+    elif variant == "full":
+        net, params = model, list(model.parameters())
+    else:
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+    net.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        logits = _logits(net(ids))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
+    return step
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def child(variant: str, smoke: bool, steps: int) -> dict[str, Any]:
+    """Runs in a fresh process: memory of one variant (see module docstring)."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lora_fx  # noqa: F401  (imports counted in the baseline for every variant)
+
+    _trim()
+    rss_imports = _status_kb("VmRSS")
+    model = _model(smoke)
+    ids = _batch(smoke, model.config.vocab_size)
+    _trim()
+    rss_model = _status_kb("VmRSS")
+    step = _setup(variant, model, ids)
+    _trim()
+    rss_setup = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"variant": variant, "rss_imports_mb": rss_imports / 1024, "rss_model_mb": rss_model / 1024,
+            "rss_setup_mb": rss_setup / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+            "seconds": time.perf_counter() - t, "steps": steps}
+
+
+def _memory(smoke: bool) -> dict[str, dict[str, Any]]:
+    """One fresh subprocess per variant (in parallel for --smoke: its numbers mean nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.training", "--child"]
+    extra = ["--smoke"] if smoke else []
+    procs: dict[str, subprocess.Popen] = {}
+    results = {}
+    for v in VARIANTS:
+        procs[v] = subprocess.Popen([*cmd, v, *extra], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if not smoke:
+            results[v] = _collect(procs[v], v)
+    return results if not smoke else {v: _collect(p, v) for v, p in procs.items()}
+
+
+def _collect(proc: subprocess.Popen, variant: str) -> dict[str, Any]:
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child for {variant} failed ({proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(out: str, smoke: bool = False) -> dict[str, Any]:
+    """Runs the benchmark and writes ``training.{json,md,png}`` into ``out``."""
+    warmup, rounds = (1, 2) if smoke else (2, 6)
+    env = environment()
+    start = time.perf_counter()
+    log(f"{NAME}: peak memory, one fresh subprocess per variant")
+    memory = _memory(smoke)
+    log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds")
+    steps: dict[str, Callable[[], float]] = {}
+    ids = None
+    for v in VARIANTS:
+        model = _model(smoke)
+        ids = _batch(smoke, model.config.vocab_size) if ids is None else ids
+        steps[v] = _setup(v, model, ids)
+    for v in VARIANTS:
+        for _ in range(warmup):
+            steps[v]()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        for v in rotated(VARIANTS, r):
+            t = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - t)
+    ratios = {"time lora-fx/peft": paired_ratios(times["lora-fx"], times["peft"]),
+              "time lora-fx/full": paired_ratios(times["lora-fx"], times["full"])}
+    used = {v: memory[v]["peak_mb"] - memory[v]["rss_imports_mb"] for v in VARIANTS}
+    inc = {v: memory[v]["peak_mb"] - memory[v]["rss_setup_mb"] for v in VARIANTS}
+    mem_ratio = used["lora-fx"] / used["full"]
+    goals = {k: {"median": Stats.of(r).median, "verdict": verdict(Stats.of(r).median, *GOALS[k])} for k, r in ratios.items()}
+    goals["memory lora-fx/full"] = {"value": mem_ratio, "verdict": verdict(mem_ratio, *GOALS["memory lora-fx/full"])}
+    data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
+            "config": {"batch": int(ids.shape[0]), "seq": int(ids.shape[1]), "rank": 8, "alpha": 8,
+                       "targets": "c_attn", "optimizer": "AdamW(lr=1e-4)", "warmup": warmup, "rounds": rounds},
+            "trainable": {v: steps[v].trainable for v in VARIANTS},  # type: ignore[attr-defined]
+            "step_s": {v: Stats.of(t) for v, t in times.items()}, "step_samples_s": times,
+            "ratios": {k: Stats.of(r) for k, r in ratios.items()}, "ratio_samples": ratios,
+            "memory": memory, "memory_used_mb": used, "memory_increment_mb": inc,
+            "memory_ratio_used": {"lora-fx/full": mem_ratio, "lora-fx/peft": used["lora-fx"] / used["peft"]},
+            "memory_ratio_increment": {"lora-fx/full": inc["lora-fx"] / inc["full"]},
+            "goals": goals}
+    return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    c = data["config"]
+    rows = [[v, f"{data['trainable'][v]:,}", data["step_s"][v].fmt(3),
+             f"{data['memory_used_mb'][v]:.0f}", f"{data['memory_increment_mb'][v]:.0f}"] for v in VARIANTS]
+    table = md_table(["variant", "trainable params", "step s (median [IQR])", "peak MB (minus imports)",
+                      "peak MB (minus after setup)"], rows)
+    r, g = data["ratios"], data["goals"]
+    goals = md_table(["goal", "measured", "verdict"], [
+        ["time lora-fx/PEFT <= 1.0", f"{r['time lora-fx/peft'].fmt(3)} (min/max {r['time lora-fx/peft'].min:.3f}/"
+         f"{r['time lora-fx/peft'].max:.3f})", g["time lora-fx/peft"]["verdict"]],
+        ["time lora-fx/full <= 0.8", f"{r['time lora-fx/full'].fmt(3)} (min/max {r['time lora-fx/full'].min:.3f}/"
+         f"{r['time lora-fx/full'].max:.3f})", g["time lora-fx/full"]["verdict"]],
+        ["peak memory lora-fx/full <= 0.5", f"{data['memory_ratio_used']['lora-fx/full']:.3f} "
+         f"(increment only: {data['memory_ratio_increment']['lora-fx/full']:.3f})", g["memory lora-fx/full"]["verdict"]],
+    ])
+    return "\n".join([
+        "## Training step: lora-fx vs PEFT vs full fine-tuning", "", env_line(data["env"]), "",
+        f"GPT-2-small-sized (random weights), batch {c['batch']}, seq {c['seq']}, LoRA r={c['rank']} alpha={c['alpha']} "
+        f"on `{c['targets']}`, {c['optimizer']}, same loss for all. Step time: {c['warmup']} warm-up steps, then "
+        f"{c['rounds']} interleaved rounds (order rotated), paired per-round ratios. Peak memory: fresh "
+        "subprocess per variant, kernel peak RSS (`VmHWM` after resetting it via `/proc/self/clear_refs`) over "
+        "1 warm-up + 2 steps, minus the RSS after imports (so it includes the weights) or minus the RSS after "
+        "setup (training increment only).", "", table, "", goals])
+
+
+def _plot(fig, data: dict[str, Any]) -> None:
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.boxplot([data["step_samples_s"][v] for v in VARIANTS])
+    ax1.set_xticks(range(1, len(VARIANTS) + 1), VARIANTS)
+    ax1.set_ylabel("seconds per training step")
+    ax1.set_ylim(bottom=0)
+    base = [data["memory"][v]["rss_setup_mb"] - data["memory"][v]["rss_imports_mb"] for v in VARIANTS]
+    inc = [data["memory_increment_mb"][v] for v in VARIANTS]
+    ax2.bar(VARIANTS, base, label="after setup (weights)")
+    ax2.bar(VARIANTS, inc, bottom=base, label="training increment")
+    ax2.set_ylabel("peak RSS over imports (MB)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"Training step, batch {data['config']['batch']} x seq {data['config']['seq']}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="memory child of the training benchmark")
+    parser.add_argument("--child", choices=VARIANTS, required=True)
+    parser.add_argument("--smoke", action="store_true")
+    ns = parser.parse_args()
+    from .common import quiet
+
+    quiet()
+    print(json.dumps(child(ns.child, ns.smoke, steps=3)), flush=True)
