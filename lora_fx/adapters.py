@@ -22,7 +22,7 @@ an ``aten.addmm`` site with layout "in,out"), ``use_rslora``, ``lora_dropout``, 
 
     "lora_fx": {"format": 1,
                 "sha256": "<hex digest of adapter_model.safetensors>",
-                "branches": [{"key", "site", "weight", "op", "layout", "rank", "alpha", "scale",
+                "branches": [{"key", "site", "path", "weight", "op", "layout", "rank", "alpha", "scale",
                               "dropout", "slice": [start, stop] | null, "peft": bool}, ...]}
 
 The delta of a branch is ``scale * B @ A`` (``scale = alpha / r``, or ``alpha / sqrt(r)`` with
@@ -87,6 +87,7 @@ class AdapterBranch:
     weight: str = ""  # qualified weight name (informational)
     op: str = ""
     layout: str = ""
+    path: str = ""  # module path of the site (fold names an untied copy "<path>.<attr>_folded")
 
     @property
     def rank(self) -> int:
@@ -109,7 +110,7 @@ def adapter_of(lgm: fx.GraphModule) -> Adapter:
     for br in state.branches:
         a, b = (lgm.get_parameter(n).detach().clone() for n in (br.a, br.b))
         out[br.key] = AdapterBranch(br.key, br.site.id, a, b, br.alpha, br.scale, br.slice, br.dropout,
-                                    _is_peft(lgm, br), br.site.weight, br.site.op, br.site.layout)
+                                    _is_peft(lgm, br), br.site.weight, br.site.op, br.site.layout, br.site.path)
     return Adapter(out, bool(state.report.rslora), f"<{type(lgm).__name__}>")
 
 
@@ -271,7 +272,7 @@ def _config(adapter: Adapter, digest: str) -> dict:
         "rank_pattern": {br.key: br.rank for br in peft if br.rank != r},
         "alpha_pattern": {br.key: _num(br.alpha) for br in peft if br.alpha != alpha},
         "lora_fx": {"format": FORMAT, "sha256": digest, "branches": [
-            {"key": br.key, "site": br.site, "weight": br.weight, "op": br.op, "layout": br.layout,
+            {"key": br.key, "site": br.site, "path": br.path, "weight": br.weight, "op": br.op, "layout": br.layout,
              "rank": br.rank, "alpha": br.alpha, "scale": br.scale, "dropout": br.dropout,
              "slice": list(br.slice) if br.slice else None, "peft": br.peft} for br in brs]},
     }
@@ -358,12 +359,12 @@ def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dic
         sl = entry.get("slice")
         sl = (int(sl[0]), int(sl[1])) if sl else None
         site, weight = str(entry.get("site", key)), str(entry.get("weight", ""))
-        op, layout = str(entry.get("op", "")), str(entry.get("layout", ""))
+        op, layout, path = str(entry.get("op", "")), str(entry.get("layout", "")), str(entry.get("path", ""))
         want_rank = int(entry.get("rank", rank))
     else:
         want_rank = int(_pattern(config.get("rank_pattern"), key, config.get("r", rank)))
         alpha = float(_pattern(config.get("alpha_pattern"), key, config.get("lora_alpha", want_rank)))
-        dropout, sl, site, weight = float(config.get("lora_dropout") or 0.0), None, key, ""
+        dropout, sl, site, weight, path = float(config.get("lora_dropout") or 0.0), None, key, "", key
         layout = IN_OUT if config.get("fan_in_fan_out") else ""  # keeps the flag when saved again
         op = "embedding" if emb else ""
     if want_rank != rank:
@@ -372,7 +373,7 @@ def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dic
     if sl is not None and sl[1] - sl[0] != b.shape[0]:
         raise AdapterError(f"{source}: {key}: slice {sl} is {sl[1] - sl[0]} rows but lora_B has {b.shape[0]}")
     scale = alpha / (math.sqrt(rank) if rslora else rank)
-    return AdapterBranch(key, site, a, b, alpha, scale, sl, dropout, peft, weight, op, layout)
+    return AdapterBranch(key, site, a, b, alpha, scale, sl, dropout, peft, weight, op, layout, path)
 
 
 def _near(key: str, pool, where: str) -> str:

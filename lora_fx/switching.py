@@ -175,10 +175,14 @@ class _Tensors:
         return self._t[name]
 
 
-def _delta(brs: list[AdapterBranch], site: Site, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _delta(brs: list[AdapterBranch], site: Site, w: torch.Tensor, dtype: torch.dtype,
+           ab_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fold's delta of ``brs`` at ``site``; A and B are first cast to ``ab_dtype`` (default: w's), as
+    lorafy stores them in the weight's dtype."""
     tensors, branches = {site.weight: w}, []
+    ab_dtype = ab_dtype or w.dtype
     for i, br in enumerate(brs):
-        tensors[f"a{i}"], tensors[f"b{i}"] = br.a.to(w.device, w.dtype), br.b.to(w.device, w.dtype)
+        tensors[f"a{i}"], tensors[f"b{i}"] = br.a.to(w.device, ab_dtype), br.b.to(w.device, ab_dtype)
         branches.append(Branch(br.key, site, f"a{i}", f"b{i}", br.rank, br.alpha, br.scale, br.dropout,
                                br.slice))
     return delta_weight(_Tensors(tensors), branches, site, dtype)  # type: ignore[arg-type]

@@ -1,0 +1,203 @@
+"""refold_onnx: put another adapter into an exported, folded ONNX file by rewriting its weights.
+
+For every initializer that the new adapter (or the one folded in now) adapts::
+
+    W_new = round(fp32(W_base) + s'·B'A')        # lora_fx.fold's arithmetic, in the weight's layout
+
+Nothing else in the file changes: nodes, names, order and all other initializers stay as they are,
+so a file that verify_fold proved equal to the base export stays so. ``W_base`` comes from either
+
+* ``base_onnx``: the export of the base model. Its initializers are the base weights bit for bit, so
+  for an fp32 export the result holds exactly the weights ``fold_and_export`` writes for the new
+  adapter. Initializers that differ from the base and that the new adapter does not touch (the old
+  adapter's other sites) are set back to the base values.
+* ``old_adapter``: the adapter folded into ``task_onnx``. The base is recovered once per weight from
+  ``W_task - s·BA``: exact where the rounding is invertible, else within 1 ulp of ``max(|W|)``
+  (see :func:`lora_fx.switching.swap_adapter`); the old adapter's other sites go back to that base.
+
+Which initializer a branch adapts: the untied copy ``<path>.<attr>_folded`` that fold makes for a
+weight other ops share (GPT-2's ``wte``/``lm_head``) if the file has it, else the weight's own name.
+A weight read by several nodes cannot be rewritten for one of them: re-export with fold_and_export.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..adapters import Adapter, AdapterBranch
+from ..errors import AdapterError, ExportError
+from ..sites import CONV, EMBED, IN_OUT, OUT_IN, Site
+from ..switching import AdapterLike, _delta, _recover, as_adapter
+
+
+@dataclass
+class RefoldReport:
+    """What refold_onnx wrote: per initializer the largest change from the task file."""
+
+    path: str
+    rewritten: dict[str, float] = field(default_factory=dict)  # adapted by the new adapter
+    restored: dict[str, float] = field(default_factory=dict)  # set back to the base weight
+    base: str = ""  # "base_onnx" (exact) or "old_adapter" (recovered)
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path} (base weights from {self.base})"]
+        lines += [f"  rewrote {n}: max |dW| = {d:.3g}" for n, d in self.rewritten.items()]
+        lines += [f"  restored {n} to the base: max |dW| = {d:.3g}" for n, d in self.restored.items()]
+        return "\n".join(lines)
+
+
+def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: str | os.PathLike, *,
+                base_onnx: str | os.PathLike | None = None,
+                old_adapter: AdapterLike | None = None) -> RefoldReport:
+    """Writes ``out_path``: ``task_onnx`` with the new adapter folded in instead of the old one.
+
+    Args:
+        task_onnx: a folded export (from :func:`lora_fx.fold_and_export`).
+        adapter: the new adapter (folder, :class:`~lora_fx.adapters.Adapter` or lorafied module).
+        out_path: where to write (atomically; may equal ``task_onnx``).
+        base_onnx: the export of the base model (exact base weights), or
+        old_adapter: the adapter folded into ``task_onnx`` (base recovered from it). Pass one.
+
+    Raises:
+        AdapterError: neither or both of ``base_onnx`` / ``old_adapter``; a branch whose weight is
+            not an initializer of the file, does not fit its shape, or is read by several nodes.
+        ExportError: the file could not be written (nothing at ``out_path`` changed).
+    """
+    if (base_onnx is None) == (old_adapter is None):
+        raise AdapterError("refold_onnx: pass exactly one of base_onnx= (the base model's export) or "
+                           "old_adapter= (the adapter folded into the task file) to know the base weights")
+    model, external = _load(task_onnx)
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    new = _by_initializer(as_adapter(adapter), inits, readers)
+    report = RefoldReport(os.path.abspath(os.fspath(out_path)), base="base_onnx" if base_onnx else "old_adapter")
+    base = _base_from_onnx(base_onnx, inits, new) if base_onnx is not None else {}
+    if old_adapter is not None:
+        for name, (site, brs) in _by_initializer(as_adapter(old_adapter), inits, readers).items():
+            w = torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+            base[name] = _recover(w, _delta(brs, site, w, _fold_dtype(w), brs[0].a.dtype))[0].numpy()
+        base.update({n: numpy_helper.to_array(inits[n]) for n in new if n not in base})  # untouched: exact
+    for name in sorted(set(new) | set(base)):
+        old = numpy_helper.to_array(inits[name])
+        value = base[name]
+        if name in new:  # fold's arithmetic; an fp64 base (recovered) is added in fp64
+            site, brs = new[name]
+            w = torch.from_numpy(old.copy())
+            ddt = _fold_dtype(w)
+            cdt = torch.float64 if value.dtype == np.float64 else ddt
+            delta = _delta(brs, site, w, ddt, brs[0].a.dtype).to(cdt)  # A/B as trained
+            value = (torch.from_numpy(value.copy()).to(cdt) + delta).to(w.dtype).numpy()
+        value = value.astype(old.dtype, copy=False)
+        change = float(np.abs(value.astype(np.float64) - old.astype(np.float64)).max()) if old.size else 0.0
+        (report.rewritten if name in new else report.restored)[name] = change
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    _save(model, report.path, external)
+    return report
+
+
+def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str, tuple[Site, list[AdapterBranch]]]:
+    """Branches grouped by the initializer they adapt, with a Site describing its layout."""
+    groups: dict[str, tuple[Site, list[AdapterBranch]]] = {}
+    for br in adapter.branches.values():
+        attr = br.weight.rpartition(".")[2] if br.weight else "weight"
+        path = br.path or br.key
+        suffix = f"_call{br.site.rpartition('#')[2]}" if "#" in br.site else ""
+        names = [f"{path}.{attr}_folded{suffix}" if path else f"{attr}_folded{suffix}", br.weight or f"{path}.weight"]
+        name = next((n for n in names if n in inits), None)
+        if name is None:
+            raise AdapterError(f"adapter {adapter.source}: branch {br.key} adapts {names[-1]}, which is not an "
+                               f"initializer of the ONNX file (tried {names}); is this the export of the same model?")
+        if readers[name] > 1:
+            raise AdapterError(f"adapter {adapter.source}: initializer {name} (branch {br.key}) is read by "
+                               f"{readers[name]} nodes; rewriting it would change all of them. Re-export "
+                               "with lora_fx.fold_and_export, which unties it.")
+        site = groups[name][0] if name in groups else _site(br, name, tuple(inits[name].dims), adapter.source)
+        groups.setdefault(name, (site, []))[1].append(br)
+    for _, brs in groups.values():
+        brs.sort(key=lambda b: b.slice or (0, 0))
+    return groups
+
+
+def _site(br: AdapterBranch, name: str, shape: tuple[int, ...], source: str) -> Site:
+    """A Site for the initializer, in the branch's layout (or the one its A/B shapes fit)."""
+    rows = None if br.slice is None else br.slice[1] - br.slice[0]
+    layouts = [br.layout] if br.layout else ([EMBED] if br.op == "embedding" else [OUT_IN, IN_OUT])
+    for layout in layouts:
+        if layout == CONV or len(shape) > 2:
+            out_f, in_f, kind, in_numel = shape[0], shape[1], "conv", int(np.prod(shape[1:]))
+        elif layout in (IN_OUT, EMBED):
+            in_f, out_f, kind = shape[0], shape[1], "embedding" if layout == EMBED else "linear"
+            in_numel = in_f
+        else:
+            out_f, in_f, kind, in_numel = shape[0], shape[1], "linear", shape[1]
+        if br.b.shape[0] == (rows or out_f) and br.a[0].numel() == in_numel:
+            return Site(br.site, br.path, br.op, kind, name, layout, shape, in_f, out_f, "")
+    raise AdapterError(f"adapter {source}: branch {br.key} has A {tuple(br.a.shape)}, B {tuple(br.b.shape)}, "
+                       f"which do not fit initializer {name} {shape}")
+
+
+def _base_from_onnx(base_onnx, inits: dict, new: dict) -> dict[str, np.ndarray]:
+    """Base weights of the initializers to write: the new adapter's, and any other that differs."""
+    base_inits = {t.name: t for t in _load(base_onnx)[0].graph.initializer}
+    out = {}
+    for name, t in inits.items():
+        src = base_inits.get(name)
+        if src is None and name in new:
+            src = base_inits.get(new[name][1][0].weight)
+        if src is None:
+            if name in new or "_folded" in name:
+                raise AdapterError(f"refold_onnx: {base_onnx} has no base weight for initializer {name} (an "
+                                   "untied copy fold made, or another model's export); pass the base export "
+                                   "of this model, or old_adapter= instead")
+            continue
+        arr = numpy_helper.to_array(src)
+        if arr.shape != tuple(t.dims) or arr.dtype != numpy_helper.to_array(t).dtype:
+            raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} is {arr.dtype} {arr.shape}, the task "
+                               f"file's {name} is {tuple(t.dims)}; pass the base export of the same model")
+        if name in new or not np.array_equal(arr, numpy_helper.to_array(t)):
+            out[name] = arr
+    return out
+
+
+def _fold_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    path = os.fspath(path)
+    try:
+        model = onnx.load(path, load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external:
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:  # onnx raises protobuf DecodeError, OSError, ValidationError...
+        raise AdapterError(f"refold_onnx: cannot read {path}: {type(e).__name__}: {e}") from e
+    return model, external
+
+
+def _save(model: onnx.ModelProto, path: str, external: bool) -> None:
+    """Writes into a temporary folder beside ``path``, then os.replace (data file first)."""
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e}") from e
+    try:
+        onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=name + ".data" if external else None)
+        if external:
+            os.replace(os.path.join(tmp, name + ".data"), path + ".data")
+        os.replace(os.path.join(tmp, name), path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"writing {path} failed: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

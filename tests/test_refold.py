@@ -1,0 +1,93 @@
+"""refold_onnx: a folded export gets another adapter by rewriting only its adapted initializers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import lora_fx
+from lora_fx.adapters import save_adapter
+from lora_fx.exporters.onnx_io import export_onnx
+from lora_fx.exporters.refold import refold_onnx
+from lora_fx.graph_module import capture_of
+
+transformers = pytest.importorskip("transformers")
+ort = pytest.importorskip("onnxruntime")
+
+
+def make(gm, targets, seed, rank=2):
+    lgm = lora_fx.lorafy(gm, targets, rank=rank, alpha=2 * rank)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_fx.lora_parameters(lgm):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return lgm
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    gm = lora_fx.trace(model, (ids,))
+    tmp = tmp_path_factory.mktemp("refold")
+    # a: fused qkv + the tied embedding (fold unties it) + c_fc;  b: q/v slices + c_proj + embedding
+    a = make(gm, ["*.c_attn", "transformer.wte", "*.mlp.c_fc"], seed=1)
+    b = make(gm, [lora_fx.Target("*.c_attn", slices=[0, 2], chunks=3), "*.attn.c_proj", "transformer.wte"], seed=2)
+    save_adapter(a, tmp / "a")
+    save_adapter(b, tmp / "b")
+    lora_fx.fold_and_export(a, tmp / "task_a.onnx", verify=False)
+    export_onnx(gm, tmp / "base.onnx", (ids,), dynamic_shapes=capture_of(gm).dynamic_shapes)
+    return gm, ids, a, b, tmp
+
+
+def initializers(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+def ort_logits(path, ids):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+
+
+@pytest.mark.parametrize("source", ["base_onnx", "old_adapter"])
+def test_refold_equals_folding_the_new_adapter(files, source):
+    _, ids, _, b, tmp = files
+    out = tmp / f"task_b_{source}.onnx"
+    kwargs = {"base_onnx": tmp / "base.onnx"} if source == "base_onnx" else {"old_adapter": tmp / "a"}
+    report = refold_onnx(tmp / "task_a.onnx", tmp / "b", out, **kwargs)
+    assert set(report.rewritten) == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+                                     "transformer.wte.weight_folded"}
+    assert set(report.restored) == {"transformer.h.0.mlp.c_fc.weight"}  # a's site that b lacks
+
+    before, after = onnx.load(tmp / "task_a.onnx"), onnx.load(out)
+    assert before.graph.node == after.graph.node  # the graph is untouched
+    assert [t.name for t in before.graph.initializer] == [t.name for t in after.graph.initializer]
+    got, want = initializers(out), lora_fx.fold(b)
+    for name, value in got.items():
+        ref = want.get_parameter(name).detach().numpy()
+        if source == "base_onnx":  # exact base weights: byte-identical to folding b
+            assert np.array_equal(value, ref), name
+        else:  # recovered base: within 1 ulp of the larger magnitude
+            big = np.maximum(np.abs(value), np.abs(initializers(tmp / "task_a.onnx")[name]))
+            assert (np.abs(value - ref) <= np.spacing(np.maximum(big, np.abs(ref)))).all(), name
+    with torch.no_grad():
+        err = np.abs(ort_logits(out, ids) - b(ids).logits.numpy()).max()
+    assert err <= 1e-5
+
+
+def test_refold_errors(files):
+    gm, _, a, _, tmp = files
+    with pytest.raises(lora_fx.AdapterError, match="exactly one"):
+        refold_onnx(tmp / "task_a.onnx", tmp / "b", tmp / "x.onnx")
+    tied = make(gm, ["lm_head"], seed=3)  # base.onnx reads lm_head.weight in two nodes
+    with pytest.raises(lora_fx.AdapterError, match="read by 2 nodes"):
+        refold_onnx(tmp / "base.onnx", tied, tmp / "x.onnx", old_adapter=make(gm, ["*.c_fc"], seed=4))
+    with pytest.raises(lora_fx.AdapterError, match="cannot read"):
+        refold_onnx(tmp / "nope.onnx", tmp / "b", tmp / "x.onnx", old_adapter=tmp / "a")
+    assert not (tmp / "x.onnx").exists()
