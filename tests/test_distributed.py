@@ -116,7 +116,7 @@ def test_ddp_two_ranks_equal_single_process(tmp_path: Path):
             assert err <= 1e-6, f"rank {rank} {name}: max |DDP - single process| = {err:.3g}"
     moved = [n for n, t in ref.items() if not torch.equal(t, build()[0].get_parameter(n))]
     assert moved == list(ref)  # training changed every LoRA tensor
-    assert elapsed < 30, f"DDP test took {elapsed:.1f}s"
+    assert elapsed < 60, f"DDP test took {elapsed:.1f}s (typically 10-20 s)"
 
 
 def test_wrap_ddp_refuses_trainable_base():
