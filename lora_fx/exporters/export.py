@@ -164,7 +164,13 @@ def verify_fold(base: str | os.PathLike, task: str | os.PathLike, *, lgm: fx.Gra
     (b) structure is always compared; with ``lgm`` (the unfolded LoRA model) also (a) its fold
     equals the captured graph and (c) ORT on ``task`` matches torch on ``lgm`` at two input shapes
     (the example's and a larger batch/sequence), max relative error <= 1e-4 in fp32.
+
+    Raises:
+        VerifyError: ``base`` or ``task`` is missing or not a valid ONNX model (``onnx.checker``
+            runs on both first); the message names the file.
     """
+    _check_onnx(base, "base")
+    _check_onnx(task, "task")
     untied = dict(fold_report.untied) if fold_report else {}
     report = VerifyReport(structure=compare_structure(base, task, aliases=_aliases(base, task, untied)))
     if numerics_only:
@@ -184,6 +190,26 @@ def verify_fold(base: str | os.PathLike, task: str | os.PathLike, *, lgm: fx.Gra
     args, kwargs, _ = _inputs(lgm, example_args, example_kwargs, dynamic=False)
     report.provider, report.numerics = _numerics(lgm, task, args, kwargs, dtype, providers, report.notes)
     return report
+
+
+def _check_onnx(source: str | os.PathLike | Any, role: str) -> None:
+    """Raises VerifyError naming the file unless ``onnx.checker`` accepts it: a file that is not
+    ONNX (random bytes, an empty or truncated file) would otherwise reach the comparison as an empty
+    ModelProto (protobuf parses b"" without error) or fail there with a bare protobuf error."""
+    import onnx
+
+    if isinstance(source, onnx.ModelProto):
+        what, target = f"{role} ModelProto", source
+    else:
+        what = target = os.fspath(source)
+        if not os.path.isfile(target):
+            raise VerifyError(f"{role} ONNX file {target!r} does not exist")
+    try:
+        onnx.checker.check_model(target)
+    except Exception as e:  # ValidationError, protobuf DecodeError, OSError on external data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VerifyError(f"{role} file {what!r} is not a valid ONNX model ({type(e).__name__}: {first}); "
+                          "pass the .onnx files written by fold_and_export / torch.onnx.export") from e
 
 
 def _aliases(base, task, untied: dict[str, str]) -> dict[str, str]:
