@@ -8,6 +8,7 @@
     report = lora_fx.fold_and_export(lgm, "task.onnx")
 """
 
+from .adapters import Adapter, adapter_of, load_adapter, read_adapter, save_adapter
 from .capture import trace
 from .errors import (
                      AdapterError,
@@ -24,12 +25,14 @@ from .graph_module import LoraFxModule
 from .passes.fold import FoldReport, fold, strip
 from .passes.lorafy import LoraReport, lora_parameters, lorafy
 from .sites import Site, sites
+from .switching import combine_adapters, swap_adapter
 from .targets import Target
 
 __all__ = [
     "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
     "LoraFxModule", "LoraReport", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
     "lora_parameters", "lorafy", "sites", "strip", "trace", "ExportReport", "VerifyReport",
-    "fold_and_export", "verify_fold",
+    "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
+    "save_adapter", "combine_adapters", "swap_adapter",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,10 @@ names the culprit and a fix. No case may end in a bare KeyError/AttributeError/I
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +39,55 @@ class _BufferWeight(nn.Module):
 class _ValueBranch(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x
+
+
+def _lorafied_mlp():
+    return lora_fx.lorafy(_mlp()[3], "fc1", rank=2)
+
+
+def _export_to(path):
+    return lambda: lora_fx.fold_and_export(_lorafied_mlp(), path)
+
+
+def _without_onnxruntime():
+    from unittest import mock
+
+    from lora_fx.exporters.onnx_io import ort_session
+
+    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    lora_fx.fold_and_export(_lorafied_mlp(), path, verify=False)
+    with mock.patch.dict(sys.modules, {"onnxruntime": None}):
+        ort_session(path)
+
+
+def _saved_adapter(mutate=None) -> str:
+    """An adapter folder saved from the lorafied MLP, optionally damaged by ``mutate(file)``."""
+    d = tempfile.mkdtemp()
+    lgm = _lorafied_mlp()
+    lora_fx.save_adapter(lgm, d)
+    if mutate is not None:
+        mutate(os.path.join(d, "adapter_model.safetensors"))
+    return d
+
+
+def _corrupt(f):
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(256))
+
+
+def _truncate(f):
+    data = open(f, "rb").read()
+    with open(f, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+
+
+def _nan_adapter() -> str:
+    d = tempfile.mkdtemp()
+    lgm = _lorafied_mlp()
+    with torch.no_grad():
+        lora_fx.lora_parameters(lgm)[1][0, 0] = float("nan")
+    lora_fx.save_adapter(lgm, d)
+    return d
 
 
 def _gpt2():
@@ -89,6 +141,24 @@ CASES = [
          ["no LoRA", "lorafy"]),
     Case("lora_parameters of a module with no LoRA", lambda: lora_fx.lora_parameters(_gpt2()),
          lora_fx.SiteError, ["no LoRA", "lorafy"]),
+    Case("export to a missing directory", _export_to("/nonexistent-dir/task.onnx"), lora_fx.ExportError,
+         ["/nonexistent-dir", "does not exist", "create it"]),
+    Case("export to a path that is a directory", _export_to(tempfile.gettempdir()), lora_fx.ExportError,
+         ["is a directory", "model.onnx"]),
+    Case("export of a module without LoRA", lambda: lora_fx.fold_and_export(_mlp()[3], "x.onnx"),
+         lora_fx.ExportError, ["no LoRA", "lorafy"]),
+    Case("corrupt adapter file", lambda: lora_fx.load_adapter(_lorafied_mlp(), _saved_adapter(_corrupt)),
+         lora_fx.AdapterError, ["adapter_model.safetensors"]),
+    Case("truncated adapter file", lambda: lora_fx.load_adapter(_lorafied_mlp(), _saved_adapter(_truncate)),
+         lora_fx.AdapterError, ["adapter_model.safetensors"]),
+    Case("adapter of another model", lambda: lora_fx.load_adapter(lora_fx.lorafy(_gpt2(), "*.c_attn"), _saved_adapter()),
+         lora_fx.AdapterError, ["fc1", "c_attn"]),
+    Case("adapter with NaN", lambda: lora_fx.load_adapter(_lorafied_mlp(), _nan_adapter()),
+         lora_fx.AdapterError, ["fc1", "NaN|nan|finite"]),
+    Case("adapter folder missing", lambda: lora_fx.load_adapter(_lorafied_mlp(), "/nonexistent-adapter"),
+         lora_fx.AdapterError, ["/nonexistent-adapter"]),
+    Case("onnxruntime missing", _without_onnxruntime, lora_fx.ExportError,
+         ["onnxruntime is not installed", "pip install onnxruntime"]),
 ]
 
 

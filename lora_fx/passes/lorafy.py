@@ -186,7 +186,7 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
         if sl is not None:
             d = emit("call_function", aten.constant_pad_nd.default, (d, [sl[0], site.out_features - sl[1]]))
         deltas.append(d)
-        key = path + ("" if leaf == "weight" else f".{leaf}")
+        key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
         made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
     total = deltas[0]
     for d in deltas[1:]:
