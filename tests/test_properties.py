@@ -178,18 +178,6 @@ def net_specs(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = DTYPES) -> NetS
     return NetSpec(tuple(layers), features, vocab, draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**16)))
 
 
-@st.composite
-def cases(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = DTYPES) -> tuple[NetSpec, list[int], list[int]]:
-    """A model spec, the indices of the sites to adapt (non-empty) and a rank for each site.
-
-    Sites depend on the traced graph, so the selection is drawn as fractions and resolved later.
-    """
-    spec = draw(net_specs(dtypes))
-    picks = draw(st.lists(st.integers(0, 2**16), min_size=1, max_size=8))
-    ranks = draw(st.lists(st.integers(1, 12), min_size=8, max_size=8))
-    return spec, picks, ranks
-
-
 @dataclass
 class Prepared:
     """A traced model, its LoRA version (B = 0) and what was selected."""
@@ -201,8 +189,14 @@ class Prepared:
     targets: list[lora_fx.Target]
 
 
-def prepare(spec: NetSpec, picks: list[int], ranks: list[int]) -> Prepared:
-    """Trace, pick sites (by exact id, so a shared weight may be adapted at one use only), lorafy."""
+def prepare(data: st.DataObject, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Prepared:
+    """Draw a model, trace it, then draw which of its sites to adapt and how, and lorafy.
+
+    Sites are picked by exact id (a regex), so one use of a shared weight can be adapted alone. Each
+    gets its own rank (1..min(in, out)); linear-kind sites sometimes get one or two output slices
+    (a fused qkv-style adapter); alpha and rsLoRA are drawn once per model.
+    """
+    spec = data.draw(net_specs(dtypes), label="spec")
     model, args = build(spec)
     event(f"dtype {spec.dtype}")
     event("embedding input" if spec.vocab else "float input")
@@ -212,14 +206,24 @@ def prepare(spec: NetSpec, picks: list[int], ranks: list[int]) -> Prepared:
         warnings.simplefilter("ignore")
         gm = lora_fx.trace(model, args)
     found = lora_fx.sites(gm)
-    assert found, f"no site found in {spec}"
-    chosen = sorted({p % len(found) for p in picks})
+    assert len(found) == expected_sites(spec), f"{spec}: sites {[str(x) for x in found]}"
+    chosen = data.draw(st.sets(st.sampled_from(range(len(found))), min_size=1), label="sites")
     targets = []
-    for j, i in enumerate(chosen):
+    for i in sorted(chosen):
         s = found[i]
-        rank = 1 + ranks[j % len(ranks)] % min(s.in_features, s.out_features)
-        targets.append(lora_fx.Target(re.compile(re.escape(s.id)), rank=rank))
-    lgm = lora_fx.lorafy(gm, targets, rank=1)
+        slices = None
+        if s.kind == "linear" and s.out_features >= 2 and data.draw(st.booleans(), label=f"slice {s.id}"):
+            cuts = data.draw(st.lists(st.integers(0, s.out_features), min_size=2, max_size=4, unique=True),
+                             label=f"cuts {s.id}")
+            cuts = sorted(cuts)
+            slices = tuple(zip(cuts[0::2], cuts[1::2], strict=False))
+            event("sliced site")
+        widths = [b - a for a, b in slices] if slices else [s.out_features]
+        rank = data.draw(st.integers(1, min(s.in_features, *widths)), label=f"rank {s.id}")
+        targets.append(lora_fx.Target(re.compile(re.escape(s.id)), rank=rank, slices=slices))
+    alpha = data.draw(st.one_of(st.none(), st.floats(0.25, 32.0)), label="alpha")
+    rslora = data.draw(st.booleans(), label="use_rslora")
+    lgm = lora_fx.lorafy(gm, targets, rank=1, alpha=alpha, use_rslora=rslora)
     assert len(lgm.lora_report.sites) == len(chosen), (lgm.lora_report, chosen)
     return Prepared(spec, args, gm, lgm.eval(), targets)
 
@@ -247,11 +251,10 @@ def assert_fold_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch
 
 
 @FAST
-@given(cases())
-def test_zero_b_is_strip_bit_for_bit_and_close_to_capture(case) -> None:
+@given(st.data())
+def test_zero_b_is_strip_bit_for_bit_and_close_to_capture(data: st.DataObject) -> None:
     """(a) B = 0: the LoRA model == strip(lgm) exactly; both close to the captured graph."""
-    p = prepare(*case)
-    assert len(lora_fx.sites(p.gm)) == expected_sites(p.spec)
+    p = prepare(data)
     assert all(torch.count_nonzero(b) == 0 for b in lora_fx.lora_parameters(p.lgm)[1::2])
     base = lora_fx.strip(p.lgm)
     with torch.no_grad():
@@ -263,10 +266,10 @@ def test_zero_b_is_strip_bit_for_bit_and_close_to_capture(case) -> None:
 
 
 @FAST
-@given(cases(), st.integers(0, 2**16))
-def test_fold_computes_what_the_lora_model_computes(case, seed: int) -> None:
+@given(st.data(), st.integers(0, 2**16))
+def test_fold_computes_what_the_lora_model_computes(data: st.DataObject, seed: int) -> None:
     """(b) random A/B: fold(lgm)(x) == lgm(x) within the dtype's tolerance."""
-    p = prepare(*case)
+    p = prepare(data)
     randomize_lora(p.lgm, std=0.2, seed=seed)
     assert any(torch.count_nonzero(b) for b in lora_fx.lora_parameters(p.lgm)[1::2])
     folded = lora_fx.fold(p.lgm)
@@ -279,10 +282,10 @@ def test_fold_computes_what_the_lora_model_computes(case, seed: int) -> None:
 
 
 @FAST
-@given(cases(), st.integers(0, 2**16))
-def test_folded_graph_is_the_captured_graph(case, seed: int) -> None:
+@given(st.data(), st.integers(0, 2**16))
+def test_folded_graph_is_the_captured_graph(data: st.DataObject, seed: int) -> None:
     """(c) the folded graph equals the captured one (untied copies renamed to the weight they copy)."""
-    p = prepare(*case)
+    p = prepare(data)
     randomize_lora(p.lgm, std=0.2, seed=seed)
     folded = lora_fx.fold(p.lgm)
     report = folded.meta["lora_fx_fold"]
@@ -295,10 +298,11 @@ def test_folded_graph_is_the_captured_graph(case, seed: int) -> None:
 
 @pytest.mark.filterwarnings("ignore")
 @EXPORT
-@given(cases(dtypes=(torch.float32,)), st.integers(0, 2**16))
-def test_fold_and_export_verifies(tmp_path_factory: pytest.TempPathFactory, case, seed: int) -> None:
+@given(st.data(), st.integers(0, 2**16))
+def test_fold_and_export_verifies(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject,
+                                  seed: int) -> None:
     """(d) fp32: the folded ONNX export is the base export with new weights, and ORT agrees."""
-    p = prepare(*case)
+    p = prepare(data, dtypes=(torch.float32,))
     randomize_lora(p.lgm, std=0.2, seed=seed)
     path = tmp_path_factory.mktemp("prop") / "task.onnx"
     report = lora_fx.fold_and_export(p.lgm, path)
