@@ -1,0 +1,7 @@
+"""Example models and tasks shipped with lora-fx (used by the tests, the demo, the CLI and benchmarks).
+
+- :mod:`lora_fx.examples.zoo_models`: tiny deterministic models (``build(name)``).
+- :mod:`lora_fx.examples.textcls`: a generated text-classification task for the MiniLM LoRA demo.
+
+Submodules are not imported here, so ``import lora_fx.examples`` stays cheap.
+"""
