@@ -21,6 +21,7 @@ from .errors import (
                      VerifyError,
 )
 from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
+from .exporters.multi_lora import export_multi_lora, write_ort_adapter
 from .graph_module import LoraFxModule
 from .passes.fold import FoldReport, fold, strip
 from .passes.lorafy import LoraReport, lora_parameters, lorafy
@@ -33,6 +34,6 @@ __all__ = [
     "LoraFxModule", "LoraReport", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
     "lora_parameters", "lorafy", "sites", "strip", "trace", "ExportReport", "VerifyReport",
     "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
-    "save_adapter", "combine_adapters", "swap_adapter",
+    "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",
 ]
 __version__ = "0.1.0"
