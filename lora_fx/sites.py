@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph_module import NODE_LORA
+
 aten = torch.ops.aten
 
 # Weight layouts. A LoRA pair is always A (r, in) and B (out, r) (PEFT's shapes); the layout says how
@@ -103,8 +105,6 @@ class Site:
 
 def sites(gm: fx.GraphModule) -> list[Site]:
     """Lists every adaptable matmul of ``gm`` in graph order (LoRA's own matmuls excluded)."""
-    from .graph_module import NODE_LORA
-
     found: list[tuple[fx.Node, dict]] = []
     for node in gm.graph.nodes:
         if NODE_LORA in node.meta:
@@ -163,7 +163,7 @@ def _arg(node: fx.Node, i: int):
 
 def _is_transpose(node: fx.Node) -> bool:
     if node.op == "call_method":
-        return node.target in ("t", "transpose", "permute") or False
+        return node.target in ("t", "transpose", "permute")
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("T", "mT")
     return node.op == "call_function" and node.target in TRANSPOSES

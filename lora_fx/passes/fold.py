@@ -15,6 +15,7 @@ the adapted site gets its own folded copy (``<weight>_folded``) and the report l
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from ..graph_module import (
     prune_empty_modules,
     set_attr_path,
 )
-from ..sites import CONV, EMBED, IN_OUT, TRANSPOSES, Site
+from ..sites import CONV, EMBED, IN_OUT, OPS, TRANSPOSES, Site
 from .lorafy import Branch, LoraState
 
 FOLD_KEY = "lora_fx_fold"
@@ -138,8 +139,6 @@ def _weight_arg(node: fx.Node, site: Site) -> tuple[int | None, fx.Node]:
     """(index in node.args or None for einsum operands, the node feeding the weight)."""
     if site.kind == "einsum":
         return None, node.args[1][site.w_operand]
-    from ..sites import OPS
-
     i = OPS[node.target].w if node.op == "call_function" else 1
     return i, node.args[i]
 
@@ -190,8 +189,6 @@ def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: Fo
     if len(calls) == 1:
         gm.get_submodule(target).weight = new
         return
-    import copy
-
     k = calls.index(node)
     clone = copy.copy(gm.get_submodule(target))
     clone._parameters = dict(clone._parameters)

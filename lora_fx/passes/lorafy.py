@@ -31,8 +31,8 @@ from ..graph_module import (
     has_attr_path,
     set_attr_path,
 )
-from ..sites import Site, sites
-from ..targets import Selection, select
+from ..sites import OPS, Site, module_path, sites
+from ..targets import Selection, as_targets, matches, select
 from .branches import Emitter, activation, build, init_pair, lora_shapes
 
 aten = torch.ops.aten
@@ -208,9 +208,6 @@ def _training(graph: fx.Graph) -> fx.Node:
 
 def _raise_if_not_parameter(gm: fx.GraphModule, patterns) -> None:
     """A pattern that names a matmul whose weight is not a parameter gets its own error."""
-    from ..sites import OPS, module_path
-    from ..targets import as_targets, matches
-
     targets = as_targets(patterns)
     for node in gm.graph.nodes:
         spec = OPS.get(node.target) if node.op == "call_function" else None
