@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import LoraFxError, VerifyError
+from .errors import LoraFxError, PatternError, VerifyError
 
 __all__ = ["CliError", "build_parser", "load_model", "main", "parse_targets"]
 
@@ -52,7 +52,8 @@ examples:
   lora-fx demo                                   # MiniLM + LoRA text classifier, < 3 min on 2 cores
   lora-fx inspect gpt2                           # every adaptable site
   lora-fx inspect bert --targets '*.query' '*.value' --rank 8
-  lora-fx export mypkg.models:make --targets '*.q_proj' '*.v_proj' --adapter run/adapter -o task.onnx
+  lora-fx export mypkg.models:make --adapter run/adapter -o task.onnx   # sites from the adapter
+  lora-fx export gpt2 --targets c_attn --rank 4 --fp16 -o task.onnx
   lora-fx export mlp --targets fc1 fc2 -o base.onnx   # no adapter: B = 0, so this is the base model
   lora-fx verify base.onnx task.onnx             # exit 0: same graph, only weights differ
   python -m lora_fx --help
@@ -90,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  lora-fx export gpt2 --targets c_attn --adapter out/adapter -o task.onnx\n"
                               "  lora-fx export mlp --targets fc1 -o base.onnx   # no adapter = base model")
     p.add_argument("model", metavar="MODEL", help="built-in name or package.module:factory")
-    p.add_argument("--targets", nargs="+", metavar="PATTERN", required=True, help=targets_help)
+    p.add_argument("--targets", nargs="+", metavar="PATTERN",
+                   help=targets_help + "; optional with --adapter (its config names the sites)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-    p.add_argument("--adapter", metavar="DIR", help="adapter folder (adapter_config.json + safetensors)")
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors, PEFT layout) to fold into the weights")
     p.add_argument("-o", "--output", metavar="TASK.onnx", required=True, help="file to write")
     p.add_argument("--unfolded", action="store_true", help="keep the LoRA branches (debugging/serving)")
     p.add_argument("--fp16", action="store_true", help="fold in fp32, round once, write fp16")
@@ -272,20 +275,26 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
     if not ns.output.endswith(".onnx"):
         raise CliError(f"-o {ns.output!r}: the output file must end in .onnx")
-    gm = _trace(ns.model)
-    with _step(f"lorafy (rank {ns.rank})"):
-        lgm = lora_fx.lorafy(gm, parse_targets(ns.targets), rank=ns.rank, alpha=ns.alpha)
-    report = lgm.lora_report
-    print(f"LoRA: {len(report.sites)} sites, trainable {report.trainable:,} / {report.total:,} parameters")
+    if not ns.targets and not ns.adapter:
+        raise CliError("export needs --targets PATTERN ... (and usually --adapter DIR); see lora-fx export --help")
+    if ns.adapter and not os.path.isdir(ns.adapter):
+        raise CliError(f"--adapter {ns.adapter}: no such folder (expected adapter_config.json + "
+                       "adapter_model.safetensors)")
+    lgm = gm = _trace(ns.model)
+    if ns.targets:
+        with _step(f"lorafy (rank {ns.rank})"):
+            lgm = lora_fx.lorafy(gm, parse_targets(ns.targets), rank=ns.rank, alpha=ns.alpha)
     if ns.adapter:
         try:
             from .adapters import load_adapter
         except ImportError as e:
             raise CliError(f"--adapter needs lora_fx.adapters.load_adapter, which is not available ({e})") from e
         with _step(f"loading adapter {ns.adapter}"):
-            lgm = load_adapter(lgm, ns.adapter)
+            lgm = load_adapter(lgm, ns.adapter)  # without --targets it lorafies from the adapter's config
     else:
         print("no --adapter: LoRA B is zero, so the export carries the base weights")
+    report = lgm.lora_report
+    print(f"LoRA: {len(report.sites)} sites, {report.trainable:,} LoRA parameters on {report.total:,} in all")
     what = "unfolded export" if ns.unfolded else "fold + export"
     with _step(what + ("" if ns.no_verify else " + verify")), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -317,14 +326,15 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
     for path in (ns.base, ns.task):
         _check_onnx(path)
-    report = lora_fx.verify_fold(ns.base, ns.task)
-    st = report.structure
+    st = lora_fx.verify_fold(ns.base, ns.task).structure
     print(f"base {ns.base}: {st.base_nodes} nodes")
     print(f"task {ns.task}: {st.task_nodes} nodes")
-    print(st)
     if st.ok:
+        print(st)
         print("OK: same graph; only initializer values differ")
         return 0
+    if st.added_initializers:
+        print(f"aliased initializers: {', '.join(st.added_initializers)}")
     print(f"FAILED: first difference: {st.first_difference}")
     return 1
 
@@ -355,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.traceback:
             raise
         print(f"lora-fx: error: {e}", file=sys.stderr)
+        if isinstance(e, PatternError) and getattr(ns, "model", None):
+            print(f"hint: 'lora-fx inspect {ns.model}' lists every site", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-fx: interrupted", file=sys.stderr)

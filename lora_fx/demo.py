@@ -54,7 +54,7 @@ class DemoConfig:
     unfolded_export: bool = True
 
 
-QUICK = DemoConfig(n_train=96, n_test=64, epochs=2, centroid_examples=96, timing_runs=15)
+QUICK = DemoConfig(n_train=96, n_test=64, epochs=2, centroid_examples=96, timing_runs=10, unfolded_export=False)
 FULL = DemoConfig()
 LOGIT_SCALE = 20.0  # s in logit_c = -s/2 ||e - mu_c||^2: softmax neither flat nor saturated at start
 
@@ -149,7 +149,8 @@ def train(lgm: nn.Module, data: list[tuple[str, int]], tokenizer: Any, cfg: Demo
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(seed)
     steps = cfg.epochs * -(-len(data) // cfg.batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))  # linear decay
+    warm = max(1, steps // 10)  # short warm-up: full-size first steps knock the centroid head off
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (1.0 - s / steps))
     # The base model's own dropout stays off (eval mode): with a few hundred examples it only
     # slows learning down; every LoRA parameter still trains.
     lgm.eval()
@@ -198,106 +199,144 @@ def _latency(paths: dict[str, str], batches: dict[int, tuple], threads: int, run
     return result
 
 
+class _Clock:
+    """Wall and CPU seconds of consecutive phases (CPU time shows the cost on a loaded machine)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self._t, self._c = self.start, self.cpu_start
+
+    def lap(self, name: str) -> float:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = t - self._t, c - self._c
+        self._t, self._c = t, c
+        return self.wall[name]
+
+
+def _build(cfg: DemoConfig, seed: int) -> tuple[Any, IntentClassifier, list, list, list[str]]:
+    """Tokenizer, classifier with its centroid head, train and test data, label names."""
+    from .examples.textcls import make_dataset
+
+    tokenizer, encoder = _load()
+    train_set, test_set, labels = make_dataset(cfg.n_train, cfg.n_test, seed=seed)
+    model = IntentClassifier(encoder, len(labels), encoder.config.hidden_size).eval()
+    sub = train_set[:cfg.centroid_examples]
+    with torch.no_grad():
+        emb = torch.cat([model.embed(ids, mask) for ids, mask, _ in _batches(sub, 64, tokenizer)])
+    model.init_head_from_centroids(emb, torch.tensor([y for _, y in sub]), LOGIT_SCALE)
+    _say(f"all-MiniLM-L6-v2 (pretrained, 22.7M parameters) + a generated {len(labels)}-intent task {labels}: "
+         f"{len(train_set)} train / {len(test_set)} held-out messages (held-out sentence frames and products)")
+    _say(f"classifier: encoder -> masked mean pooling -> linear head; the head starts as the nearest-centroid "
+         f"classifier of {len(sub)} training embeddings, so 'before' is the frozen pretrained encoder's accuracy")
+    return tokenizer, model, train_set, test_set, labels
+
+
+def _exports(lgm: Any, out: str, unfolded: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """Folded task.onnx (verified against the base export), base.onnx, and the unfolded LoRA graph."""
+    import lora_fx
+
+    from .exporters.onnx_io import export_onnx
+    from .graph_module import capture_of
+
+    paths = {"base": os.path.join(out, "base.onnx"), "folded": os.path.join(out, "task.onnx")}
+    rep = lora_fx.fold_and_export(lgm, paths["folded"], verify=True)
+    ver, st = rep.verification, rep.verification.structure
+    info: dict[str, Any] = {
+        "verified": bool(ver.ok), "structure_identical": bool(st.ok), "base_nodes": st.base_nodes,
+        "folded_nodes": st.task_nodes, "changed_initializers": len(st.changed_initializers),
+        "max_rel_err": max((c.max_rel_err for c in ver.numerics), default=None),
+        "seconds": dict(rep.seconds)}
+    cap = capture_of(lgm)  # the base model again, kept this time (verify used a temporary copy)
+    export_onnx(lora_fx.strip(lgm).eval(), paths["base"], cap.args, cap.kwargs, dynamic_shapes=cap.dynamic_shapes)
+    _say(f"folded export {paths['folded']}: verification {'PASSED' if ver.ok else 'FAILED'}")
+    _say(f"  structurally the base export: {st.ok} ({st.task_nodes} nodes vs {st.base_nodes}; same ops, topology, "
+         f"attributes, initializer names/shapes); {len(st.changed_initializers)} initializers changed (the "
+         f"{len(st.changed_initializers)} adapted weights); ORT vs torch max rel err {info['max_rel_err']:.1e}")
+    if unfolded:
+        paths["unfolded"] = os.path.join(out, "task_unfolded.onnx")
+        unf = lora_fx.fold_and_export(lgm, paths["unfolded"], folded=False, verify=False)
+        info["unfolded_nodes"] = unf.export.nodes
+        _say(f"unfolded export {paths['unfolded']}: {unf.export.nodes} nodes (+{unf.export.nodes - st.base_nodes} "
+             "LoRA nodes that ONNX Runtime runs at every call)")
+    _say(f"  check it yourself: lora-fx verify {paths['base']} {paths['folded']}")
+    return paths, info
+
+
 def run(out: str = "lora_fx_demo", quick: bool = False, threads: int | None = None, seed: int = 0,
         config: DemoConfig | None = None) -> dict[str, Any]:
-    """Runs the demo (see the module docstring); returns the numbers, also written to ``<out>/demo.json``."""
-    start, cpu_start = time.perf_counter(), time.process_time()
+    """Runs the demo (see the module docstring); returns the numbers, also written to ``<out>/demo.json``.
+
+    Args:
+        out: folder for task.onnx, base.onnx, task_unfolded.onnx and demo.json (created).
+        quick: the small configuration (:data:`QUICK`, for tests); default :data:`FULL`.
+        threads: torch and ONNX Runtime intra-op threads (default ``min(2, cores)``).
+        seed: seeds data, LoRA init and batch order; a run is deterministic on one machine.
+        config: overrides ``quick``.
+    """
+    clock = _Clock()
     cfg = config or (QUICK if quick else FULL)
     threads = _setup(threads, seed)
     import lora_fx
 
-    from .examples.textcls import make_dataset
-    from .exporters.onnx_io import export_onnx
-    from .graph_module import capture_of
+    from .examples.textcls import encode
 
     os.makedirs(out, exist_ok=True)
-    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": cfg.__dict__}
-    secs: dict[str, float] = {}
-    t = time.perf_counter()
-    tokenizer, encoder = _load()
-    train_set, test_set, labels = make_dataset(cfg.n_train, cfg.n_test, seed=seed)
+    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__)}
+    tokenizer, model, train_set, test_set, labels = _build(cfg, seed)
     test_batches = _batches(test_set, 64, tokenizer)
-    model = IntentClassifier(encoder, len(labels), encoder.config.hidden_size).eval()
-    with torch.no_grad():
-        sub = train_set[:cfg.centroid_examples]
-        emb = torch.cat([model.embed(ids, mask) for ids, mask, _ in _batches(sub, 64, tokenizer)])
-    model.init_head_from_centroids(emb, torch.tensor([y for _, y in sub]), LOGIT_SCALE)
-    secs["load_and_head_init"] = time.perf_counter() - t
-    _say(f"all-MiniLM-L6-v2 (pretrained) + {len(labels)}-intent task {labels}: {len(train_set)} train / "
-         f"{len(test_set)} held-out messages (held-out frames and products)")
-    _say(f"head: nearest-centroid classifier from {len(sub)} training embeddings (frozen); its LoRA "
-         "adapts it")
+    clock.lap("load_data_head")
 
-    t = time.perf_counter()
     ids, mask = test_batches[0][0][:2], test_batches[0][1][:2]
     gm = lora_fx.trace(model, (ids,), {"attention_mask": mask})
     head_rank = min(cfg.rank, len(labels))
     targets = ["*.query", "*.value", lora_fx.Target("head", rank=head_rank, alpha=float(head_rank))]
     lgm = lora_fx.lorafy(gm, targets, rank=cfg.rank, alpha=cfg.alpha)
-    secs["trace_and_lorafy"] = time.perf_counter() - t
+    clock.lap("trace_lorafy")
     rep = lgm.lora_report
     res.update(trainable_params=rep.trainable, total_params=rep.total,
                trainable_pct=100.0 * rep.trainable / rep.total, lora_sites=len(rep.sites))
-    _say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on {len(rep.sites) - 1} query/value projections + the head "
-         f"(r={head_rank}: it has {len(labels)} rows): trainable {rep.trainable:,} of {rep.total:,} "
-         f"parameters ({res['trainable_pct']:.2f}%); everything else frozen")
+    _say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on the {len(rep.sites) - 1} query/value projections, and "
+         f"r={head_rank} on the head ({len(labels)} rows, so r={head_rank} is full rank): trainable "
+         f"{rep.trainable:,} of {rep.total:,} parameters ({res['trainable_pct']:.2f}%), all of them LoRA A/B")
 
-    t = time.perf_counter()
     res["accuracy_before"] = accuracy(lgm, test_batches)
-    secs["eval_before"] = time.perf_counter() - t
+    clock.lap("eval_before")
     _say(f"held-out accuracy before: {res['accuracy_before']:.3f} (chance {1 / len(labels):.2f})")
-    t = time.perf_counter()
     res["epoch_losses"] = train(lgm, train_set, tokenizer, cfg, seed)
-    secs["train"] = res["train_seconds"] = time.perf_counter() - t
+    res["train_seconds"] = clock.lap("train")
     res["accuracy_after"] = accuracy(lgm, test_batches)
-    _say(f"trained {cfg.epochs} epochs (AdamW lr {cfg.lr:g}, batch {cfg.batch}) in {secs['train']:.1f}s; "
-         f"epoch losses {', '.join(f'{x:.3f}' for x in res['epoch_losses'])}")
+    clock.lap("eval_after")
+    _say(f"trained {cfg.epochs} epochs (AdamW lr {cfg.lr:g}, warm-up + linear decay, batch {cfg.batch}, {threads} threads) "
+         f"in {res['train_seconds']:.1f}s; epoch losses {', '.join(f'{x:.3f}' for x in res['epoch_losses'])}")
     _say(f"held-out accuracy after:  {res['accuracy_after']:.3f} (before {res['accuracy_before']:.3f})")
 
-    t = time.perf_counter()
-    paths = {"base": os.path.join(out, "base.onnx"), "folded": os.path.join(out, "task.onnx"),
-             "unfolded": os.path.join(out, "task_unfolded.onnx")}
-    export = lora_fx.fold_and_export(lgm, paths["folded"], verify=True)
-    ver = export.verification
-    st = ver.structure
-    res["export"] = {"verified": bool(ver.ok), "structure_identical": bool(st.ok), "base_nodes": st.base_nodes,
-                     "folded_nodes": st.task_nodes, "changed_initializers": len(st.changed_initializers),
-                     "max_rel_err": max((c.max_rel_err for c in ver.numerics), default=None)}
-    cap = capture_of(lgm)
-    export_onnx(lora_fx.strip(lgm).eval(), paths["base"], cap.args, cap.kwargs, dynamic_shapes=cap.dynamic_shapes)
-    if cfg.unfolded_export:
-        unf = lora_fx.fold_and_export(lgm, paths["unfolded"], folded=False, verify=False)
-        res["export"]["unfolded_nodes"] = unf.export.nodes
-    else:
-        paths.pop("unfolded")
-    secs["export_and_verify"] = time.perf_counter() - t
-    _say(f"folded export {paths['folded']}: {st.task_nodes} nodes, base export {st.base_nodes} nodes; "
-         f"structure identical: {st.ok}; {len(st.changed_initializers)} initializers changed "
-         f"(the adapted weights); ORT vs torch max rel err {res['export']['max_rel_err']:.1e}; "
-         f"verification {'PASSED' if ver.ok else 'FAILED'}")
-    if "unfolded_nodes" in res["export"]:
-        _say(f"unfolded export {paths['unfolded']}: {res['export']['unfolded_nodes']} nodes "
-             f"(+{res['export']['unfolded_nodes'] - st.base_nodes} LoRA nodes)")
-    _say(f"check it yourself: lora-fx verify {paths['base']} {paths['folded']}")
+    paths, res["export"] = _exports(lgm, out, cfg.unfolded_export)
+    clock.lap("export_verify")
 
-    t = time.perf_counter()
     texts = [x for x, _ in test_set[:8]]
-    from .examples.textcls import encode
-
     inputs = {1: encode(tokenizer, texts[:1]), 8: encode(tokenizer, texts)}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     res["latency"] = _latency(paths, inputs, threads, cfg.timing_runs)
-    secs["latency"] = time.perf_counter() - t
-    _say(f"ONNX Runtime latency, median of {cfg.timing_runs} interleaved runs, {threads} thread(s), spinning off:")
-    for key, lat in res["latency"].items():
+    res["latency"]["load_average"] = load
+    clock.lap("latency")
+    _say(f"ONNX Runtime CPU latency, median of {cfg.timing_runs} interleaved runs, {threads} thread(s), "
+         "spinning off (ratio to base):")
+    for key in ("batch1", "batch8"):
+        lat = res["latency"][key]
         cells = ", ".join(f"{n} {ms:.2f} ms ({lat['ratio_to_base'][n]:.3f}x)" for n, ms in lat["median_ms"].items())
         _say(f"  {key} (seq {lat['seq_len']}): {cells}")
+    _say("  folded is the base graph with other weights, so its ratio shows the timing noise")
+    if load is not None and load > (os.cpu_count() or 1):
+        _say(f"  note: load average {load:.1f} on {os.cpu_count()} cores: other processes disturb these timings")
 
-    res["seconds"] = secs
-    res["wall_seconds"] = time.perf_counter() - start
-    res["cpu_seconds"] = time.process_time() - cpu_start
+    res["seconds"], res["cpu_seconds_by_phase"] = clock.wall, clock.cpu
+    res["wall_seconds"] = time.perf_counter() - clock.start
+    res["cpu_seconds"] = time.process_time() - clock.cpu_start
     res["paths"] = paths
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(res, f, indent=2)
-    _say(f"demo finished in {res['wall_seconds']:.1f}s wall ({res['cpu_seconds']:.1f}s CPU); numbers in "
+    _say(f"demo finished in {res['wall_seconds']:.1f}s wall ({res['cpu_seconds']:.1f}s CPU); all numbers in "
          f"{os.path.join(out, 'demo.json')}")
     return res

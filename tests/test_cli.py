@@ -171,6 +171,11 @@ def test_export_with_adapter(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert code == 0 and "verification: PASSED" in out
     code, out, _ = run_cli(capsys, "verify", base, task)
     assert code == 0 and "2 initializer(s) changed" in out
+    # without --targets the adapter's config names the sites, ranks and alphas
+    task2 = str(tmp_path / "task2.onnx")
+    code, out, _ = run_cli(capsys, "export", "mlp", "--adapter", str(tmp_path / "adapter"), "-o", task2)
+    assert code == 0 and "verification: PASSED" in out
+    assert Path(task2).read_bytes() == Path(task).read_bytes()
     # an adapter of rank 4 does not fit a rank-8 lorafy: a clear error, nothing written
     code, _, err = run_cli(capsys, "export", "mlp", "--targets", "fc1", "fc2", "--adapter",
                            str(tmp_path / "adapter"), "-o", str(tmp_path / "bad.onnx"))
@@ -185,6 +190,13 @@ def test_verify_rejects_non_onnx_file(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "is not a valid ONNX model" in _error_line(err)
     code, _, err = run_cli(capsys, "verify", str(tmp_path / "missing.onnx"), str(junk))
     assert code == 2 and "no such file" in _error_line(err)
+
+
+def test_export_needs_targets_or_adapter(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "export", "mlp", "-o", str(tmp_path / "x.onnx"))
+    assert code == 2 and "--targets" in _error_line(err)
+    code, _, err = run_cli(capsys, "export", "mlp", "--adapter", str(tmp_path / "nope"), "-o", str(tmp_path / "x.onnx"))
+    assert code == 2 and "no such folder" in _error_line(err)
 
 
 def test_export_output_must_be_onnx(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -207,7 +219,7 @@ def test_python_m_help() -> None:
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["export", "mlp"])  # --targets and -o missing
+        main(["export", "mlp", "--targets", "fc1"])  # -o missing
     assert exc.value.code == 2
 
 
