@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -28,7 +29,25 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: done in {time.perf_counter() - start:.0f}s -> {result['md']}")
         with open(result["md"]) as f:
             print(f.read())
+    if not ns.smoke:
+        log(f"summary: {write_summary(out)}")
     return 0
+
+
+def write_summary(out: str) -> str:
+    """Concatenates the benchmarks' markdown files present in ``out`` into ``out/README.md``."""
+    parts = ["# lora-fx benchmark results", "",
+             "Written by `python -m benchmarks NAME`; each section links its JSON (all samples) and plot.", ""]
+    for name in BENCHMARKS:
+        md = os.path.join(out, f"{name}.md")
+        if os.path.isfile(md):
+            with open(md) as f:
+                parts += [f.read().rstrip(), "",
+                          f"Data: [{name}.json]({name}.json). Plot:", "", f"![{name}]({name}.png)", ""]
+    path = os.path.join(out, "README.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
 
 
 if __name__ == "__main__":

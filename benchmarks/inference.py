@@ -7,7 +7,8 @@ unfolded LoRA graph (``fold_and_export(folded=False)``). ``verify_fold`` (the ch
 ``fold_and_export(verify=True)`` runs) proves the folded file is the base file's graph with new
 weights. Latency: one ORT session per file (``threads`` intra-op threads, spinning off so an idle
 session does not steal a core), many rounds round-robin with the order rotated each round; the
-ratios are taken per round (paired) and summarised by median and IQR.
+ratios are taken per round (paired) and summarised by median and IQR. A second session on the base
+file (``base_again``) is timed like the others: base_again/base is the noise floor of every ratio.
 
 Goal: folded/base latency within [0.98, 1.02]; unfolded/base is reported.
 """
@@ -36,6 +37,7 @@ from .common import (
 NAME = "inference"
 GOAL = (0.98, 1.02)
 VARIANTS = ("base", "folded", "unfolded")
+CONTROL = "base_again"  # a second session on the base file: the noise floor of the ratios
 
 
 def _models(smoke: bool) -> list[tuple[str, Any, tuple, dict, list[str]]]:
@@ -97,6 +99,7 @@ def _latency(paths: dict[str, str], args: tuple, kwargs: dict, rounds: int, thre
     from lora_fx.exporters.onnx_io import ort_session, run_onnx
 
     sessions = {v: ort_session(paths[v], threads=threads, spinning=False) for v in VARIANTS}
+    sessions[CONTROL] = ort_session(paths["base"], threads=threads, spinning=False)
     fns = {v: (lambda s=s: run_onnx(s, args, kwargs)) for v, s in sessions.items()}
     for fn in fns.values():  # warm up: first runs allocate arenas and pick kernels
         for _ in range(3):
@@ -111,7 +114,7 @@ def _latency(paths: dict[str, str], args: tuple, kwargs: dict, rounds: int, thre
 
 def run(out: str, smoke: bool = False, threads: int = 2, rounds: int | None = None) -> dict[str, Any]:
     """Runs the benchmark and writes ``inference.{json,md,png}`` into ``out``."""
-    rounds = rounds or (3 if smoke else 30)
+    rounds = rounds or (3 if smoke else 60)
     env = environment()
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -123,9 +126,9 @@ def run(out: str, smoke: bool = False, threads: int = 2, rounds: int | None = No
             a1 = tuple(a[:1] for a in args)
             k1 = {k: v[:1] for k, v in kwargs.items()}
             log(f"{NAME}: {label}: {rounds} interleaved rounds, {threads} threads")
-            samples = _latency(info.pop("paths"), a1, k1, rounds, threads, 0.01 if smoke else 0.3)
+            samples = _latency(info.pop("paths"), a1, k1, rounds, threads, 0.01 if smoke else 0.1)
         inner = int(samples.pop("_inner")[0])
-        ratios = {f"{v}/base": paired_ratios(samples[v], samples["base"]) for v in ("folded", "unfolded")}
+        ratios = {f"{v}/base": paired_ratios(samples[v], samples["base"]) for v in ("folded", "unfolded", CONTROL)}
         fb = Stats.of(ratios["folded/base"])
         results.append({
             "model": label, "patterns": patterns, "rank": 8, "input": f"batch 1, seq {args[0].shape[1]}",
@@ -135,6 +138,7 @@ def run(out: str, smoke: bool = False, threads: int = 2, rounds: int | None = No
             "samples_s": samples, "ratio_samples": ratios,
             "goal_folded_over_base": {"range": GOAL, "median": fb.median,
                                       "verdict": verdict(fb.median, *GOAL) if info["verified"] else "MISSED"},
+            "noise_floor_base_again_over_base": Stats.of(ratios[f"{CONTROL}/base"]),
         })
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "threads": threads, "spinning": False,
             "providers": ["CPUExecutionProvider"], "seconds": time.perf_counter() - start, "models": results}
@@ -147,14 +151,16 @@ def _markdown(data: dict[str, Any]) -> str:
         lat, rat = r["latency_ms"], r["ratio"]
         rows.append([r["model"], r["input"], r["branches"],
                      *(lat[v].fmt(2) for v in VARIANTS), rat["folded/base"].fmt(3), rat["unfolded/base"].fmt(3),
+                     rat[f"{CONTROL}/base"].fmt(3),
                      f"{r['nodes']['base']} / {r['nodes']['folded']} / {r['nodes']['unfolded']}",
                      "yes" if r["structure_identical"] else "NO", r["goal_folded_over_base"]["verdict"]])
     table = md_table(["model", "input", "LoRA branches", "base ms", "folded ms", "unfolded ms", "folded/base",
-                      "unfolded/base", "ONNX nodes b/f/u", "folded == base graph", "goal [0.98, 1.02]"], rows)
+                      "unfolded/base", "base again/base (noise)", "ONNX nodes b/f/u", "folded == base graph", "goal [0.98, 1.02]"], rows)
     notes = [f"## Inference latency: ONNX Runtime CPU ({data['threads']} threads, spinning off)", "",
              env_line(data["env"]), "",
              "Cells: median [IQR] over interleaved rounds (order rotated each round); ratios are per-round "
-             "paired ratios. `folded == base graph` is `lora_fx.verify_fold` (the check "
+             "paired ratios; `base again` is a second session on the base file (noise floor). "
+             "`folded == base graph` is `lora_fx.verify_fold` (the check "
              "`fold_and_export(verify=True)` runs): same ops, topology, attributes and initializer "
              "names/shapes, plus ORT-vs-torch numerics on two shapes.", "", table, ""]
     for r in data["models"]:
@@ -163,7 +169,8 @@ def _markdown(data: dict[str, Any]) -> str:
         notes.append(f"- {r['model']}: folded/base = {rat.median:.3f} (IQR {rat.q1:.3f}-{rat.q3:.3f}, "
                      f"min/max {rat.min:.3f}/{rat.max:.3f}, {r['rounds']} rounds x {r['calls_per_round']} calls): "
                      f"goal {g['verdict']}; unfolded/base = {r['ratio']['unfolded/base'].median:.3f}; "
-                     f"verification {'PASSED' if r['verified'] else 'FAILED'}.")
+                     f"verification {'PASSED' if r['verified'] else 'FAILED'}; noise floor base-again/base IQR "
+                     f"{r['ratio'][f'{CONTROL}/base'].q1:.3f}-{r['ratio'][f'{CONTROL}/base'].q3:.3f}.")
     return "\n".join(notes)
 
 
@@ -171,7 +178,7 @@ def _plot(fig, data: dict[str, Any]) -> None:
     ax = fig.add_subplot(1, 1, 1)
     series, labels = [], []
     for r in data["models"]:
-        for key in ("folded/base", "unfolded/base"):
+        for key in ("folded/base", "unfolded/base", f"{CONTROL}/base"):
             series.append(r["ratio_samples"][key])
             labels.append(f"{r['model'].split(' ')[0]}\n{key}")
     ax.boxplot(series, showfliers=True)
