@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -79,6 +79,7 @@ class NetSpec:
     vocab: int | None  # token input through an nn.Embedding first
     dtype: torch.dtype
     seed: int
+    tie: tuple[int, int] | None = None  # (src, dst) weight owners, -1 = the embedding: dst uses src's weight
 
 
 class Block(nn.Module):
@@ -137,6 +138,17 @@ class GeneratedNet(nn.Module):
             blocks.append(Block(layer, fan_in))
             fan_in = layer.out
         self.blocks = nn.ModuleList(blocks)
+        if spec.tie is not None:  # across layers, possibly across kinds and layouts (all d x d)
+            (src, src_attr), (dst, dst_attr) = (self.weight_slot(i) for i in spec.tie)
+            setattr(dst, dst_attr, getattr(src, src_attr))
+
+    def weight_slot(self, owner: int) -> tuple[nn.Module, str]:
+        """(module, attribute) of the 2-D weight of block ``owner`` (-1: the embedding)."""
+        if owner < 0:
+            assert self.embed is not None
+            return self.embed, "weight"
+        block = self.blocks[owner]
+        return (block.lin, "weight") if hasattr(block, "lin") else (block, "w")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
@@ -168,14 +180,25 @@ def layer_specs(draw: st.DrawFn, fan_in: int) -> LayerSpec:
 
 @st.composite
 def net_specs(draw: st.DrawFn, dtypes: tuple[torch.dtype, ...] = DTYPES) -> NetSpec:
+    """A model; sometimes every width is one d, so that two layers (or the embedding) can share a weight."""
     features = draw(st.integers(2, 12))
     vocab = draw(st.one_of(st.none(), st.integers(2, 12)))
+    uniform = draw(st.booleans())
+    if uniform and vocab:
+        vocab = features
     layers, fan_in = [], features
     for _ in range(draw(st.integers(1, 3))):
         layer = draw(layer_specs(fan_in))
+        if uniform:
+            layer = replace(layer, out=features)
         layers.append(layer)
         fan_in = layer.out
-    return NetSpec(tuple(layers), features, vocab, draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**16)))
+    tie = None
+    owners = [-1] * bool(vocab) + [k for k, layer in enumerate(layers) if not layer.kind.startswith("conv")]
+    if uniform and len(owners) >= 2 and draw(st.booleans()):
+        src = draw(st.sampled_from(owners[:-1]))
+        tie = (src, draw(st.sampled_from([o for o in owners if o > src])))
+    return NetSpec(tuple(layers), features, vocab, draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**16)), tie)
 
 
 @dataclass
@@ -202,6 +225,8 @@ def prepare(data: st.DataObject, dtypes: tuple[torch.dtype, ...] = DTYPES) -> Pr
     event("embedding input" if spec.vocab else "float input")
     for layer in spec.layers:
         event(f"layer {layer.kind}")
+    if spec.tie:
+        event("weight tied across layers" + (" (embedding)" if spec.tie[0] < 0 else ""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = lora_fx.trace(model, args)

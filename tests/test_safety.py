@@ -67,6 +67,7 @@ def previous(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, bool
 
 
 def _assert_untouched(path: Path, snap: dict[str, bytes]) -> None:
+    """The folder holds exactly the snapshot's files, byte for byte, and the old export still checks."""
     after = _snapshot(path.parent)
     assert sorted(after) == sorted(snap), f"stray or missing files: {sorted(set(after) ^ set(snap))}"
     for name, data in snap.items():
@@ -103,6 +104,7 @@ def _failing_replace(monkeypatch: pytest.MonkeyPatch, target: Path, nth: int) ->
 
 
 def test_failure_while_saving_keeps_previous_export(previous, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full after half of the new model (and data) was written: the old pair is untouched."""
     path, external, snap = previous
     monkeypatch.setattr(onnx_ir, "save", _half_written_save(onnx_ir.save))
     with pytest.raises(lora_fx.ExportError, match=r"task\.onnx.*No space left"):
@@ -111,6 +113,7 @@ def test_failure_while_saving_keeps_previous_export(previous, monkeypatch: pytes
 
 
 def test_failure_in_exporter_keeps_previous_export(previous, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.onnx.export raising becomes ExportError naming the target; nothing on disk changes."""
     path, external, snap = previous
 
     def broken_export(*args: Any, **kwargs: Any) -> None:
@@ -123,6 +126,7 @@ def test_failure_in_exporter_keeps_previous_export(previous, monkeypatch: pytest
 
 
 def test_failure_on_first_rename_keeps_previous_export(previous, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first os.replace (data file, or the model without external data) fails."""
     path, external, snap = previous
     calls = _failing_replace(monkeypatch, path, nth=1)
     with pytest.raises(lora_fx.ExportError, match=r"task\.onnx.*I/O error"):
@@ -139,6 +143,7 @@ def test_failure_on_first_rename_keeps_previous_export(previous, monkeypatch: py
                    "commit point, then delete the old data file.")
 def test_failure_between_renames_keeps_previous_external_data(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """External data: the data rename succeeded, the model rename fails."""
     path = tmp_path / "task.onnx"
     lora_fx.fold_and_export(_lora_mlp(seed=1), path, external_data=True, verify=False)
     snap = _snapshot(tmp_path)
@@ -200,6 +205,7 @@ def _not_onnx(kind: str, good: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def good_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid folded export of the MLP (shared by the 6.4 tests)."""
     path = tmp_path_factory.mktemp("good") / "task.onnx"
     lora_fx.fold_and_export(_lora_mlp(seed=3), path, verify=False)
     return path
@@ -211,6 +217,7 @@ BAD_KINDS = ["random", "truncated", "empty", "text"]
 @pytest.mark.parametrize("kind", BAD_KINDS)
 @pytest.mark.parametrize("which", ["base", "task"])
 def test_verify_fold_on_non_onnx_names_the_file(kind: str, which: str, good_onnx: Path, tmp_path: Path) -> None:
+    """verify_fold checks both files with onnx.checker first: VerifyError naming the bad one and its role."""
     bad = _not_onnx(kind, good_onnx, tmp_path)
     base, task = (bad, good_onnx) if which == "base" else (good_onnx, bad)
     with pytest.raises(lora_fx.VerifyError) as info:
@@ -218,20 +225,32 @@ def test_verify_fold_on_non_onnx_names_the_file(kind: str, which: str, good_onnx
     assert str(bad) in str(info.value) and which in str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["random", "truncated", "text"])
+_EMPTY_GAP = pytest.mark.xfail(strict=True, reason="GAP (verify_onnx._load): protobuf parses an empty file as an "
+                               "empty ModelProto, so compare_structure(empty, empty) reports 'ONNX structure "
+                               "identical: 0 nodes' (ok=True) instead of raising; verify_fold guards against it "
+                               "with onnx.checker. Fix: run onnx.checker.check_model (or require ir_version and "
+                               "a graph) in _load.")
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "text", pytest.param("empty", marks=_EMPTY_GAP)])
 def test_compare_structure_on_non_onnx_names_the_file(kind: str, good_onnx: Path, tmp_path: Path) -> None:
+    """compare_structure alone (no checker in front of it) must not leak a protobuf DecodeError."""
     bad = _not_onnx(kind, good_onnx, tmp_path)
     with pytest.raises(lora_fx.VerifyError, match=str(bad)):
         compare_structure(good_onnx, bad)
+    with pytest.raises(lora_fx.VerifyError, match=str(bad)):
+        compare_structure(bad, bad)
 
 
 def test_verify_fold_on_missing_file_names_it(good_onnx: Path, tmp_path: Path) -> None:
+    """A path that does not exist is a VerifyError naming it, not FileNotFoundError."""
     missing = tmp_path / "nope.onnx"
     with pytest.raises(lora_fx.VerifyError, match=str(missing)):
         lora_fx.verify_fold(good_onnx, missing)
 
 
 def test_verify_fold_on_missing_external_data_names_the_file(tmp_path: Path) -> None:
+    """A model whose .data file was deleted fails the checker: VerifyError naming the model."""
     path = tmp_path / "task.onnx"
     lora_fx.fold_and_export(_lora_mlp(seed=3), path, external_data=True, verify=False)
     os.remove(str(path) + ".data")
@@ -258,6 +277,7 @@ def _set_delta(lgm: Any, br: Branch, magnitude: float, seed: int) -> torch.Tenso
 @pytest.mark.parametrize("magnitude", [1e4, 1e-8], ids=["huge", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fold_is_correctly_rounded(dtype: torch.dtype, magnitude: float) -> None:
+    """W' == round(fp32(W) + fp32(s·B@A)) bit for bit, for |delta| ~ 1e4 and ~ 1e-8, with zero and tiny W rows."""
     model, args, _ = zoo_models.mlp()
     model, args = model.to(dtype), tuple(a.to(dtype) for a in args)
     with torch.no_grad():  # zeros and tiny weights too, where a 1e-8 delta is not absorbed by W
@@ -305,6 +325,7 @@ def test_fold_into_fp16_weight_that_overflows_is_inf_not_silent() -> None:
 
 @pytest.mark.parametrize("name", ["mlp", "functional", "convnet", "tied_lm"])
 def test_fp64_stays_fp64_end_to_end(name: str) -> None:
+    """trace -> lorafy -> fold keep every parameter, buffer and output fp64, and merge in fp64."""
     model, args, kwargs = zoo_models.build(name)
     model = model.double()
     args = tuple(a.double() if a.is_floating_point() else a for a in args)
@@ -333,6 +354,7 @@ def test_fp64_stays_fp64_end_to_end(name: str) -> None:
 
 
 def test_fp64_export_is_fp64(tmp_path: Path) -> None:
+    """fold_and_export of an fp64 model writes DOUBLE initializers/outputs and verifies."""
     model, args, _ = zoo_models.mlp()
     model, args = model.double(), tuple(a.double() for a in args)
     lgm = lora_fx.lorafy(lora_fx.trace(model, args), "*", rank=2)
@@ -342,3 +364,20 @@ def test_fp64_export_is_fp64(tmp_path: Path) -> None:
     proto = onnx.load(str(tmp_path / "task.onnx"))
     assert {t.data_type for t in proto.graph.initializer} == {onnx.TensorProto.DOUBLE}
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+def test_failure_in_verification_leaves_no_temp_files(previous, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base export for the proof lives in a temp folder next to the target: it must go too."""
+    path, external, snap = previous
+    real, calls = torch.onnx.export, []
+
+    def second_export_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the first export is the task model, the second the base model
+            raise RuntimeError("base export crashed (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", second_export_fails)
+    with pytest.raises(lora_fx.ExportError, match="base export crashed"):
+        lora_fx.fold_and_export(_lora_mlp(seed=2), path, external_data=external)
+    assert sorted(_snapshot(path.parent)) == sorted(snap), "a temp file or folder was left behind"
