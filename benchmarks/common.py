@@ -33,6 +33,8 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        # The machine is shared: 1/5/15-minute load averages say how contended the run was.
+        "loadavg_start": list(os.getloadavg()),
     }
     for mod in ("onnxruntime", "onnx", "transformers", "peft"):
         try:
@@ -137,7 +139,14 @@ def env_line(env: dict[str, Any]) -> str:
     """One markdown line describing where and when a result was measured."""
     return (f"Measured {env['date_utc']} UTC on {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
             f"onnxruntime {env.get('onnxruntime')}, transformers {env.get('transformers')}, "
-            f"peft {env.get('peft')}, Python {env['python']}.")
+            f"peft {env.get('peft')}, Python {env['python']}; load average (1 min) {_load(env)} "
+            f"on {env['cpu_count']} cores (shared machine).")
+
+
+def _load(env: dict[str, Any]) -> str:
+    start = env.get("loadavg_start") or [float("nan")]
+    end = env.get("loadavg_end") or start
+    return f"{start[0]:.1f} at start, {end[0]:.1f} at end"
 
 
 def out_dir(path: str | None) -> str:
@@ -159,6 +168,8 @@ def write_outputs(out: str, name: str, data: dict[str, Any], markdown: str,
     import matplotlib.pyplot as plt
 
     paths = {ext: os.path.join(out, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    if "env" in data:
+        data["env"]["loadavg_end"] = list(os.getloadavg())
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
         f.write("\n")

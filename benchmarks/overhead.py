@@ -74,8 +74,23 @@ def _measure(n_layer: int, smoke: bool, rep: int, folder: str) -> dict[str, floa
     return row
 
 
-def run(out: str, smoke: bool = False, budget_s: float | None = None, reps: int = 3) -> dict[str, Any]:
-    """Runs the benchmark and writes ``overhead.{json,md,png}`` into ``out``."""
+def run(out: str, smoke: bool = False, budget_s: float | None = None, reps: int = 3,
+        torch_threads: int = 1) -> dict[str, Any]:
+    """Runs the benchmark and writes ``overhead.{json,md,png}`` into ``out``.
+
+    ``torch_threads`` (default 1): on a shared 2-core machine under load, intra-op parallelism makes
+    every tensor op wait on a descheduled worker thread (fold of GPT-2 small measured 4.4-4.9 s with 2
+    threads vs 0.55-0.87 s with 1 at load average ~7), which measures the scheduler, not the pass.
+    """
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        return _run(out, smoke, budget_s, reps, torch_threads)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(out: str, smoke: bool, budget_s: float | None, reps: int, torch_threads: int) -> dict[str, Any]:
     layers = (1, 2) if smoke else (2, 4, 8, 12, 24)
     reps = 1 if smoke else reps
     budget_s = budget_s or (1.0 if smoke else 420.0)  # smoke: 1 layer, then skip 2 (tests the skip path)
@@ -116,7 +131,7 @@ def run(out: str, smoke: bool = False, budget_s: float | None = None, reps: int 
              "fold_and_export/plain <= 1.1": {"n_layer": ref["n_layer"], "median": ref["export_ratio"].median,
                                               "verdict": verdict(ref["export_ratio"].median, None, GOAL_EXPORT)}}
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
-            "budget_s": budget_s, "example_input": "ids (2, 16)" if smoke else "ids (2, 64)",
+            "budget_s": budget_s, "torch_threads": torch_threads, "example_input": "ids (2, 16)" if smoke else "ids (2, 64)",
             "sizes": sizes, "skipped": skipped, "goals": goals}
     return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
@@ -132,6 +147,8 @@ def _markdown(data: dict[str, Any]) -> str:
     table = md_table(["layers", "params", "reps", "trace s", "plain export s", "fold_and_export s", "lorafy s",
                       "fold s", "(lorafy+fold)/trace", "fold_and_export/plain (min-max)"], rows)
     lines = ["## Pass overhead vs model size (GPT-2, hidden 768, r=8 on c_attn)", "", env_line(data["env"]), "",
+             f"torch intra-op threads: {data['torch_threads']} (see `run`'s docstring: on this shared machine 2 threads "
+             "measure scheduler waits, not work). "
              f"Example input {data['example_input']}. Cells: median [IQR] seconds over repetitions. `plain export` = "
              "`torch.onnx.export(gm, dynamo=True, optimize=False, dynamic_shapes=<same>)` of the traced base "
              "GraphModule + save (like with like: fold_and_export also exports a GraphModule with those settings; "
