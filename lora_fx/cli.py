@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  lora-fx demo\n  lora-fx demo --quick --out /tmp/demo")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (< ~60 s)")
     p.add_argument("--out", metavar="DIR", default="lora_fx_demo", help="output folder (default ./lora_fx_demo)")
-    p.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: min(2, cores))")
+    p.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: min(2, cores); 1 on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and training (default 0)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -237,7 +237,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     gm = _trace(ns.model)
     found = lora_fx.sites(gm)
     targets = as_targets(parse_targets(ns.targets)) if ns.targets else []
-    report = lora_fx.lorafy(gm, [t for t in targets], rank=ns.rank, alpha=ns.alpha).lora_report if targets else None
+    lgm = lora_fx.lorafy(gm, targets, rank=ns.rank, alpha=ns.alpha) if targets else None
+    report = lgm.lora_report if lgm is not None else None
     chosen = {s.id for s in report.sites} if report else set()
     width = max([len("site"), *(len(s.id) for s in found)])
     head = f"{'#':>3}  {'site':<{width}}  {'op':<10} {'weight':<16} {'params':>10}"
@@ -251,16 +252,18 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         print(line)
     total = sum(p.numel() for p in gm.parameters())
     print(f"{len(found)} adaptable sites; model parameters {total:,}")
-    if report is None:
+    if lgm is None or report is None:
         print("dry-run a selection with --targets PATTERN ... (e.g. --targets '*.query' '*.value')")
         return 0
     print()
     for k, t in enumerate(targets):
         hits = [s for s in found if t.matches(s)]
-        pairs = [b for b in report.branches if t.matches(b.site)]
-        params = sum(b.rank * (b.site.in_features + (b.site.out_features if b.slice is None
-                                                       else b.slice[1] - b.slice[0])) for b in pairs)
-        print(f"[{k}] {t.pattern!r}{'' if t.rank is None else f' rank {t.rank}'}: {len(hits)} site(s), "
+        # the first pattern that matches a site sets its rank/alpha (lorafy's rule)
+        mine = [b for b in report.branches if next(j for j, u in enumerate(targets) if u.matches(b.site)) == k]
+        params = sum(lgm.get_parameter(n).numel() for b in mine for n in (b.a, b.b))
+        earlier = len(hits) - len({b.site.id for b in mine})
+        note = f" ({earlier} taken by an earlier pattern)" if earlier else ""
+        print(f"[{k}] {t.pattern!r}{'' if t.rank is None else f' rank {t.rank}'}: {len(hits)} site(s){note}, "
               f"{params:,} LoRA parameters")
     print()
     print(report)
