@@ -6,7 +6,6 @@ batch 2, because ``torch.export`` / ONNX dynamic batch needs an example batch of
 
 The models cover the matmul sites lora-fx rewrites:
 
-==================  =====================================================================
 ``mlp``             ``nn.Linear`` in an ``nn.Sequential`` (``aten.linear``)
 ``functional``      raw parameters: ``F.linear``, ``x @ w.T``, ``torch.einsum``
 ``convnet``         ``Conv2d`` + ``BatchNorm2d``, ``Conv1d``, ``Linear``
@@ -16,13 +15,9 @@ The models cover the matmul sites lora-fx rewrites:
 ``bert``            Hugging Face BERT encoder, tiny config, ``attention_mask`` kwarg
 ``llama``           Hugging Face Llama, tiny config
 ``minilm``          real pretrained all-MiniLM-L6-v2 (offline), mean-pooled embedding
-==================  =====================================================================
 
-``gpt2_small_sized`` / ``gpt2_medium_sized`` build benchmark-sized GPT-2 models (random weights)
-and are not part of :data:`MODELS`.
-
-``transformers`` is imported lazily inside the Hugging Face factories, so importing this module
-works without it.
+``gpt2_small_sized`` / ``gpt2_medium_sized`` (benchmark-sized, random weights) are not in :data:`MODELS`.
+``transformers`` is imported lazily inside the Hugging Face factories.
 
 Example:
     >>> from lora_fx.examples.zoo_models import build
@@ -51,9 +46,7 @@ def _finish(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | No
     return model, args, dict(kwargs or {})
 
 
-# --------------------------------------------------------------------------------------------------
-# Hand-written models
-# --------------------------------------------------------------------------------------------------
+# ---- Hand-written models -------------------------------------------------------------------------
 
 
 class MLP(nn.Sequential):
@@ -203,9 +196,7 @@ def mha() -> Example:
     return _finish(MHABlock(), (torch.randn(BATCH, 6, 32),))
 
 
-# --------------------------------------------------------------------------------------------------
-# Hugging Face models (transformers imported lazily)
-# --------------------------------------------------------------------------------------------------
+# ---- Hugging Face models (transformers imported lazily) ------------------------------------------
 
 _VOCAB = 128
 _SEQ = 8
@@ -348,32 +339,28 @@ def minilm() -> Example:
     return _finish(model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]})
 
 
-def gpt2_small_sized(n_layer: int = 12) -> Example:
-    """GPT-2-small-sized ``GPT2LMHeadModel`` (124M parameters at 12 layers), random weights.
-
-    For benchmarks only (not in :data:`MODELS`); input ids ``(2, 64)``.
-    """
+def _gpt2_sized(**config: Any) -> Example:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=n_layer, use_cache=False)  # defaults are GPT-2 small: 768 wide, 12 heads
-    ids = torch.randint(0, config.vocab_size, (BATCH, 64))
-    return _finish(GPT2LMHeadModel(config), (ids,))
+    cfg = GPT2Config(use_cache=False, **config)  # defaults are GPT-2 small: 768 wide, 12 heads
+    return _finish(GPT2LMHeadModel(cfg), (torch.randint(0, cfg.vocab_size, (BATCH, 64)),))
+
+
+def gpt2_small_sized(n_layer: int = 12) -> Example:
+    """GPT-2-small-sized ``GPT2LMHeadModel`` (124M parameters at 12 layers), random weights, ids ``(2, 64)``.
+
+    For benchmarks only (not in :data:`MODELS`).
+    """
+    return _gpt2_sized(n_layer=n_layer)
 
 
 def gpt2_medium_sized() -> Example:
     """GPT-2-medium-sized model (355M parameters: 24 layers, 1024 wide, 16 heads), random weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=24, n_embd=1024, n_head=16, use_cache=False)
-    ids = torch.randint(0, config.vocab_size, (BATCH, 64))
-    return _finish(GPT2LMHeadModel(config), (ids,))
+    return _gpt2_sized(n_layer=24, n_embd=1024, n_head=16)
 
 
-# --------------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------------
+# ---- Registry ------------------------------------------------------------------------------------
 
 MODELS: dict[str, Callable[[], Example]] = {
     "mlp": mlp,
