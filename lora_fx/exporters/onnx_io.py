@@ -220,10 +220,26 @@ def _atomic_save(model: Any, path: str, directory: str, external_data: bool) -> 
             ir.save(model, tmp_model, external_data=data_name if external_data else None)
         except Exception as exc:
             raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+        data_path, backup = path + ".data", None
         if external_data:
-            # Data first: a reader that opens the new model must find the new data beside it.
-            os.replace(os.path.join(tmp_dir, data_name), path + ".data")
-        os.replace(tmp_model, path)
+            # Data first: a reader that opens the new model must find the new data beside it. Keep a
+            # hard-link backup of the old data so a failed model rename can put it back (else the old
+            # model would silently read the new weights).
+            if os.path.exists(data_path):
+                backup = os.path.join(tmp_dir, "previous.data")
+                try:
+                    os.link(data_path, backup)
+                except OSError:
+                    shutil.copy2(data_path, backup)
+            os.replace(os.path.join(tmp_dir, data_name), data_path)
+        try:
+            os.replace(tmp_model, path)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, data_path)
+            elif external_data:
+                os.remove(data_path)
+            raise
         if not external_data and os.path.isfile(path + ".data"):
             os.remove(path + ".data")
     except OSError as exc:

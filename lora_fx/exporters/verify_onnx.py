@@ -145,6 +145,9 @@ def _load(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelP
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:
         raise VerifyError(f"cannot read ONNX file {path!r}: {type(exc).__name__}: {exc}") from exc
+    if not proto.ir_version or not proto.HasField("graph"):
+        # protobuf parses an empty (or foreign) file as an empty ModelProto without complaint
+        raise VerifyError(f"{path!r} is not an ONNX model (no IR version or graph); pass a .onnx file")
     return proto, os.path.dirname(os.path.abspath(path))
 
 

@@ -126,6 +126,11 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
                         f"(non-finite parameters: {bad or 'none; the product overflowed'}); "
                         "nothing was folded. Check training (learning rate, loss scaling).")
     new = nn.Parameter((w.detach().to(cdt) + delta).to(w.dtype), requires_grad=False)
+    overflow = ~torch.isfinite(new) & torch.isfinite(w)
+    if overflow.any():
+        raise FoldError(f"site {site.id}: W + delta overflows {w.dtype} in {int(overflow.sum())} entries of "
+                        f"{site.weight} (max |W + delta| = {float((w.detach().to(cdt) + delta).abs().max()):.3g}); "
+                        "nothing was folded. Export in fp32 (dtype=None) or keep the adapter unfolded.")
     report.folded[site.id] = float((new.detach().to(cdt) - w.detach().to(cdt)).abs().max()) if new.numel() else 0.0
     if node.op == "call_module":
         _merge_module(gm, node, new, report)
