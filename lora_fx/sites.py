@@ -113,16 +113,25 @@ def sites(gm: fx.GraphModule) -> list[Site]:
         if info is not None:
             found.append((node, info))
     per_path = Counter(info["path"] for _, info in found)
-    per_weight = Counter((info["path"], info["weight"]) for _, info in found)
+    per_weight = Counter(info["weight"] for _, info in found)
+    bases = []
+    for _, info in found:
+        path, weight = info["path"], info["weight"]
+        # one call in a module -> its path; else the weight's name if only one op reads it
+        if per_path[path] == 1 and path:
+            bases.append(path)
+        elif per_weight[weight] == 1:
+            bases.append(weight)
+        else:
+            bases.append(f"{path}:{weight}" if path else weight)
+    per_base = Counter(bases)
     seen: Counter = Counter()
     out = []
-    for node, info in found:
-        path, weight = info["path"], info["weight"]
-        # unique module call -> its path; several calls -> the weight's name; same weight again -> #k
-        sid = path if per_path[path] == 1 and path else weight
-        if per_weight[(path, weight)] > 1:
-            sid = f"{sid}#{seen[(path, weight)]}"
-            seen[(path, weight)] += 1
+    for (node, info), base in zip(found, bases, strict=True):
+        sid = base
+        if per_base[base] > 1:  # the same module reads the same weight several times: number the calls
+            sid = f"{base}#{seen[base]}"
+            seen[base] += 1
         out.append(Site(id=sid, node=node.name, **info))
     return out
 

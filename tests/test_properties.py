@@ -326,11 +326,6 @@ SHARED_TWICE_TIED = NetSpec(layers=(LayerSpec("shared_raw", 2, bias=False), Laye
 """Found by the properties (exploration run): one weight, called twice in each of two modules."""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (sites.sites): the '#k' suffix is counted per (path, weight) but the "
-                   "id is the weight name, so the uses in blocks.0 and blocks.1 both get ids w#0, w#1; lorafy's "
-                   "selection is keyed by id, so lorafy(gm, '*') silently adapts 2 of 4 sites, and two lorafy "
-                   "calls (blocks.0 then blocks.1) make fold merge both modules' branches into one site "
-                   "(fold != lgm by ~1.4). Fix: count the suffix per id.")
 def test_tied_weight_called_twice_in_two_modules() -> None:
     """Site ids are unique; '*' adapts every site; fold equals the LoRA model after two lorafy calls."""
     model, args = build(SHARED_TWICE_TIED)
