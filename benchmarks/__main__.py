@@ -7,9 +7,10 @@ import importlib
 import os
 import sys
 import time
+from typing import Any
 
 from . import BENCHMARKS
-from .common import log, out_dir, quiet
+from .common import load_results, log, out_dir, quiet, write_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; numbers are meaningless")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite the .md and .png from the JSON already in the output folder")
     ns = parser.parse_args(argv)
     quiet()
     out = out_dir(ns.out)
@@ -25,13 +28,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         start = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{name}")
-        result = module.run(out, smoke=ns.smoke)
+        if ns.render:
+            result = render(module, out, name)
+        else:
+            result = module.run(out, smoke=ns.smoke)
         log(f"{name}: done in {time.perf_counter() - start:.0f}s -> {result['md']}")
         with open(result["md"]) as f:
             print(f.read())
     if not ns.smoke:
         log(f"summary: {write_summary(out)}")
     return 0
+
+
+def render(module: Any, out: str, name: str) -> dict[str, str]:
+    """Rewrites ``<name>.md`` and ``<name>.png`` from ``<name>.json`` (after a change to the tables or plots)."""
+    data = load_results(os.path.join(out, f"{name}.json"))
+    return write_outputs(out, name, data, lambda: module._markdown(data), lambda fig: module._plot(fig, data))
 
 
 def write_summary(out: str) -> str:

@@ -156,10 +156,11 @@ def out_dir(path: str | None) -> str:
     return path
 
 
-def write_outputs(out: str, name: str, data: dict[str, Any], markdown: str,
+def write_outputs(out: str, name: str, data: dict[str, Any], markdown: Callable[[], str],
                   plot: Callable[[Any], None]) -> dict[str, str]:
-    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (``plot(ax_or_fig)`` draws it).
+    """Writes ``<name>.json``, ``<name>.md`` (``markdown()``) and ``<name>.png`` (``plot(fig)`` draws it).
 
+    The end-of-run load average is added to ``data["env"]`` before ``markdown`` is called.
     ``plot`` receives a matplotlib ``Figure``; it adds its own axes.
     """
     import matplotlib
@@ -168,13 +169,14 @@ def write_outputs(out: str, name: str, data: dict[str, Any], markdown: str,
     import matplotlib.pyplot as plt
 
     paths = {ext: os.path.join(out, f"{name}.{ext}") for ext in ("json", "md", "png")}
-    if "env" in data:
+    if "env" in data and "loadavg_end" not in data["env"]:  # kept when re-rendering an old result
         data["env"]["loadavg_end"] = list(os.getloadavg())
+    text = markdown().rstrip() + "\n"  # before any file is opened: a failing table leaves old files intact
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
         f.write("\n")
     with open(paths["md"], "w") as f:
-        f.write(markdown.rstrip() + "\n")
+        f.write(text)
     fig = plt.figure(figsize=(8, 4.5), dpi=110)
     try:
         plot(fig)
@@ -183,6 +185,23 @@ def write_outputs(out: str, name: str, data: dict[str, Any], markdown: str,
     finally:
         plt.close(fig)
     return paths
+
+
+def load_results(path: str) -> dict[str, Any]:
+    """Reads a result JSON back, turning summary dicts into :class:`Stats` again (for re-rendering)."""
+    keys = set(Stats.__dataclass_fields__)
+
+    def revive(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == keys:
+                return Stats(**obj)
+            return {k: revive(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [revive(v) for v in obj]
+        return obj
+
+    with open(path) as f:
+        return revive(json.load(f))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -133,7 +133,7 @@ def run(out: str, smoke: bool = False, threads: tuple[int, ...] = (2, 1), rounds
                 results.append(_row(label, patterns, args, info, rounds, th, samples))
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "threads": list(threads), "spinning": False,
             "providers": ["CPUExecutionProvider"], "seconds": time.perf_counter() - start, "models": results}
-    return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
+    return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
 
 def _row(label: str, patterns: list[str], args: tuple, info: dict[str, Any], rounds: int, threads: int,
@@ -195,7 +195,8 @@ def _plot(fig, data: dict[str, Any]) -> None:
     for r in data["models"]:
         for key, short in (("folded/base", "folded"), ("unfolded/base", "unfolded"), (f"{CONTROL}/base", "noise")):
             series.append(r["ratio_samples"][key])
-            labels.append(f"{r['model'].split(' ')[0].split('-')[0]} t{r['threads']}\n{short}")
+            name = "MiniLM" if "MiniLM" in r["model"] else r["model"].split(" ")[0].replace("-sized", "")
+            labels.append(f"{name} t{r['threads']}\n{short}")
     ax.boxplot(series, showfliers=False)  # outliers (contended rounds) are in the JSON, not drawn
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=6)
     ax.axhspan(*GOAL, color="tab:green", alpha=0.15, label="goal for folded/base [0.98, 1.02]")

@@ -109,7 +109,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
     data = {"naive_worst": naive_worst, "benchmark": NAME, "smoke": smoke, "env": env, "rank": RANK, "alpha": ALPHA,
             "w_std": 0.02, "seconds": time.perf_counter() - start, "cases": rows,
             "goal_lora_fx_correctly_rounded": {"target": 1.0, "worst": worst, "verdict": verdict(worst, 1.0, None)}}
-    return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
+    return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
 
 def _pct(s: Stats) -> str:

@@ -208,7 +208,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
                                   "peft/full": used["peft"] / used["full"]},
             "memory_ratio_increment": {"lora-fx/full": inc["lora-fx"] / inc["full"]},
             "goals": goals}
-    return write_outputs(out, NAME, data, _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
+    return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
 
 def _markdown(data: dict[str, Any]) -> str:
@@ -226,7 +226,8 @@ def _markdown(data: dict[str, Any]) -> str:
         ["peak memory lora-fx/full <= 0.5", f"{data['memory_ratio_used']['lora-fx/full']:.3f} "
          f"(increment only: {data['memory_ratio_increment']['lora-fx/full']:.3f})", g["memory lora-fx/full"]["verdict"]],
     ])
-    mr = data["memory_ratio_used"]
+    used = data["memory_used_mb"]
+    mr = {"peft/full": used["peft"] / used["full"], "lora-fx/peft": used["lora-fx"] / used["peft"]}
     act = data["memory_increment_mb"]["lora-fx"]
     context = (f"- Context: PEFT/full peak memory = {mr['peft/full']:.3f}, lora-fx/PEFT = {mr['lora-fx/peft']:.3f}. "
                f"At batch {c['batch']} x seq {c['seq']} the activations (~{act:.0f} MB, the lora-fx training "
