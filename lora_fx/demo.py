@@ -170,7 +170,7 @@ def train(lgm: nn.Module, data: list[tuple[str, int]], tokenizer: Any, cfg: Demo
     # slows learning down; every LoRA parameter still trains.
     lgm.eval()
     losses = []
-    bar = tqdm(total=steps, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     for epoch in range(cfg.epochs):
         order = list(data)
         rng.shuffle(order)
