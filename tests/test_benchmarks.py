@@ -1,0 +1,105 @@
+"""Smoke runs of every benchmark (``--smoke``: tiny models, into tmp_path).
+
+They check the plumbing and the output files (JSON keys, markdown table, PNG), never the timings:
+smoke numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import quiet  # noqa: E402
+
+
+def _run(name: str, out: str) -> dict:
+    import importlib
+
+    quiet()
+    module = importlib.import_module(f"benchmarks.{name}")
+    paths = module.run(out, smoke=True)
+    for ext in ("json", "md", "png"):
+        path = os.path.join(out, f"{name}.{ext}")
+        assert paths[ext] == path
+        assert os.path.getsize(path) > 0, path
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    with open(paths["md"]) as f:
+        md = f.read()
+    assert data["benchmark"] == name and data["smoke"] is True
+    assert {"date_utc", "torch", "onnxruntime", "cpu", "cpu_count"} <= set(data["env"])
+    assert md.startswith("## ") and "|---|" in md and data["env"]["torch"] in md
+    return {"data": data, "md": md}
+
+
+def _stats(d: dict) -> None:
+    assert {"median", "q1", "q3", "min", "max", "n"} <= set(d)
+    assert d["min"] <= d["q1"] <= d["median"] <= d["q3"] <= d["max"]
+
+
+def test_inference_smoke(tmp_path):
+    r = _run("inference", str(tmp_path))
+    (model,) = r["data"]["models"]
+    assert set(model["latency_ms"]) == {"base", "folded", "unfolded", "base_again"}
+    assert set(model["ratio"]) == {"folded/base", "unfolded/base", "base_again/base"}
+    for s in [*model["latency_ms"].values(), *model["ratio"].values()]:
+        _stats(s)
+    assert model["verified"] and model["structure_identical"]
+    assert model["nodes"]["folded"] == model["nodes"]["base"] < model["nodes"]["unfolded"]
+    assert model["goal_folded_over_base"]["verdict"] in ("MET", "MISSED")
+    assert "folded/base" in r["md"]
+
+
+def test_training_smoke(tmp_path):
+    r = _run("training", str(tmp_path))
+    d = r["data"]
+    assert set(d["step_s"]) == set(d["memory"]) == {"lora-fx", "peft", "full"}
+    for s in [*d["step_s"].values(), *d["ratios"].values()]:
+        _stats(s)
+    assert d["trainable"]["lora-fx"] == d["trainable"]["peft"] < d["trainable"]["full"]
+    for m in d["memory"].values():
+        assert m["peak_mb"] >= m["rss_setup_mb"] > 0
+    assert set(d["goals"]) == {"time lora-fx/peft", "time lora-fx/full", "memory lora-fx/full"}
+    assert "VmHWM" in r["md"]
+
+
+def test_overhead_smoke(tmp_path):
+    r = _run("overhead", str(tmp_path))
+    d = r["data"]
+    assert [s["n_layer"] for s in d["sizes"]] == [1]
+    assert len(d["skipped"]) == 1 and d["skipped"][0].startswith("2 layers")  # over the smoke budget
+    for s in d["sizes"]:
+        assert set(s["seconds"]) == {"trace", "lorafy", "fold", "fold_and_export", "plain_export"}
+        _stats(s["export_ratio"])
+    assert len(d["goals"]) == 2 and "Skipped" in r["md"]
+
+
+def test_precision_smoke(tmp_path):
+    r = _run("precision", str(tmp_path))
+    d = r["data"]
+    assert {(c["dtype"], c["delta_std"]) for c in d["cases"]} == {(t, s) for t in ("fp32", "fp16", "bf16")
+                                                                  for s in (1e-3, 1e-4)}
+    for c in d["cases"]:
+        assert c["lora-fx"]["correctly_rounded"]["min"] == 1.0  # exact property, not a timing
+        assert 0.0 <= c["naive"]["correctly_rounded"]["median"] <= 1.0
+    assert d["goal_lora_fx_correctly_rounded"]["verdict"] == "MET"
+
+
+def test_cli_help():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for name in ("inference", "training", "overhead", "precision", "all", "--smoke", "--out"):
+        assert name in proc.stdout
