@@ -14,9 +14,10 @@
 :func:`run` returns every number and writes it to ``<out>/demo.json``.
 
 Measured here (2 cores shared with other jobs, load average ~3, so 1 thread): 0.33% of the
-parameters trainable, held-out accuracy 0.671 -> 0.908, training 72 s, whole demo 107 s; the folded
-export has the base export's 659 nodes with 13 changed initializers, and times like it (0.99-1.00x),
-the unfolded one has 77 more nodes (1.01x). ``--quick`` (128 examples, 3 epochs) is for tests.
+parameters trainable, held-out accuracy 0.671 -> 0.908, training 46 s, whole demo 76 s (187 s at
+load average 5.5); the folded export has the base export's 659 nodes with 13 changed initializers
+and times like it (0.99-1.00x), the unfolded one has 77 more nodes (1.00-1.01x at 1 thread).
+``--quick`` (128 examples, 3 epochs: 0.578 -> 0.672, 23 s) is for tests.
 """
 
 from __future__ import annotations
