@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", metavar="TASK.onnx")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("refold", formatter_class=fmt, help="swap the adapter inside a folded export",
+                       description="Rewrite only the adapted initializers of an existing folded export "
+                                   "with another adapter: no tracing, no export. The base weights come from "
+                                   "the base export (--base, exact) or from the adapter folded in TASK (--old).",
+                       epilog="example:\n  lora-fx refold task.onnx --adapter adapters/task2 --base base.onnx -o task2.onnx")
+    p.add_argument("task", metavar="TASK.onnx")
+    p.add_argument("--adapter", metavar="DIR", required=True, help="the new adapter (PEFT layout)")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", required=True, help="file to write (may be TASK)")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", metavar="BASE.onnx", help="export of the base model")
+    base.add_argument("--old", metavar="DIR", help="the adapter folded into TASK")
+    p.set_defaults(func=cmd_refold)
+
     p = sub.add_parser("demo", formatter_class=fmt, help="MiniLM + LoRA text classifier, end to end",
                        description="Fine-tune pretrained all-MiniLM-L6-v2 with LoRA (query, value and the "
                                    "classifier head) on a generated intent task, then fold, export, "
@@ -340,6 +353,19 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         print(f"aliased initializers: {', '.join(st.added_initializers)}")
     print(f"FAILED: first difference: {st.first_difference}")
     return 1
+
+
+def cmd_refold(ns: argparse.Namespace) -> int:
+    """``lora-fx refold``: see :func:`lora_fx.exporters.refold.refold_onnx`."""
+    from .exporters.refold import refold_onnx
+
+    _check_onnx(ns.task)
+    if ns.base:
+        _check_onnx(ns.base)
+    with _step(f"refolding {ns.task} with {ns.adapter}"):
+        report = refold_onnx(ns.task, ns.adapter, ns.output, base_onnx=ns.base, old_adapter=ns.old)
+    print(report)
+    return 0
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

@@ -262,3 +262,38 @@ def test_demo_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "verification PASSED" in out
     # the files the demo wrote pass the CLI check
     assert run_cli(capsys, "verify", str(tmp_path / "base.onnx"), str(tmp_path / "task.onnx"))[0] == 0
+
+
+def test_refold_swaps_the_adapter_of_an_export(tmp_path):
+    """refold TASK --adapter NEW == a fresh fold_and_export with NEW, structure and values."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from lora_fx.cli import main
+    from lora_fx.examples import zoo_models
+
+    model, args, kwargs = zoo_models.mlp()
+    gm = lora_fx.trace(model, args, kwargs)
+    adapters = []
+    for seed in (1, 2):
+        lgm = lora_fx.lorafy(gm, ["fc1", "head"], rank=2)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in lora_fx.lora_parameters(lgm):
+                p.normal_(std=0.1)
+        lora_fx.save_adapter(lgm, tmp_path / f"ad{seed}")
+        adapters.append(lgm)
+    lora_fx.fold_and_export(adapters[0], tmp_path / "task.onnx", verify=False)
+    lora_fx.fold_and_export(adapters[1], tmp_path / "fresh2.onnx", verify=False)
+    # B = 0 folds to the base weights: this is the base export
+    lora_fx.fold_and_export(lora_fx.lorafy(gm, ["fc1", "head"], rank=2), tmp_path / "base.onnx", verify=False)
+    code = main(["refold", str(tmp_path / "task.onnx"), "--adapter", str(tmp_path / "ad2"),
+                 "--base", str(tmp_path / "base.onnx"), "-o", str(tmp_path / "task2.onnx")])
+    assert code == 0
+    assert main(["verify", str(tmp_path / "fresh2.onnx"), str(tmp_path / "task2.onnx")]) == 0
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "task2.onnx").graph.initializer}
+    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "fresh2.onnx").graph.initializer}
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

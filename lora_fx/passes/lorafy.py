@@ -71,11 +71,12 @@ class LoraReport:
         return list(seen.values())
 
     def __str__(self) -> str:
-        lines = [f"{'site':<40} {'op':<10} {'weight shape':<14} {'rank':>4} {'scale':>6}  slice"]
+        w = max([len("site"), *(len(br.site.id) for br in self.branches)])
+        lines = [f"{'site':<{w}} {'op':<10} {'weight shape':<14} {'rank':>4} {'scale':>6}  slice"]
         for br in self.branches:
             shape = "x".join(map(str, br.site.shape))
             sl = "" if br.slice is None else f"[{br.slice[0]}:{br.slice[1]}]"
-            lines.append(f"{br.site.id:<40} {br.site.op:<10} {shape:<14} {br.rank:>4} {br.scale:>6.3g}  {sl}")
+            lines.append(f"{br.site.id:<{w}} {br.site.op:<10} {shape:<14} {br.rank:>4} {br.scale:>6.3g}  {sl}")
         pct = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"{len(self.sites)} sites, {len(self.branches)} LoRA pairs; trainable "
                      f"{self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)")
