@@ -117,3 +117,26 @@ def test_export_errors(tmp_path):
     lgm = lora_fx.lorafy(gm, "fc1", rank=2)
     with pytest.raises(lora_fx.ExportError, match="does not exist; create it"):
         lora_fx.fold_and_export(lgm, tmp_path / "no" / "such" / "x.onnx")
+
+
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
+    _, args, kwargs, gm = traced("mlp")
+    lgm = lora_fx.lorafy(gm, "fc1", rank=2)
+    path = tmp_path / "task.onnx"
+    lora_fx.fold_and_export(lgm, path, verify=False)
+    before = path.read_bytes()
+    randomize_lora(lgm)
+    import lora_fx.exporters.export as ex
+
+    real = ex.verify_fold
+
+    def failing(*a, **k):
+        rep = real(*a, **k)
+        rep.graph_ok = False
+        return rep
+
+    monkeypatch.setattr(ex, "verify_fold", failing)
+    with pytest.raises(lora_fx.VerifyError, match="nothing was written"):
+        lora_fx.fold_and_export(lgm, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["task.onnx"]

@@ -25,7 +25,15 @@ from torch.utils import _pytree as pytree
 from ..errors import ExportError, VerifyError
 from ..graph_module import LORA_KEY, LoraFxModule, capture_of, copy_module
 from ..passes.fold import FOLD_KEY, FoldReport, fold, strip
-from .onnx_io import ExportInfo, available_providers, export_onnx, ort_session, run_onnx
+from .onnx_io import (
+    ExportInfo,
+    available_providers,
+    check_target,
+    export_onnx,
+    install,
+    ort_session,
+    run_onnx,
+)
 from .verify_onnx import StructureReport, compare_structure
 
 # torch.onnx logs a warning per missing torchvision op on every export: noise for our users.
@@ -123,35 +131,44 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
 
     Raises:
         ExportError: export or write failed (nothing at ``path`` changed).
-        VerifyError: the written file failed verification (the message shows the first difference).
+        VerifyError: the export failed verification (nothing at ``path`` changed; the message shows
+            the first difference).
     """
     if LORA_KEY not in getattr(lgm, "meta", {}):
         raise ExportError(f"{type(lgm).__name__} carries no LoRA: fold_and_export takes what "
                           "lora_fx.lorafy() returned (export a plain model with torch.onnx.export)")
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
+    final = os.path.abspath(os.fspath(path))
+    directory = check_target(final)
     times: dict[str, float] = {}
     t = time.perf_counter()
     module = fold(lgm) if folded else copy_module(lgm, freeze=False)
     times["fold"] = time.perf_counter() - t
     module = _deployable(module, dtype)
     x_args, x_kwargs = _cast_inputs((args, kwargs), dtype)
-    info = export_onnx(module, path, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
-                       external_data=external_data)
-    times["export"] = info.seconds
-    report = ExportReport(info.path, folded, info, None, module.meta.get(FOLD_KEY), None, times)
-    if verify:
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(info.path)) as tmp:
+    # Everything is written and verified in a temp folder beside the target; only a file that passed
+    # verification replaces what is at ``path`` (a failure anywhere leaves it untouched).
+    with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
+        staged = os.path.join(tmp, os.path.basename(final))
+        info = export_onnx(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
+                           external_data=external_data)
+        times["export"] = info.seconds
+        report = ExportReport(final, folded, info, None, module.meta.get(FOLD_KEY), None, times)
+        if verify:
             base_mod = _deployable(strip(lgm), dtype)
             report.base = export_onnx(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
                                       dynamic_shapes=shapes, opset=opset, external_data=external_data)
             times["base_export"] = report.base.seconds
             t = time.perf_counter()
-            report.verification = verify_fold(report.base.path, info.path, lgm=lgm, fold_report=report.fold,
+            report.verification = verify_fold(report.base.path, staged, lgm=lgm, fold_report=report.fold,
                                               example_args=args, example_kwargs=kwargs,
                                               dtype=dtype, providers=providers, numerics_only=not folded)
             times["verify"] = time.perf_counter() - t
-        if not report.verification.ok:
-            raise VerifyError(f"{info.path} was written but FAILED verification:\n{report.verification}")
+            if not report.verification.ok:
+                raise VerifyError(f"the export for {final} FAILED verification, so nothing was written:"
+                                  f"\n{report.verification}")
+        install(staged, final)
+    info.path = final
     return report
 
 

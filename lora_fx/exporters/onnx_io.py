@@ -110,7 +110,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             failed, or the file could not be written.
     """
     path = os.path.abspath(os.fspath(path))
-    directory = _check_target(path)
+    directory = check_target(path)
     start = time.perf_counter()
     _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
     program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, optimize)
@@ -121,7 +121,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     return _describe(path, time.perf_counter() - start)
 
 
-def _check_target(path: str) -> str:
+def check_target(path: str) -> str:
     """Return the directory of ``path`` after checking that a file can be created there."""
     directory = os.path.dirname(path)
     if os.path.isdir(path):
@@ -220,32 +220,46 @@ def _atomic_save(model: Any, path: str, directory: str, external_data: bool) -> 
             ir.save(model, tmp_model, external_data=data_name if external_data else None)
         except Exception as exc:
             raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
-        data_path, backup = path + ".data", None
-        if external_data:
-            # Data first: a reader that opens the new model must find the new data beside it. Keep a
-            # hard-link backup of the old data so a failed model rename can put it back (else the old
-            # model would silently read the new weights).
-            if os.path.exists(data_path):
-                backup = os.path.join(tmp_dir, "previous.data")
-                try:
-                    os.link(data_path, backup)
-                except OSError:
-                    shutil.copy2(data_path, backup)
-            os.replace(os.path.join(tmp_dir, data_name), data_path)
-        try:
-            os.replace(tmp_model, path)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, data_path)
-            elif external_data:
-                os.remove(data_path)
-            raise
-        if not external_data and os.path.isfile(path + ".data"):
-            os.remove(path + ".data")
+        install(tmp_model, path)
     except OSError as exc:
         raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def install(staged: str, path: str) -> None:
+    """Moves a written model (and its ``.data`` file, if any) from ``staged`` onto ``path``.
+
+    Data first: a reader that opens the new model must find the new data beside it. A hard-link
+    backup of the old data puts it back if the model rename fails (else the old model would silently
+    read the new weights). A stale ``path.data`` is removed when the new model has none.
+    """
+    staged_data, data_path, backup = staged + ".data", path + ".data", None
+    external = os.path.exists(staged_data)
+    try:
+        if external:
+            if os.path.exists(data_path):
+                backup = staged_data + ".previous"
+                try:
+                    os.link(data_path, backup)
+                except OSError:
+                    shutil.copy2(data_path, backup)
+            os.replace(staged_data, data_path)
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, data_path)
+            elif external:
+                os.remove(data_path)
+            raise
+        if not external and os.path.isfile(data_path):
+            os.remove(data_path)
+    except OSError as exc:
+        raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+    finally:
+        if backup is not None and os.path.exists(backup):
+            os.remove(backup)
 
 
 def _describe(path: str, seconds: float) -> ExportInfo:
