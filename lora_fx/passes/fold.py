@@ -119,25 +119,30 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
     w = gm.get_parameter(site.weight)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     delta = delta_weight(gm, branches, site, cdt)
-    if not torch.isfinite(delta).all():
-        bad = [br.a for br in branches if not torch.isfinite(gm.get_parameter(br.a)).all()]
-        bad += [br.b for br in branches if not torch.isfinite(gm.get_parameter(br.b)).all()]
-        raise FoldError(f"site {site.id}: the LoRA delta for {site.weight} has NaN/inf values "
-                        f"(non-finite parameters: {bad or 'none; the product overflowed'}); "
-                        "nothing was folded. Check training (learning rate, loss scaling).")
-    new = nn.Parameter((w.detach().to(cdt) + delta).to(w.dtype), requires_grad=False)
-    overflow = ~torch.isfinite(new) & torch.isfinite(w)
-    if overflow.any():
-        raise FoldError(f"site {site.id}: W + delta overflows {w.dtype} in {int(overflow.sum())} entries of "
-                        f"{site.weight} (max |W + delta| = {float((w.detach().to(cdt) + delta).abs().max()):.3g}); "
-                        "nothing was folded. Export in fp32 (dtype=None) or keep the adapter unfolded.")
-    report.folded[site.id] = float((new.detach().to(cdt) - w.detach().to(cdt)).abs().max()) if new.numel() else 0.0
+    merged = w.detach().to(cdt) + delta
+    new = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+    if not torch.isfinite(new).all():  # one check on the hot path; diagnose only on failure
+        _raise_non_finite(gm, site, branches, w, delta, merged, new)
+    report.folded[site.id] = float(delta.abs().max()) if delta.numel() else 0.0
     if node.op == "call_module":
         _merge_module(gm, node, new, report)
     elif _sole_use(gm, node, site):
         set_attr_path(gm, site.weight, new)
     else:
         _untie(gm, node, site, new, report)
+
+
+def _raise_non_finite(gm, site: Site, branches: list[Branch], w, delta, merged, new) -> None:
+    if not torch.isfinite(delta).all():
+        bad = [n for br in branches for n in (br.a, br.b) if not torch.isfinite(gm.get_parameter(n)).all()]
+        raise FoldError(f"site {site.id}: the LoRA delta for {site.weight} has NaN/inf values "
+                        f"(non-finite parameters: {bad or 'none; the product overflowed'}); "
+                        "nothing was folded. Check training (learning rate, loss scaling).")
+    overflow = ~torch.isfinite(new) & torch.isfinite(w)
+    if overflow.any():
+        raise FoldError(f"site {site.id}: W + delta overflows {w.dtype} in {int(overflow.sum())} entries of "
+                        f"{site.weight} (max |W + delta| = {float(merged.abs().max()):.3g}); "
+                        "nothing was folded. Export in fp32 (dtype=None) or keep the adapter unfolded.")
 
 
 def _weight_arg(node: fx.Node, site: Site) -> tuple[int | None, fx.Node]:
