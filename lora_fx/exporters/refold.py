@@ -159,10 +159,13 @@ def _base_from_onnx(base_onnx, inits: dict, new: dict) -> dict[str, np.ndarray]:
                                    "untied copy fold made, or another model's export); pass the base export "
                                    "of this model, or old_adapter= instead")
             continue
+        if tuple(src.dims) != tuple(t.dims) or src.data_type != t.data_type:
+            raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} has type {src.data_type} shape "
+                               f"{tuple(src.dims)}, the task file's {name} has type {t.data_type} shape "
+                               f"{tuple(t.dims)}; pass the base export of the same model")
+        if name not in new and src.raw_data and t.raw_data and src.raw_data == t.raw_data:
+            continue  # unchanged: a byte compare, no array conversion (most initializers)
         arr = numpy_helper.to_array(src)
-        if arr.shape != tuple(t.dims) or arr.dtype != numpy_helper.to_array(t).dtype:
-            raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} is {arr.dtype} {arr.shape}, the task "
-                               f"file's {name} is {tuple(t.dims)}; pass the base export of the same model")
         if name in new or not np.array_equal(arr, numpy_helper.to_array(t)):
             out[name] = arr
     return out
