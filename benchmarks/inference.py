@@ -195,7 +195,7 @@ def _plot(fig, data: dict[str, Any]) -> None:
     for r in data["models"]:
         for key, short in (("folded/base", "folded"), ("unfolded/base", "unfolded"), (f"{CONTROL}/base", "noise")):
             series.append(r["ratio_samples"][key])
-            name = "MiniLM" if "MiniLM" in r["model"] else r["model"].split(" ")[0].replace("-sized", "")
+            name = "MiniLM" if "MiniLM" in r["model"] else "GPT-2" if "gpt2" in r["model"] else r["model"].split(" ")[0]
             labels.append(f"{name} t{r['threads']}\n{short}")
     ax.boxplot(series, showfliers=False)  # outliers (contended rounds) are in the JSON, not drawn
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=6)
