@@ -145,11 +145,11 @@ def child(variant: str, smoke: bool, steps: int) -> dict[str, Any]:
             "seconds": time.perf_counter() - t, "steps": steps}
 
 
-def _memory(smoke: bool) -> dict[str, dict[str, Any]]:
+def _memory(smoke: bool, torch_threads: int) -> dict[str, dict[str, Any]]:
     """One fresh subprocess per variant (in parallel for --smoke: its numbers mean nothing)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "benchmarks.training", "--child"]
-    extra = ["--smoke"] if smoke else []
+    extra = ["--threads", str(torch_threads), *(["--smoke"] if smoke else [])]
     procs: dict[str, subprocess.Popen] = {}
     results = {}
     for v in VARIANTS:
@@ -167,13 +167,26 @@ def _collect(proc: subprocess.Popen, variant: str) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(out: str, smoke: bool = False) -> dict[str, Any]:
-    """Runs the benchmark and writes ``training.{json,md,png}`` into ``out``."""
+def run(out: str, smoke: bool = False, torch_threads: int = 1) -> dict[str, Any]:
+    """Runs the benchmark and writes ``training.{json,md,png}`` into ``out``.
+
+    ``torch_threads`` (default 1, children too): on this shared 2-core machine two intra-op threads
+    made single steps vary 2.4-15 s (a descheduled worker stalls every op), which swamped the ratios.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        return _run(out, smoke, torch_threads)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run(out: str, smoke: bool, torch_threads: int) -> dict[str, Any]:
     warmup, rounds = (1, 2) if smoke else (2, 10)
     env = environment()
     start = time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
-    memory = _memory(smoke)
+    memory = _memory(smoke, torch_threads)
     log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds")
     steps: dict[str, Callable[[], float]] = {}
     ids = None
@@ -199,7 +212,8 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
     goals["memory lora-fx/full"] = {"value": mem_ratio, "verdict": verdict(mem_ratio, *GOALS["memory lora-fx/full"])}
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
             "config": {"batch": int(ids.shape[0]), "seq": int(ids.shape[1]), "rank": 8, "alpha": 8,
-                       "targets": "c_attn", "optimizer": "AdamW(lr=1e-4)", "warmup": warmup, "rounds": rounds},
+                       "targets": "c_attn", "optimizer": "AdamW(lr=1e-4)", "warmup": warmup, "rounds": rounds,
+                       "torch_threads": torch_threads},
             "trainable": {v: steps[v].trainable for v in VARIANTS},  # type: ignore[attr-defined]
             "step_s": {v: Stats.of(t) for v, t in times.items()}, "step_samples_s": times,
             "ratios": {k: Stats.of(r) for k, r in ratios.items()}, "ratio_samples": ratios,
@@ -239,7 +253,8 @@ def _markdown(data: dict[str, Any]) -> str:
     return "\n".join([
         "## Training step: lora-fx vs PEFT vs full fine-tuning", "", env_line(data["env"]), "",
         f"GPT-2-small-sized (random weights), batch {c['batch']}, seq {c['seq']}, LoRA r={c['rank']} alpha={c['alpha']} "
-        f"on `{c['targets']}`, {c['optimizer']}, same loss for all. Step time: {c['warmup']} warm-up steps, then "
+        f"on `{c['targets']}`, {c['optimizer']}, same loss for all, torch intra-op threads "
+        f"{c.get('torch_threads', 'default (2)')}. Step time: {c['warmup']} warm-up steps, then "
         f"{c['rounds']} interleaved rounds (order rotated), paired per-round ratios. Peak memory: fresh "
         "subprocess per variant, kernel peak RSS (`VmHWM` after resetting it via `/proc/self/clear_refs`) over "
         "1 warm-up + 2 steps, minus the RSS after imports (so it includes the weights) or minus the RSS after "
@@ -267,7 +282,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="memory child of the training benchmark")
     parser.add_argument("--child", choices=VARIANTS, required=True)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
     ns = parser.parse_args()
+    torch.set_num_threads(ns.threads)
     from .common import quiet
 
     quiet()
