@@ -248,8 +248,10 @@ def _markdown(data: dict[str, Any]) -> str:
                f"At batch {c['batch']} x seq {c['seq']} the activations (~{act:.0f} MB, the lora-fx training "
                "increment) are needed by every variant, so no LoRA implementation gets under 0.5 of full "
                "fine-tuning here; LoRA saves the gradients and AdamW state of the frozen weights (~3x weights).")
-    spread = ("- Step-time ratios are per-round paired ratios; on this shared machine their IQR is wider than "
-              "the differences being measured, so a median within a few % of a goal is not a clear result.")
+    lp = r["time lora-fx/peft"]
+    spread = (f"- lora-fx/PEFT step time: median {lp.median:.3f}, IQR {lp.q1:.3f}-{lp.q3:.3f} over {c['rounds']} "
+              "paired rounds. When the IQR straddles 1.0 the two are at parity within measurement noise, and a "
+              "verdict decided by the median's last digit is not a real difference.")
     return "\n".join([
         "## Training step: lora-fx vs PEFT vs full fine-tuning", "", env_line(data["env"]), "",
         f"GPT-2-small-sized (random weights), batch {c['batch']}, seq {c['seq']}, LoRA r={c['rank']} alpha={c['alpha']} "
