@@ -97,6 +97,13 @@ def test_precision_smoke(tmp_path):
     assert d["goal_lora_fx_correctly_rounded"]["verdict"] == "MET"
 
 
+def test_refold_smoke(tmp_path):
+    r = _run("refold", str(tmp_path))
+    d = r["data"]
+    assert set(d["seconds"]) == {"re-export", "refold"} and d["verdict"] in ("MET", "MISSED")
+    assert len(d["samples"]["refold"]) == len(d["samples"]["re-export"]) == 2
+
+
 def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
