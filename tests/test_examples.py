@@ -10,6 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from zoo import ZOO, ZOO_BY_NAME, ZooCase, assert_close, tolerance, zoo_params
 
+from lora_fx.capture import dynamic_shapes_for
 from lora_fx.examples import textcls, zoo_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,14 +65,14 @@ def test_tied_lm_shares_one_parameter() -> None:
 def test_dynamic_shapes_for() -> None:
     auto = torch.export.Dim.AUTO
     ids, x = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 5, 16)
-    assert zoo_models.dynamic_shapes_for((ids,), {"x": x, "flag": True}) == ({0: auto, 1: auto}, {0: auto}, None)
+    assert dynamic_shapes_for((ids,), {"x": x, "flag": True}) == ({0: auto, 1: auto}, {0: auto}, None)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "functional"])
 def test_export_with_dynamic_batch(name: str) -> None:
     model, args, kwargs = zoo_models.build(name)
     ep = torch.export.export(
-        model, args, kwargs, dynamic_shapes=zoo_models.dynamic_shapes_for(args, kwargs), strict=False
+        model, args, kwargs, dynamic_shapes=dynamic_shapes_for(args, kwargs), strict=False
     )
     gm = ep.module(check_guards=False)
     with torch.no_grad():

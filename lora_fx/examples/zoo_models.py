@@ -393,21 +393,3 @@ def build(name: str) -> Example:
         known = ", ".join([*MODELS, *BENCH_MODELS])
         raise KeyError(f"unknown example model {name!r}; known models: {known}")
     return factory()
-
-
-def dynamic_shapes_for(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """``dynamic_shapes`` for ``torch.export.export`` as one flat tuple (positional, then kwargs values).
-
-    Batch (dim 0) is ``Dim.AUTO`` for every tensor; the sequence dim (dim 1) too for integer
-    (token) tensors with ``ndim >= 2``. Non-tensor inputs get ``None``.
-    """
-    auto = torch.export.Dim.AUTO
-    specs: list[Any] = []
-    for value in [*args, *(kwargs or {}).values()]:
-        if not isinstance(value, torch.Tensor):
-            specs.append(None)
-        elif not value.is_floating_point() and value.ndim >= 2:
-            specs.append({0: auto, 1: auto})
-        else:
-            specs.append({0: auto})
-    return tuple(specs)
