@@ -37,6 +37,7 @@ from ..adapters import Adapter, AdapterBranch
 from ..errors import AdapterError, ExportError
 from ..sites import CONV, EMBED, IN_OUT, OUT_IN, Site
 from ..switching import AdapterLike, _delta, _recover, as_adapter
+from .onnx_io import install
 
 
 @dataclass
@@ -188,7 +189,7 @@ def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
 
 
 def _save(model: onnx.ModelProto, path: str, external: bool) -> None:
-    """Writes into a temporary folder beside ``path``, then os.replace (data file first)."""
+    """Writes into a temporary folder beside ``path``, then installs it (see onnx_io.install)."""
     folder, name = os.path.dirname(path), os.path.basename(path)
     try:
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
@@ -197,9 +198,7 @@ def _save(model: onnx.ModelProto, path: str, external: bool) -> None:
     try:
         onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external,
                         all_tensors_to_one_file=True, location=name + ".data" if external else None)
-        if external:
-            os.replace(os.path.join(tmp, name + ".data"), path + ".data")
-        os.replace(os.path.join(tmp, name), path)
+        install(os.path.join(tmp, name), path)  # data first, old data restored if the model rename fails
     except (OSError, ValueError) as e:
         raise ExportError(f"writing {path} failed: {e}") from e
     finally:
