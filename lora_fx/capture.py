@@ -208,9 +208,10 @@ def _rewire_modes(graph: fx.Graph, train_rates: list[tuple[str, float]] | None) 
             with graph.inserting_before(node):
                 p = graph.call_function(operator.mul, (training, rate))
             p.meta[NODE_MODE] = {"rate": rate}
-            args = list(node.args[:4])
-            node.args = tuple(args)
-            node.kwargs = {**node.kwargs, spec.rate: p}
+            if len(node.args) > 4:  # dropout_p given positionally: replace it in place
+                node.args = (*node.args[:4], p, *node.args[5:])
+            else:
+                node.kwargs = {**node.kwargs, spec.rate: p}
     graph.lint()
     return notes
 

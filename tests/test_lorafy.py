@@ -168,3 +168,28 @@ def test_symbolic_trace_graph_modules_are_accepted():
     out = lgm(*args)
     assert not torch.equal(out, model(*args))
     assert_close(lora_fx.fold(lgm)(*args), out)
+
+
+class _CausalAttention(torch.nn.Module):
+    """sdpa with dropout_p and is_causal given positionally (the rewiring must keep is_causal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.q(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.3 if self.training else 0.0,
+                                                                True)
+
+
+def test_attention_dropout_rewiring_keeps_positional_arguments():
+    model, x = _CausalAttention().eval(), torch.randn(2, 5, 8)
+    gm = lora_fx.trace(model, (x,))
+    assert torch.equal(gm(x), model(x))
+    gm.train()
+    model.train()
+    torch.manual_seed(0)
+    a = gm(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, model(x))
