@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from torch.export import Dim
 
 from lora_fx.errors import ExportError
-from lora_fx.exporters import onnx_io
+from lora_fx.exporters import ort
 from lora_fx.exporters.onnx_io import available_providers, export_onnx, ort_session, run_onnx
 
 ATOL = 1e-5
@@ -208,4 +208,4 @@ def test_session_options_and_providers(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(ExportError, match="pip install onnxruntime"):
         ort_session(path)
-    assert onnx_io._NO_ORT.startswith("onnxruntime is not installed")
+    assert ort._NO_ORT.startswith("onnxruntime is not installed")

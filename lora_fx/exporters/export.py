@@ -25,15 +25,8 @@ from torch.utils import _pytree as pytree
 from ..errors import ExportError, VerifyError
 from ..graph_module import LORA_KEY, LoraFxModule, capture_of, copy_module
 from ..passes.fold import FOLD_KEY, FoldReport, fold, strip
-from .onnx_io import (
-    ExportInfo,
-    available_providers,
-    check_target,
-    export_onnx,
-    install,
-    ort_session,
-    run_onnx,
-)
+from .onnx_io import ExportInfo, check_target, export_onnx, install
+from .ort import available_providers, ort_session, run_onnx
 from .verify_onnx import StructureReport, compare_structure
 
 # torch.onnx logs a warning per missing torchvision op on every export: noise for our users.
