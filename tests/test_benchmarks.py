@@ -100,8 +100,10 @@ def test_precision_smoke(tmp_path):
 def test_refold_smoke(tmp_path):
     r = _run("refold", str(tmp_path))
     d = r["data"]
-    assert set(d["seconds"]) == {"re-export", "refold"} and d["verdict"] in ("MET", "MISSED")
-    assert len(d["samples"]["refold"]) == len(d["samples"]["re-export"]) == 2
+    assert set(d["storage"]) == {"inline", "external"}
+    for r in d["storage"].values():
+        assert set(r["seconds"]) == {"re-export", "refold"} and r["verdict"] in ("MET", "MISSED")
+        assert len(r["samples"]["refold"]) == len(r["samples"]["re-export"]) == 2
 
 
 def test_cli_help():

@@ -91,3 +91,25 @@ def test_refold_errors(files):
     with pytest.raises(lora_fx.AdapterError, match="cannot read"):
         refold_onnx(tmp / "nope.onnx", tmp / "b", tmp / "x.onnx", old_adapter=tmp / "a")
     assert not (tmp / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_refold_external_data_patches_the_data_file(files, in_place):
+    """External-data exports: only the adapted byte ranges change; result == folding the new adapter."""
+    gm, ids, a, b, tmp = files
+    ext = tmp / f"ext_{in_place}"
+    ext.mkdir()
+    lora_fx.fold_and_export(a, ext / "task_a.onnx", external_data=True, verify=False)
+    export_onnx(gm, ext / "base.onnx", (ids,), dynamic_shapes=capture_of(gm).dynamic_shapes, external_data=True)
+    out = ext / ("task_a.onnx" if in_place else "task_b.onnx")
+    report = refold_onnx(ext / "task_a.onnx", tmp / "b", out, base_onnx=ext / "base.onnx")
+    assert set(report.restored) == {"transformer.h.0.mlp.c_fc.weight"}
+    assert (ext / (out.name + ".data")).exists()
+    model = onnx.load(out, load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    got, want = initializers(out), lora_fx.fold(b)
+    for name, value in got.items():
+        assert np.array_equal(value, want.get_parameter(name).detach().numpy()), name
+    with torch.no_grad():
+        assert np.abs(ort_logits(out, ids) - b(ids).logits.numpy()).max() <= 1e-5
+    assert sorted(p.name for p in ext.iterdir() if p.name.startswith(".")) == []  # no temp files

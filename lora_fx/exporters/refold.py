@@ -76,19 +76,21 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     if (base_onnx is None) == (old_adapter is None):
         raise AdapterError("refold_onnx: pass exactly one of base_onnx= (the base model's export) or "
                            "old_adapter= (the adapter folded into the task file) to know the base weights")
-    model, external = _load(task_onnx)
+    model, folder = _load(task_onnx)
+    external = any(_is_external(t) for t in model.graph.initializer)
     inits = {t.name: t for t in model.graph.initializer}
     readers = Counter(name for node in model.graph.node for name in node.input)
     new = _by_initializer(as_adapter(adapter), inits, readers)
     report = RefoldReport(os.path.abspath(os.fspath(out_path)), base="base_onnx" if base_onnx else "old_adapter")
-    base = _base_from_onnx(base_onnx, inits, new) if base_onnx is not None else {}
+    base = _base_from_onnx(base_onnx, inits, new, folder) if base_onnx is not None else {}
     if old_adapter is not None:
         for name, (site, brs) in _by_initializer(as_adapter(old_adapter), inits, readers).items():
-            w = torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+            w = torch.from_numpy(_array(inits[name], folder).copy())
             base[name] = _recover(w, _delta(brs, site, w, _fold_dtype(w), brs[0].a.dtype))[0].numpy()
-        base.update({n: numpy_helper.to_array(inits[n]) for n in new if n not in base})  # untouched: exact
+        base.update({n: _array(inits[n], folder) for n in new if n not in base})  # untouched: exact
+    patches: dict[str, np.ndarray] = {}
     for name in sorted(set(new) | set(base)):
-        old = numpy_helper.to_array(inits[name])
+        old = _array(inits[name], folder)
         value = base[name]
         if name in new:  # fold's arithmetic; an fp64 base (recovered) is added in fp64
             site, brs = new[name]
@@ -100,8 +102,13 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
         value = value.astype(old.dtype, copy=False)
         change = float(np.abs(value.astype(np.float64) - old.astype(np.float64)).max()) if old.size else 0.0
         (report.rewritten if name in new else report.restored)[name] = change
-        inits[name].CopyFrom(numpy_helper.from_array(value, name))
-    _save(model, report.path, external)
+        patches[name] = value
+    if external:
+        _save_patched(model, folder, patches, report.path)
+    else:
+        for name, value in patches.items():
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        _save(model, report.path)
     return report
 
 
@@ -146,9 +153,10 @@ def _site(br: AdapterBranch, name: str, shape: tuple[int, ...], source: str) -> 
                        f"which do not fit initializer {name} {shape}")
 
 
-def _base_from_onnx(base_onnx, inits: dict, new: dict) -> dict[str, np.ndarray]:
+def _base_from_onnx(base_onnx, inits: dict, new: dict, folder: str) -> dict[str, np.ndarray]:
     """Base weights of the initializers to write: the new adapter's, and any other that differs."""
-    base_inits = {t.name: t for t in _load(base_onnx)[0].graph.initializer}
+    base_model, base_folder = _load(base_onnx)
+    base_inits = {t.name: t for t in base_model.graph.initializer}
     out = {}
     for name, t in inits.items():
         src = base_inits.get(name)
@@ -164,10 +172,11 @@ def _base_from_onnx(base_onnx, inits: dict, new: dict) -> dict[str, np.ndarray]:
             raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} has type {src.data_type} shape "
                                f"{tuple(src.dims)}, the task file's {name} has type {t.data_type} shape "
                                f"{tuple(t.dims)}; pass the base export of the same model")
-        if name not in new and src.raw_data and t.raw_data and src.raw_data == t.raw_data:
+        if name not in new and (_is_external(src) or src.raw_data) and (_is_external(t) or t.raw_data) \
+                and _raw(src, base_folder) == _raw(t, folder):
             continue  # unchanged: a byte compare, no array conversion (most initializers)
-        arr = numpy_helper.to_array(src)
-        if name in new or not np.array_equal(arr, numpy_helper.to_array(t)):
+        arr = _array(src, base_folder)
+        if name in new or not np.array_equal(arr, _array(t, folder)):
             out[name] = arr
     return out
 
@@ -176,28 +185,97 @@ def _fold_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    """The ModelProto with external data left on disk, and the folder its data files live in."""
     path = os.fspath(path)
     try:
         model = onnx.load(path, load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        if external:
-            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except Exception as e:  # onnx raises protobuf DecodeError, OSError, ValidationError...
         raise AdapterError(f"refold_onnx: cannot read {path}: {type(e).__name__}: {e}") from e
-    return model, external
+    return model, os.path.dirname(os.path.abspath(path))
 
 
-def _save(model: onnx.ModelProto, path: str, external: bool) -> None:
-    """Writes into a temporary folder beside ``path``, then installs it (see onnx_io.install)."""
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _array(t: onnx.TensorProto, folder: str) -> np.ndarray:
+    """One initializer's values; external data is read for this tensor only."""
+    try:
+        return numpy_helper.to_array(t, folder)
+    except Exception as e:
+        raise AdapterError(f"refold_onnx: cannot read initializer {t.name} from {folder}: {e}") from e
+
+
+def _raw(t: onnx.TensorProto, folder: str) -> bytes:
+    """The stored bytes of an initializer (inline raw_data, or its byte range of the data file)."""
+    if not _is_external(t):
+        return t.raw_data
+    info = {e.key: e.value for e in t.external_data}
+    with open(os.path.join(folder, info["location"]), "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(_length(t))
+
+
+def _length(t: onnx.TensorProto) -> int:
+    info = {e.key: e.value for e in t.external_data}
+    if "length" in info:
+        return int(info["length"])
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def _save(model: onnx.ModelProto, path: str) -> None:
+    """Writes an inline model into a temporary folder beside ``path``, then installs it."""
+    _write(path, lambda tmp, name: onnx.save_model(model, os.path.join(tmp, name)))
+
+
+def _save_patched(model: onnx.ModelProto, folder: str, patches: dict[str, np.ndarray], path: str) -> None:
+    """External data: copy the task's data file, overwrite only the patched tensors' byte ranges.
+
+    No protobuf holds the weights, so the cost is one file copy plus the patched bytes (the reason
+    refold is an order of magnitude faster than a re-export on external-data files).
+    """
+    sources = {e.value for t in model.graph.initializer if _is_external(t) for e in t.external_data
+               if e.key == "location"}
+    if len(sources) != 1:
+        raise AdapterError(f"refold_onnx: the task file's weights are spread over {sorted(sources)}; "
+                           "refold handles one external data file (fold_and_export writes one)")
+    (source,) = sources
+
+    def write(tmp: str, name: str) -> None:
+        data = name + ".data"
+        shutil.copyfile(os.path.join(folder, source), os.path.join(tmp, data))
+        with open(os.path.join(tmp, data), "r+b") as f:
+            for t in model.graph.initializer:
+                if t.name not in patches:
+                    continue
+                if not _is_external(t):  # small tensors stay inline even in external-data files
+                    t.CopyFrom(numpy_helper.from_array(patches[t.name], t.name))
+                    continue
+                raw = np.ascontiguousarray(patches[t.name]).tobytes()
+                if len(raw) != _length(t):
+                    raise AdapterError(f"refold_onnx: initializer {t.name} holds {_length(t)} bytes in the "
+                                       f"data file, the new value {len(raw)}")
+                f.seek(int({e.key: e.value for e in t.external_data}.get("offset", 0)))
+                f.write(raw)
+        for t in model.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = data
+        onnx.save_model(model, os.path.join(tmp, name))
+
+    _write(path, write)
+
+
+def _write(path: str, produce) -> None:
     folder, name = os.path.dirname(path), os.path.basename(path)
     try:
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise ExportError(f"cannot write {path}: {e}") from e
     try:
-        onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=name + ".data" if external else None)
+        produce(tmp, name)
         install(os.path.join(tmp, name), path)  # data first, old data restored if the model rename fails
     except (OSError, ValueError) as e:
         raise ExportError(f"writing {path} failed: {e}") from e
