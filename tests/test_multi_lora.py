@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import randomize_lora
 from torch.utils import _pytree as pytree
 
 import lora_fx
@@ -41,10 +42,7 @@ def _logits(module, args) -> torch.Tensor:
 def _trained(gm, seed: int, rank: int = 4):
     """A lorafied copy with random A and B (B != 0), standing in for a fine-tuned adapter."""
     lgm = lora_fx.lorafy(gm, "*.c_attn", rank=rank).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_fx.lora_parameters(lgm):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomize_lora(lgm, std=0.2, seed=seed)
     return lgm
 
 

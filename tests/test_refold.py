@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import randomize_lora
 from onnx import numpy_helper
 
 import lora_fx
@@ -20,10 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 
 def make(gm, targets, seed, rank=2):
     lgm = lora_fx.lorafy(gm, targets, rank=rank, alpha=2 * rank)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_fx.lora_parameters(lgm):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    randomize_lora(lgm, std=0.2, seed=seed)
     return lgm
 
 
