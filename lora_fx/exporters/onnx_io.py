@@ -43,13 +43,12 @@ if TYPE_CHECKING:
 __all__ = ["ExportInfo", "available_providers", "export_onnx", "ort_session", "run_onnx"]
 
 # Sessions and runs live in ort.py; re-exported here for callers of the original module.
-from .ort import available_providers, ort_session, run_onnx  # noqa: E402
+from .ort import _first_lines, available_providers, ort_session, run_onnx  # noqa: E402
 
 # protobuf cannot serialize a ModelProto over 2 GiB; stay clear of it (graph + metadata).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Names torch gives to dynamic dimensions (backed s<N>, unbacked u<N>).
 _TORCH_SYMBOL = re.compile(r"[su]\d+")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -149,16 +148,6 @@ def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic
             ones = [a for a, dim in spec.items() if dim is not None and -value.dim() <= a < value.dim() and value.shape[a] == 1]
             if ones:
                 warnings.warn(f"{path}: input {i} axes {ones} are marked dynamic but have example size 1, which torch may specialize (a GraphModule captured at size 1 exports static shapes); use example sizes >= 2", stacklevel=3)
-
-
-def _first_lines(exc: BaseException, limit: int = 8) -> str:
-    """Short form of an exception: the exporter's run to hundreds of lines of advice and graphs."""
-    text = _ANSI.sub("", str(exc)).strip()
-    head, found, summary = text.partition("## Exception summary")
-    # torch.onnx puts the real cause under this heading, after a generic "next steps" preamble.
-    lines = head.splitlines()[:1] + summary.strip().splitlines() if found else text.splitlines()
-    more = f" ... ({len(lines) - limit} more lines)" if len(lines) > limit else ""
-    return f"{type(exc).__name__}: " + "\n".join(lines[:limit]) + more
 
 
 def _run_exporter(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,

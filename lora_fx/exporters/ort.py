@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,10 +19,17 @@ __all__ = ["available_providers", "ort_session", "run_onnx"]
 _NO_ORT = "onnxruntime is not installed: pip install onnxruntime (CPU) or lora-fx[gpu]"
 
 
-def _first_lines(exc: BaseException, limit: int = 8) -> str:
-    from .onnx_io import _first_lines as first
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-    return first(exc, limit)
+
+def _first_lines(exc: BaseException, limit: int = 8) -> str:
+    """Short form of an exception: the exporter's run to hundreds of lines of advice and graphs."""
+    text = _ANSI.sub("", str(exc)).strip()
+    head, found, summary = text.partition("## Exception summary")
+    # torch.onnx puts the real cause under this heading, after a generic "next steps" preamble.
+    lines = head.splitlines()[:1] + summary.strip().splitlines() if found else text.splitlines()
+    more = f" ... ({len(lines) - limit} more lines)" if len(lines) > limit else ""
+    return f"{type(exc).__name__}: " + "\n".join(lines[:limit]) + more
 
 
 def _import_ort() -> Any:
