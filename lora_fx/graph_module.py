@@ -55,10 +55,10 @@ def capture_of(gm: nn.Module) -> Capture | None:
     return meta.get(CAPTURE_KEY) if isinstance(meta, dict) else None
 
 
-def wrap(root: fx.GraphModule, graph: fx.Graph | None = None) -> LoraFxModule:
-    """Builds a LoraFxModule over ``graph`` (default: root's), sharing root's tensors."""
+def wrap(root: fx.GraphModule, graph: fx.Graph | None = None, *, cls: type | None = None) -> LoraFxModule:
+    """Builds a LoraFxModule (or subclass ``cls``) over ``graph`` (default: root's), sharing root's tensors."""
     graph = root.graph if graph is None else graph
-    new = LoraFxModule(root, graph, class_name=type(root).__name__)
+    new = (cls or LoraFxModule)(root, graph, class_name=type(root).__name__)
     for attr in ("_in_spec", "_out_spec"):  # torch.export's pytree codegen reads these from self
         if hasattr(root, attr):
             setattr(new, attr, getattr(root, attr))
