@@ -16,6 +16,7 @@ from .errors import (
                      ExportError,
                      FoldError,
                      LoraFxError,
+                     NoLoraError,
                      PatternError,
                      SiteError,
                      VerifyError,
@@ -32,7 +33,7 @@ from .targets import Target
 
 __all__ = [
     "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
-    "LoraFxModule", "LoraReport", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
+    "LoraFxModule", "LoraReport", "NoLoraError", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
     "lora_parameters", "lorafy", "sites", "strip", "trace", "ExportReport", "VerifyReport",
     "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
     "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",

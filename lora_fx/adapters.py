@@ -53,10 +53,11 @@ from safetensors.torch import save as st_save
 from torch import fx
 
 from ._atomic import write_files_atomically
+from .delta import Branch
 from .errors import AdapterError
-from .graph_module import LORA_KEY
-from .passes.lorafy import Branch, lorafy
-from .sites import IN_OUT
+from .graph_module import has_lora, lora_state
+from .passes.lorafy import lorafy
+from .sites import CONV, EMBED, IN_OUT, Site
 from .targets import Target
 
 CONFIG = "adapter_config.json"
@@ -71,47 +72,38 @@ _PEFT_TYPES = {"Linear": "linear", "Conv1D": "addmm", "Conv1d": "conv1d", "Conv2
                "Conv3d": "conv3d", "Embedding": "embedding"}
 
 
-@dataclass(frozen=True)
-class AdapterBranch:
-    """One A/B pair with its meaning: ``delta[slice rows] += scale * B @ A`` at site ``site``."""
-
-    key: str
-    site: str  # site id in the graph (lora_fx.sites(gm))
-    a: torch.Tensor
-    b: torch.Tensor
-    alpha: float
-    scale: float
-    slice: tuple[int, int] | None = None
-    dropout: float = 0.0
-    peft: bool = True  # stored under PEFT's key names
-    weight: str = ""  # qualified weight name (informational)
-    op: str = ""
-    layout: str = ""
-    path: str = ""  # module path of the site (fold names an untied copy "<path>.<attr>_folded")
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
-
-
 @dataclass
 class Adapter:
-    """A set of branches read from a file or snapshot from a lorafied module (tensors detached)."""
+    """Branches and their A/B tensors, read from a file or snapshot from a lorafied module.
 
-    branches: dict[str, AdapterBranch]
+    Attributes:
+        branches: branch key -> :class:`~lora_fx.delta.Branch` (for a file, its ``site`` holds only
+            the id, path, weight, op, layout and kind recorded there).
+        tensors: ``branch.a`` / ``branch.b`` -> the tensor (detached; :meth:`pair` reads both).
+        use_rslora: scale = alpha / sqrt(r).
+        source: where it came from (a file, or ``<LoraFxModule>``), for messages.
+        peft: keys of the branches stored under PEFT's tensor names.
+    """
+
+    branches: dict[str, Branch]
+    tensors: dict[str, torch.Tensor]
     use_rslora: bool = False
     source: str = "<module>"
+    peft: frozenset[str] = frozenset()
+
+    def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the branch ``key``."""
+        br = self.branches[key]
+        return self.tensors[br.a], self.tensors[br.b]
 
 
 def adapter_of(lgm: fx.GraphModule) -> Adapter:
     """Snapshot (detached clones) of the current A/B values of a lorafied module."""
-    state = _state(lgm, "adapter_of")
-    out = {}
-    for br in state.branches:
-        a, b = (lgm.get_parameter(n).detach().clone() for n in (br.a, br.b))
-        out[br.key] = AdapterBranch(br.key, br.site.id, a, b, br.alpha, br.scale, br.slice, br.dropout,
-                                    _is_peft(lgm, br), br.site.weight, br.site.op, br.site.layout, br.site.path)
-    return Adapter(out, bool(state.report.rslora), f"<{type(lgm).__name__}>")
+    state = lora_state(lgm, "adapter_of")
+    tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in (br.a, br.b)}
+    peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br))
+    return Adapter({br.key: br for br in state.branches}, tensors, bool(state.report.rslora),
+                   f"<{type(lgm).__name__}>", peft)
 
 
 def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path:
@@ -125,10 +117,9 @@ def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path
     """
     adapter = lgm if isinstance(lgm, Adapter) else adapter_of(lgm)
     tensors = {}
-    for br in adapter.branches.values():
-        ka, kb = file_keys(br)
-        tensors[ka] = br.a.detach().cpu().contiguous().clone()
-        tensors[kb] = br.b.detach().cpu().contiguous().clone()
+    for key, br in adapter.branches.items():
+        for name, t in zip(file_keys(br, key in adapter.peft), adapter.pair(key), strict=True):
+            tensors[name] = t.detach().cpu().contiguous().clone()
     blob = st_save(tensors, metadata={"format": "pt"})
     config = _config(adapter, hashlib.sha256(blob).hexdigest())
     folder = Path(path)
@@ -184,9 +175,9 @@ def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.Gra
             Nothing is changed then.
     """
     adapter = src if isinstance(src, Adapter) else read_adapter(src)
-    if LORA_KEY not in getattr(gm, "meta", {}):
+    if not has_lora(gm):
         gm = lorafy(gm, _targets(adapter), use_rslora=adapter.use_rslora)
-    state = gm.meta[LORA_KEY]
+    state = lora_state(gm, "load_adapter")
     want = {br.key: br for br in state.branches}
     have = adapter.branches
     problems = []
@@ -194,9 +185,10 @@ def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.Gra
         br = want[key]
         problems.append(f"missing {key} (module parameters {br.a}, {br.b}){_near(key, have, 'file')}")
     for key in sorted(have.keys() - want.keys()):
-        problems.append(f"unexpected {'/'.join(file_keys(have[key]))}{_near(key, want, 'module')}")
+        names = file_keys(have[key], key in adapter.peft)
+        problems.append(f"unexpected {'/'.join(names)}{_near(key, want, 'module')}")
     for key in sorted(want.keys() & have.keys()):
-        problems += _mismatches(gm, want[key], have[key])
+        problems += _mismatches(gm, want[key], have[key], adapter.pair(key))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise AdapterError(f"adapter {adapter.source} does not fit the module ({len(problems)} problem(s)); "
@@ -205,29 +197,22 @@ def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.Gra
                            "graph without LoRA to load_adapter to have it lorafied from the file.")
     with torch.no_grad():
         for key, br in want.items():
-            for name, t in ((br.a, have[key].a), (br.b, have[key].b)):
+            for name, t in zip((br.a, br.b), adapter.pair(key), strict=True):
                 p = gm.get_parameter(name)
                 p.copy_(t.to(dtype=p.dtype, device=p.device))
     return gm
 
 
-def file_keys(br: AdapterBranch) -> tuple[str, str]:
-    """The two tensor names of a branch in ``adapter_model.safetensors``."""
-    if not br.peft:
+def file_keys(br: Branch, peft: bool) -> tuple[str, str]:
+    """The two tensor names of a branch in ``adapter_model.safetensors`` (PEFT's, or lora_fx.*)."""
+    if not peft:
         return f"{_FX_PREFIX}{br.key}.lora_A.weight", f"{_FX_PREFIX}{br.key}.lora_B.weight"
-    if br.op == "embedding":
+    if br.site.op == "embedding":
         return f"{_PEFT_PREFIX}{br.key}.lora_embedding_A", f"{_PEFT_PREFIX}{br.key}.lora_embedding_B"
     return f"{_PEFT_PREFIX}{br.key}.lora_A.weight", f"{_PEFT_PREFIX}{br.key}.lora_B.weight"
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-def _state(gm, who: str):
-    state = getattr(gm, "meta", {}).get(LORA_KEY) if hasattr(gm, "meta") else None
-    if state is None:
-        raise AdapterError(f"{who}: {type(gm).__name__} carries no LoRA; pass what lora_fx.lorafy() returned")
-    return state
-
 
 def _is_peft(lgm: fx.GraphModule, br: Branch) -> bool:
     """True when PEFT can hold this branch: a whole weight of one call of a module type PEFT wraps."""
@@ -258,7 +243,7 @@ def _num(x: float) -> int | float:
 
 def _config(adapter: Adapter, digest: str) -> dict:
     brs = list(adapter.branches.values())
-    peft = [br for br in brs if br.peft]
+    peft = [br for br in brs if br.key in adapter.peft]
     r = _common([br.rank for br in peft] or [br.rank for br in brs], 8)
     alpha = _common([br.alpha for br in peft] or [br.alpha for br in brs], r)
     return {
@@ -266,15 +251,16 @@ def _config(adapter: Adapter, digest: str) -> dict:
         "inference_mode": True, "r": r, "lora_alpha": _num(alpha),
         "lora_dropout": _common([br.dropout for br in brs], 0.0),
         "target_modules": sorted({br.key for br in peft}),
-        "fan_in_fan_out": any(br.layout == IN_OUT for br in peft), "bias": "none",
+        "fan_in_fan_out": any(br.site.layout == IN_OUT for br in peft), "bias": "none",
         "use_rslora": adapter.use_rslora, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {br.key: br.rank for br in peft if br.rank != r},
         "alpha_pattern": {br.key: _num(br.alpha) for br in peft if br.alpha != alpha},
         "lora_fx": {"format": FORMAT, "sha256": digest, "branches": [
-            {"key": br.key, "site": br.site, "path": br.path, "weight": br.weight, "op": br.op, "layout": br.layout,
-             "rank": br.rank, "alpha": br.alpha, "scale": br.scale, "dropout": br.dropout,
-             "slice": list(br.slice) if br.slice else None, "peft": br.peft} for br in brs]},
+            {"key": br.key, "site": br.site.id, "path": br.site.path, "weight": br.site.weight,
+             "op": br.site.op, "layout": br.site.layout, "rank": br.rank, "alpha": br.alpha,
+             "scale": br.scale, "dropout": br.dropout, "slice": list(br.slice) if br.slice else None,
+             "peft": br.key in adapter.peft} for br in brs]},
     }
 
 
@@ -333,7 +319,7 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source:
         odd = sorted(entries.keys() ^ pairs.keys())[:8]
         raise AdapterError(f"{source}: the lora_fx section of {CONFIG} and the tensors disagree on {odd}; "
                            "save the adapter again")
-    out = {}
+    out, kept = {}, {}
     for key, pair in sorted(pairs.items()):
         if set(pair) != {"a", "b"}:
             half = "lora_B" if "a" in pair else "lora_A"
@@ -347,12 +333,13 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source:
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{source}: {key}.{role} holds NaN/inf values; the adapter is broken "
                                    "(check training: learning rate, loss scaling)")
-        out[key] = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source)
-    return Adapter(out, rslora, source)
+        out[key] = br = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source)
+        kept[br.a], kept[br.b] = a, b
+    return Adapter(out, kept, rslora, source, frozenset(k for k in out if peft_of[k]))
 
 
 def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dict | None, peft: bool,
-            emb: bool, rslora: bool, source: str) -> AdapterBranch:
+            emb: bool, rslora: bool, source: str) -> Branch:
     rank = int(a.shape[0])
     if entry is not None:
         alpha, dropout = float(entry.get("alpha", rank)), float(entry.get("dropout", 0.0))
@@ -373,7 +360,16 @@ def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dic
     if sl is not None and sl[1] - sl[0] != b.shape[0]:
         raise AdapterError(f"{source}: {key}: slice {sl} is {sl[1] - sl[0]} rows but lora_B has {b.shape[0]}")
     scale = alpha / (math.sqrt(rank) if rslora else rank)
-    return AdapterBranch(key, site, a, b, alpha, scale, sl, dropout, peft, weight, op, layout, path)
+    ref = site_ref(site, path, weight, op, layout)
+    names = file_keys(Branch(key, ref, "", "", rank, alpha, scale), peft)
+    return Branch(key, ref, names[0], names[1], rank, alpha, scale, dropout, sl)
+
+
+def site_ref(site_id: str, path: str, weight: str, op: str, layout: str) -> Site:
+    """The Site a file records for a branch: id, path, weight, op, layout (no shape, no node)."""
+    kind = ("embedding" if op == "embedding" or layout == EMBED else "conv" if layout == CONV
+            else "einsum" if op == "einsum" else "linear")
+    return Site(site_id, path, op, kind, weight, layout, (), 0, 0, "")
 
 
 def _near(key: str, pool, where: str) -> str:
@@ -381,13 +377,13 @@ def _near(key: str, pool, where: str) -> str:
     return f"; nearest in the {where}: {', '.join(close)}" if close else f"; the {where} has none like it"
 
 
-def _mismatches(gm, want: Branch, have: AdapterBranch) -> list[str]:
+def _mismatches(gm, want: Branch, have: Branch, pair: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
     out = []
-    for role, name, t in (("lora_A", want.a, have.a), ("lora_B", want.b, have.b)):
+    for role, name, t in (("lora_A", want.a, pair[0]), ("lora_B", want.b, pair[1])):
         shape = tuple(gm.get_parameter(name).shape)
         if tuple(t.shape) != shape:
             out.append(f"shape {want.key}.{role}: file {tuple(t.shape)} vs module {shape} ({name})")
-    if not (torch.isfinite(have.a).all() and torch.isfinite(have.b).all()):
+    if not (torch.isfinite(pair[0]).all() and torch.isfinite(pair[1]).all()):
         out.append(f"values {want.key}: A or B holds NaN/inf")
     if not math.isclose(want.scale, have.scale, rel_tol=1e-6):
         out.append(f"scale {want.key}: file alpha/r = {have.alpha:g}/{have.rank} -> {have.scale:g}, module "
@@ -399,9 +395,9 @@ def _mismatches(gm, want: Branch, have: AdapterBranch) -> list[str]:
 
 def _targets(adapter: Adapter) -> list[Target]:
     """lorafy targets that recreate an adapter's branches: one exact Target per site."""
-    by_site: dict[str, list[AdapterBranch]] = {}
+    by_site: dict[str, list[Branch]] = {}
     for br in adapter.branches.values():
-        by_site.setdefault(br.site, []).append(br)
+        by_site.setdefault(br.site.id, []).append(br)
     targets = []
     for site, brs in by_site.items():
         first = brs[0]

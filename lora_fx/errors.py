@@ -38,3 +38,11 @@ class VerifyError(LoraFxError):
 
 class AdapterError(LoraFxError, ValueError):
     """An adapter file is missing, corrupt, or does not fit the model."""
+
+
+class NoLoraError(FoldError, AdapterError, SiteError, ExportError):
+    """A step that needs a lorafied module got one without LoRA.
+
+    Raised by the one check :func:`lora_fx.graph_module.lora_state` for every step (fold, export,
+    adapters, lora_parameters), so it is each of the step errors an older caller may catch.
+    """

@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import NoLoraError
+from .graph_facts import is_transpose
+
 # Keys under GraphModule.meta. Values hold plain data and tensors only (never fx.Node): deepcopy must work.
+# Read them through capture_of / lora_state / LoraFxModule.lora_report / .fold_report, not directly.
 CAPTURE_KEY = "lora_fx_capture"
 LORA_KEY = "lora_fx"
+FOLD_KEY = "lora_fx_fold"
 # Keys under Node.meta.
 NODE_LORA = "lora_fx_branch"  # str: branch name, on every node lorafy added
 NODE_MODE = "lora_fx_mode"  # dict: how a mode-dependent op was rewired at capture
@@ -49,10 +54,44 @@ class LoraFxModule(fx.GraphModule):
         state = self.meta.get(LORA_KEY)
         return None if state is None else state.report
 
+    @property
+    def fold_report(self):
+        """The :class:`~lora_fx.passes.fold.FoldReport` of the fold that made this module, or None."""
+        return self.meta.get(FOLD_KEY)
+
+
+def _meta(gm: object) -> dict:
+    meta = getattr(gm, "meta", None)
+    return meta if isinstance(meta, dict) else {}
+
 
 def capture_of(gm: nn.Module) -> Capture | None:
-    meta = getattr(gm, "meta", None)
-    return meta.get(CAPTURE_KEY) if isinstance(meta, dict) else None
+    """What :func:`lora_fx.trace` remembered (example inputs, dynamic shapes), or None."""
+    return _meta(gm).get(CAPTURE_KEY)
+
+
+def has_lora(gm: object) -> bool:
+    """Whether ``gm`` carries LoRA branches (is what lorafy returned)."""
+    state = _meta(gm).get(LORA_KEY)
+    return state is not None and bool(state.branches)
+
+
+def lora_state(gm: object, who: str):
+    """The :class:`~lora_fx.passes.lorafy.LoraState` of a lorafied module; the one check every step makes.
+
+    Raises:
+        NoLoraError: ``gm`` carries no LoRA (a subclass of the errors each step raised before:
+            FoldError, AdapterError, SiteError, ExportError).
+    """
+    if not has_lora(gm):
+        raise NoLoraError(f"{who}: {type(gm).__name__} carries no LoRA; pass what lora_fx.lorafy(gm, "
+                          "patterns) returned")
+    return _meta(gm)[LORA_KEY]
+
+
+def fold_report_of(gm: object):
+    """The FoldReport of a folded module (what fold / swap_adapter returned), or None."""
+    return _meta(gm).get(FOLD_KEY)
 
 
 def wrap(root: fx.GraphModule, graph: fx.Graph | None = None, *, cls: type | None = None) -> LoraFxModule:
@@ -164,8 +203,7 @@ def graph_signature(graph: fx.Graph, rename: dict[str, str] | None = None) -> li
         line = f"{node.op} {target} {fmt(args)} {fmt(node.kwargs)}"
         # An untied copy of a weight adds a get_attr (and maybe a transpose) that computes the same
         # value as an existing node: treat duplicates of these pure nodes as one.
-        if node.op == "get_attr" or (node.op == "call_function" and "aten.t" in target or "numpy_T" in target
-                                     or "transpose" in target or "permute" in target):
+        if node.op == "get_attr" or is_transpose(node):
             if line in seen:
                 index[node] = seen[line]
                 continue

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph_facts import is_transpose
 from .graph_module import NODE_LORA
 
 aten = torch.ops.aten
@@ -67,9 +68,6 @@ MODULE_OPS: dict[type, OpSpec] = {
     nn.Embedding: OpSpec("embedding", 0, -1, EMBED),
 }
 
-# Ops between a weight and its matmul that only swap its two dims.
-TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default,
-              torch.t, torch.transpose}
 GROUPS_ARG = 6  # conv*(input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -170,19 +168,11 @@ def _arg(node: fx.Node, i: int):
     return node.args[i] if len(node.args) > i else None
 
 
-def _is_transpose(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in ("t", "transpose", "permute")
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in ("T", "mT")
-    return node.op == "call_function" and node.target in TRANSPOSES
-
-
 def _param_source(gm: fx.GraphModule, arg) -> tuple[fx.Node | None, str | None, bool]:
     if not isinstance(arg, fx.Node):
         return None, None, False
     transposed = False
-    if _is_transpose(arg) and isinstance(arg.args[0], fx.Node):
+    if is_transpose(arg) and isinstance(arg.args[0], fx.Node):
         transposed, arg = True, arg.args[0]
     if arg.op != "get_attr":
         return None, None, False

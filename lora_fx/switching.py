@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from math import inf
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
 
-from .adapters import Adapter, AdapterBranch, adapter_of, read_adapter
+from . import delta as lora_delta
+from .adapters import Adapter, adapter_of, read_adapter
+from .delta import Branch
 from .errors import AdapterError
-from .graph_module import LORA_KEY, set_attr_path
-from .passes.fold import FOLD_KEY, delta_weight, fold, strip
-from .passes.lorafy import Branch, lorafy
-from .sites import CONV, TRANSPOSES, Site, sites
+from .graph_facts import weight_reads
+from .graph_module import fold_report_of, has_lora, lora_state, set_attr_path
+from .passes.fold import fold, strip
+from .passes.lorafy import lorafy
+from .sites import CONV, Site, sites
 from .targets import Target
 
 SWAP_KEY = "lora_fx_swap"
@@ -77,7 +79,7 @@ def swap_adapter(folded: fx.GraphModule, new: AdapterLike, *, old: AdapterLike |
         AdapterError: ``folded`` was not folded, a site of ``new`` is not in the graph or has a weight
             other ops also read, or neither ``old`` nor ``base`` tells the base weights.
     """
-    report = getattr(folded, "meta", {}).get(FOLD_KEY)
+    report = fold_report_of(folded)
     if report is None:
         raise AdapterError(f"swap_adapter: {type(folded).__name__} is not a folded module; pass what "
                            "lora_fx.fold(lgm) returned")
@@ -89,7 +91,7 @@ def swap_adapter(folded: fx.GraphModule, new: AdapterLike, *, old: AdapterLike |
         state = _first_state(folded, report, found, old, base)
     for sid in groups.keys() - state.base.keys():  # a site no adapter touched so far
         site = found[sid]
-        if _uses(folded.graph, site.weight) != 1:
+        if weight_reads(folded.graph, site.weight) != 1:
             raise AdapterError(f"swap_adapter: site {sid}'s weight {site.weight} is also read by other ops "
                                "(a tied weight); a swap would change them too. Fold an adapter that "
                                "covers this site with lora_fx.fold instead.")
@@ -99,14 +101,14 @@ def swap_adapter(folded: fx.GraphModule, new: AdapterLike, *, old: AdapterLike |
     for sid, w_base in state.base.items():
         site = found[sid]
         w = folded.get_parameter(site.weight)
-        ddt = torch.float64 if w.dtype == torch.float64 else torch.float32  # fold's dtype
+        ddt = lora_delta.compute_dtype(w.dtype)  # fold's dtype
         cdt = ddt if state.exact[sid] else torch.float64
         w_base = w_base.to(w.device)
         if sid in groups:
-            new_w = w_base.to(cdt) + _delta(groups[sid], site, w, ddt).to(cdt)
+            d = lora_delta.delta(groups[sid], adapter.tensors, site, ddt, ab_dtype=w.dtype)
+            new_weights[sid] = (w_base.to(cdt) + d.to(cdt)).to(w.dtype)
         else:
-            new_w = w_base.to(cdt)
-        new_weights[sid] = new_w.to(w.dtype)
+            new_weights[sid] = w_base.to(w.dtype)
     for sid, value in new_weights.items():
         site = found[sid]
         set_attr_path(folded, site.weight, nn.Parameter(value, requires_grad=False))
@@ -136,22 +138,24 @@ def combine_adapters(gm: fx.GraphModule, items: list[tuple[AdapterLike, float]])
     """
     if not items:
         raise AdapterError("combine_adapters: no adapters given; pass [(adapter_dir, weight), ...]")
-    if LORA_KEY in getattr(gm, "meta", {}):
+    if has_lora(gm):
         gm = strip(gm)
-    report = getattr(gm, "meta", {}).get(FOLD_KEY)
+    report = fold_report_of(gm)
     if report is not None and report.folded:
         raise AdapterError("combine_adapters: gm already holds a folded adapter; pass the base graph "
                            "(lora_fx.trace(model, args)) so no delta is counted twice")
     found = {s.id: s for s in sites(gm)}
-    per_site: dict[str, list[tuple[AdapterBranch, float]]] = {}
+    per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]]] = {}
     for src, weight in items:
-        for sid, brs in _group(as_adapter(src), found).items():
-            per_site.setdefault(sid, []).extend((br, float(weight)) for br in brs)
+        adapter = as_adapter(src)
+        for sid, brs in _group(adapter, found).items():
+            per_site.setdefault(sid, []).extend((*adapter.pair(br.key), float(weight) * br.scale, br.slice)
+                                                for br in brs)
     factors = {sid: _factors(found[sid], parts) for sid, parts in per_site.items()}
     targets = [Target(re.compile(re.escape(sid)), rank=a.shape[0], alpha=float(a.shape[0]))
                for sid, (a, _) in factors.items()]
     lgm = lorafy(gm, targets)
-    made = {br.site.id: br for br in lgm.meta[LORA_KEY].branches}
+    made = {br.site.id: br for br in lora_state(lgm, "combine_adapters").branches}
     if made.keys() != factors.keys():
         raise AdapterError(f"combine_adapters: site ids {sorted(made.keys() ^ factors.keys())} select other "
                            "sites too; rename the modules or combine with lorafy + load_adapter by hand")
@@ -165,47 +169,25 @@ def combine_adapters(gm: fx.GraphModule, items: list[tuple[AdapterLike, float]])
 
 # -- helpers ------------------------------------------------------------------------------------------
 
-class _Tensors:
-    """Duck-types the one method :func:`delta_weight` calls, so swaps use fold's own arithmetic."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._t = tensors
-
-    def get_parameter(self, name: str) -> torch.Tensor:
-        return self._t[name]
-
-
-def _delta(brs: list[AdapterBranch], site: Site, w: torch.Tensor, dtype: torch.dtype,
-           ab_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Fold's delta of ``brs`` at ``site``; A and B are first cast to ``ab_dtype`` (default: w's), as
-    lorafy stores them in the weight's dtype."""
-    tensors, branches = {site.weight: w}, []
-    ab_dtype = ab_dtype or w.dtype
-    for i, br in enumerate(brs):
-        tensors[f"a{i}"], tensors[f"b{i}"] = br.a.to(w.device, ab_dtype), br.b.to(w.device, ab_dtype)
-        branches.append(Branch(br.key, site, f"a{i}", f"b{i}", br.rank, br.alpha, br.scale, br.dropout,
-                               br.slice))
-    return delta_weight(_Tensors(tensors), branches, site, dtype)  # type: ignore[arg-type]
-
-
-def _group(adapter: Adapter, found: dict[str, Site]) -> dict[str, list[AdapterBranch]]:
-    """Branches by site id (slices in order), checking that every site exists and fits."""
+def _group(adapter: Adapter, found: dict[str, Site]) -> dict[str, list[Branch]]:
+    """Branches by site id (slices in order), re-pointed at the graph's Site; checks that each fits."""
     import difflib
 
-    groups: dict[str, list[AdapterBranch]] = {}
+    groups: dict[str, list[Branch]] = {}
     for br in adapter.branches.values():
-        site = found.get(br.site)
+        site = found.get(br.site.id)
         if site is None:
-            near = difflib.get_close_matches(br.site, sorted(found), n=3, cutoff=0.5)
-            raise AdapterError(f"adapter {adapter.source}: branch {br.key} targets site {br.site}, which the "
+            near = difflib.get_close_matches(br.site.id, sorted(found), n=3, cutoff=0.5)
+            raise AdapterError(f"adapter {adapter.source}: branch {br.key} targets site {br.site.id}, which the "
                                f"graph does not have (nearest: {near or sorted(found)[:3]})")
+        a, b = adapter.pair(br.key)
         rows = site.out_features if br.slice is None else br.slice[1] - br.slice[0]
-        in_ok = br.a[0].numel() == (site.in_features if site.layout != CONV else site.params // site.out_features)
-        if br.b.shape[0] != rows or not in_ok:
-            raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(br.a.shape)}, B "
-                               f"{tuple(br.b.shape)}, which do not fit site {site.id} ({site.weight} "
+        in_ok = a[0].numel() == (site.in_features if site.layout != CONV else site.params // site.out_features)
+        if b.shape[0] != rows or not in_ok:
+            raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(a.shape)}, B "
+                               f"{tuple(b.shape)}, which do not fit site {site.id} ({site.weight} "
                                f"{tuple(site.shape)}, in={site.in_features}, out={site.out_features})")
-        groups.setdefault(br.site, []).append(br)
+        groups.setdefault(site.id, []).append(replace(br, site=site))
     for brs in groups.values():
         brs.sort(key=lambda br: br.slice or (0, 0))
     return groups
@@ -233,38 +215,13 @@ def _first_state(folded: fx.GraphModule, report, found: dict[str, Site], old: Ad
     for sid, brs in groups.items():
         site = found[sid]
         w = folded.get_parameter(site.weight).detach()
-        d = _delta(brs, site, w, torch.float64 if w.dtype == torch.float64 else torch.float32)
+        d = lora_delta.delta(brs, adapter.tensors, site, lora_delta.compute_dtype(w.dtype), ab_dtype=w.dtype)
         mx, rep = float(d.abs().max()), report.folded[sid]
         if abs(mx - rep) > 1e-3 * max(mx, rep) + 4 * torch.finfo(w.dtype).eps * float(w.abs().max()):
             raise AdapterError(f"swap_adapter: old adapter {adapter.source} does not match what was folded "
                                f"at {sid} (its max |delta| {mx:.4g} vs fold's {rep:.4g}); pass the folded one")
-        state.base[sid], state.exact[sid] = _recover(w, d)
+        state.base[sid], state.exact[sid] = lora_delta.recover(w, d), False
     return state
-
-
-def _recover(folded_w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The base weight as fp64: exact where one float x has fold's ``round(x + d) == W'``.
-
-    Where ``|d|`` is small next to ``|W|`` (most entries of any real fine-tune) exactly one float x
-    fits, and it is the true base, bit for bit. Elsewhere (several fit: a delta larger than the
-    weight) ``W' - d`` in fp64 is kept, which is within half an ulp of ``|W'|`` of the truth.
-    """
-    guess = folded_w.double() - d.double()
-    if folded_w.dtype not in (torch.float32, torch.float64):
-        return guess, False
-    x = guess.to(folded_w.dtype)
-    cands = [x]
-    up, down = x, x
-    for _ in range(2):  # the floats x whose x + d rounds to W' lie within 2 ulps of x
-        up = torch.nextafter(up, torch.full_like(up, inf))
-        down = torch.nextafter(down, torch.full_like(down, -inf))
-        cands += [up, down]
-    fits = [(c.to(d.dtype) + d).to(folded_w.dtype) == folded_w for c in cands]
-    count = torch.stack(fits).sum(0)
-    best = x
-    for c, ok in zip(cands, fits, strict=True):
-        best = torch.where(ok, c, best)
-    return torch.where(count == 1, best.double(), guess), False
 
 
 def _base_weight(base: nn.Module, name: str, site: Site) -> torch.Tensor:
@@ -279,36 +236,27 @@ def _base_weight(base: nn.Module, name: str, site: Site) -> torch.Tensor:
     return t
 
 
-def _uses(graph: fx.Graph, name: str) -> int:
-    """How many ops read the attribute ``name`` (through a transpose counts as a read)."""
-    n_uses = 0
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target == name:
-            for user in node.users:
-                n_uses += len(user.users) if user.target in TRANSPOSES or user.target in ("t", "T") else 1
-    return n_uses
+def _factors(site: Site, parts: list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with ``B @ A == sum w·scale·B_i@A_i`` (slices placed in their rows), scale 1.
 
-
-def _factors(site: Site, parts: list[tuple[AdapterBranch, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with ``B @ A == sum w·scale·B_i@A_i`` (slices placed in their rows), scale 1."""
-    rank = sum(br.rank for br, _ in parts)
+    ``parts`` are ``(A_i, B_i, w_i·scale_i, slice_i)``.
+    """
+    rank = sum(a.shape[0] for a, _, _, _ in parts)
     if rank <= min(site.in_features, site.out_features):
         a_s, b_s = [], []
-        for br, w in parts:
-            b = torch.zeros(site.out_features, *br.b.shape[1:], dtype=torch.float32)
-            rows = slice(None) if br.slice is None else slice(*br.slice)
-            b[rows] = br.b.float() * (w * br.scale)
-            a_s.append(br.a.float())
-            b_s.append(b)
+        for a, b, scale, sl in parts:
+            wide = torch.zeros(site.out_features, *b.shape[1:], dtype=torch.float32)
+            rows = slice(None) if sl is None else slice(*sl)
+            wide[rows] = b.float() * scale
+            a_s.append(a.float())
+            b_s.append(wide)
         return torch.cat(a_s, 0), torch.cat(b_s, 1)
     if site.layout == CONV and site.params != site.out_features * site.in_features:
         raise AdapterError(f"combine_adapters: site {site.id} (conv {tuple(site.shape)}): summed rank {rank} "
                            f"exceeds min(in, out) = {min(site.in_features, site.out_features)}; combine fewer "
                            "adapters there")
-    dense = torch.zeros(site.out_features, site.in_features, dtype=torch.float32)
-    for br, w in parts:
-        rows = slice(None) if br.slice is None else slice(*br.slice)
-        dense[rows] += (w * br.scale) * (br.b.float().flatten(1) @ br.a.float().flatten(1))
+    dense = lora_delta.product(parts, site.out_features, torch.float32)
     extra = (1,) * (len(site.shape) - 2) if site.layout == CONV else ()
     if site.in_features <= site.out_features:
         return torch.eye(site.in_features).reshape(site.in_features, site.in_features, *extra), \

@@ -82,7 +82,7 @@ def test_peft_trained_adapter_loads_into_graph(case, tmp_path):
     err = (logits(lgm, ids) - logits(pm, ids)).abs().max().item()
     assert err <= TOL, f"{name}: PEFT adapter in lora-fx graph differs by {err:.3g}"
     auto = load_adapter(gm, tmp_path)  # no LoRA yet: lorafied from the file
-    assert [br.key for br in auto.meta["lora_fx"].branches] == [br.key for br in lgm.meta["lora_fx"].branches]
+    assert [br.key for br in auto.lora_report.branches] == [br.key for br in lgm.lora_report.branches]
     assert (logits(auto, ids) - logits(pm, ids)).abs().max().item() <= TOL
 
 
@@ -225,7 +225,7 @@ def test_bad_files_raise_adapter_error(saved, monkeypatch):
         load_adapter(lgm, path)
     (path / TENSORS).write_bytes(good)
     t = read_adapter(path)
-    t.branches["transformer.h.1.attn.c_attn"].b[0, 0] = float("nan")
+    t.pair("transformer.h.1.attn.c_attn")[1][0, 0] = float("nan")
     with pytest.raises(lora_fx.AdapterError, match=r"transformer\.h\.1\.attn\.c_attn\.lora_B holds NaN"):
         save_and_read(t, path.parent / "nan")
     (path / CONFIG).write_text("{oops")

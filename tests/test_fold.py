@@ -9,9 +9,9 @@ from helpers import first_tensor, lora_node_count, randomize_lora
 from zoo import assert_close, zoo_params
 
 import lora_fx
+from lora_fx.delta import delta
 from lora_fx.examples import zoo_models
 from lora_fx.graph_module import graph_signature
-from lora_fx.passes.fold import delta_weight
 
 
 @pytest.mark.parametrize("case", zoo_params(include_slow=False))
@@ -26,7 +26,7 @@ def test_zoo_fold_equals_lora_model_and_captured_graph(case):
 
     assert lora_node_count(folded) == 0
     assert not [n for n, _ in folded.named_parameters() if "lora_" in n]
-    report = folded.meta["lora_fx_fold"]
+    report = folded.fold_report
     assert len(report.folded) == case.n_sites
     rename = dict(report.untied)
     assert graph_signature(folded.graph, rename=rename) == graph_signature(gm.graph)
@@ -42,7 +42,7 @@ def test_tied_weight_keeps_its_other_use():
     randomize_lora(lgm, std=0.2)
     lgm.eval()
     folded = lora_fx.fold(lgm)
-    report = folded.meta["lora_fx_fold"]
+    report = folded.fold_report
     (new, old), = report.untied.items()
     assert old in ("lm_head.weight", "embed.weight") and "folded" in new
     assert "untied" in str(report)
@@ -61,8 +61,8 @@ def test_low_precision_fold_rounds_once_from_fp32(dtype):
     folded = lora_fx.fold(lgm)
     for br in lgm.lora_report.branches:
         w = lgm.get_parameter(br.site.weight)
-        delta = delta_weight(lgm, [br], br.site, torch.float32)
-        expected = (w.float() + delta).to(dtype)
+        d = delta([br], lgm.get_parameter, br.site, torch.float32)
+        expected = (w.float() + d).to(dtype)
         got = folded.get_parameter(br.site.weight)
         assert got.dtype == dtype
         assert torch.equal(got, expected), "every entry must be round(fp32(W) + fp32 delta)"

@@ -62,7 +62,7 @@ def served(tmp_path_factory):
 def test_export_maps_every_lora_tensor_to_an_overridable_zero_initializer(served):
     exp, lgm = served["exp"], served["lgm"]
     assert len(exp.branches) == 2  # tiny GPT-2: two c_attn sites
-    assert set(exp.names) == {n for br in lgm.meta["lora_fx"].branches for n in (br.a, br.b)}
+    assert set(exp.names) == {n for br in lgm.lora_report.branches for n in (br.a, br.b)}
     assert exp.names["transformer.h.0.attn.c_attn.lora_A.weight"] == "transformer.h.0.attn.c_attn.lora_A.weight"
     proto = onnx.load(exp.path)
     inputs = [i.name for i in proto.graph.input]

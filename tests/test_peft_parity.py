@@ -60,7 +60,7 @@ def test_outputs_and_gradients_match_peft(build):
     lgm = lora_fx.lorafy(lora_fx.trace(model, (ids,), kwargs), [f"*.{t}" for t in targets], rank=4, alpha=8)
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     pm.eval()
-    branches = lgm.meta["lora_fx"].branches
+    branches = lgm.lora_report.branches
     assert len(branches) == 2 * len(targets)  # every target in both layers
     gen = torch.Generator().manual_seed(1)
     pairs = []  # (lora-fx parameter, PEFT parameter)

@@ -313,7 +313,7 @@ def test_folded_graph_is_the_captured_graph(data: st.DataObject, seed: int) -> N
     p = prepare(data)
     randomize_lora(p.lgm, std=0.2, seed=seed)
     folded = lora_fx.fold(p.lgm)
-    report = folded.meta["lora_fx_fold"]
+    report = folded.fold_report
     assert len(report.folded) == len(p.targets)
     assert not [n for n, _ in folded.named_parameters() if "lora_" in n]
     assert graph_signature(folded.graph, rename=report.untied) == graph_signature(p.gm.graph)

@@ -26,10 +26,10 @@ from helpers import randomize_lora
 from zoo import assert_close
 
 import lora_fx
+from lora_fx.delta import Branch
 from lora_fx.examples import zoo_models
 from lora_fx.exporters.verify_onnx import compare_structure
 from lora_fx.graph_module import graph_signature
-from lora_fx.passes.lorafy import Branch
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -327,10 +327,10 @@ def test_fp64_stays_fp64_end_to_end(name: str) -> None:
     assert expected.dtype == got.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in folded.parameters() if p.is_floating_point())
     assert all(b.dtype == torch.float64 for b in folded.buffers() if b.is_floating_point())
-    assert graph_signature(folded.graph, rename=folded.meta["lora_fx_fold"].untied) == graph_signature(gm.graph)
+    assert graph_signature(folded.graph, rename=folded.fold_report.untied) == graph_signature(gm.graph)
     assert_close(got, expected)  # fp64 tolerance: the merge is computed in fp64, not fp32
     # and the fold really is fp64-exact: an fp32 merge would be off by ~1e-8 relative
-    untied = set(folded.meta["lora_fx_fold"].untied.values())
+    untied = set(folded.fold_report.untied.values())
     for br in lgm.lora_report.branches:
         if br.site.layout == "out,in" and br.site.kind == "linear" and br.site.weight not in untied:
             w = lgm.get_parameter(br.site.weight)

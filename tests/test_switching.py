@@ -83,7 +83,7 @@ def test_hundred_swaps_equal_a_fresh_fold(gpt2, two, mode):
     with torch.no_grad():
         err = (folded(ids).logits - b(ids).logits).abs().max().item()
     assert err <= 1e-5
-    assert folded.meta["lora_fx_fold"].folded.keys() == {br.site.id for br in b.meta["lora_fx"].branches}
+    assert folded.fold_report.folded.keys() == {br.site.id for br in b.lora_report.branches}
 
 
 def test_swap_to_new_sites_and_back_to_base(gpt2, two):
@@ -121,7 +121,7 @@ def test_swap_errors(gpt2, two):
 def direct_delta(lgm, scale_by: float) -> dict[str, torch.Tensor]:
     """scale * B @ A per weight, placed in the weight's own layout, computed without lora-fx helpers."""
     out: dict[str, torch.Tensor] = {}
-    for br in lgm.meta["lora_fx"].branches:
+    for br in lgm.lora_report.branches:
         a, b = lgm.get_parameter(br.a).double(), lgm.get_parameter(br.b).double()
         site = br.site
         full = torch.zeros(site.out_features, site.in_features, dtype=torch.float64)

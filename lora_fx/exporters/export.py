@@ -23,8 +23,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportError, VerifyError
-from ..graph_module import LORA_KEY, LoraFxModule, capture_of, copy_module
-from ..passes.fold import FOLD_KEY, FoldReport, fold, strip
+from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of, lora_state
+from ..passes.fold import FoldReport, fold, strip
 from .onnx_io import ExportInfo, check_target, export_onnx, install
 from .ort import available_providers, ort_session, run_onnx
 from .verify_onnx import StructureReport, compare_structure
@@ -127,9 +127,7 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         VerifyError: the export failed verification (nothing at ``path`` changed; the message shows
             the first difference).
     """
-    if LORA_KEY not in getattr(lgm, "meta", {}):
-        raise ExportError(f"{type(lgm).__name__} carries no LoRA: fold_and_export takes what "
-                          "lora_fx.lorafy() returned (export a plain model with torch.onnx.export)")
+    lora_state(lgm, "fold_and_export")  # export a plain model with torch.onnx.export
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     final = os.path.abspath(os.fspath(path))
     directory = check_target(final)
@@ -146,7 +144,7 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         info = export_onnx(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
                            external_data=external_data)
         times["export"] = info.seconds
-        report = ExportReport(final, folded, info, None, module.meta.get(FOLD_KEY), None, times)
+        report = ExportReport(final, folded, info, None, fold_report_of(module), None, times)
         if verify:
             base_mod = _deployable(strip(lgm), dtype)
             report.base = export_onnx(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,

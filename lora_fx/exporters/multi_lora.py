@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from ..adapters import Adapter, adapter_of
 from ..errors import AdapterError, ExportError
-from ..graph_module import LORA_KEY, capture_of, copy_module, set_attr_path
+from ..graph_module import capture_of, copy_module, lora_state, set_attr_path
 from .onnx_io import ExportInfo, export_onnx
 
 __all__ = ["MultiLoraExport", "export_multi_lora", "load_ort_adapter", "run_multi_lora",
@@ -112,9 +112,7 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
         ExportError: ``lgm`` has no LoRA, the export failed, or a LoRA tensor has no initializer (or no
             consumer node) in the exported graph.
     """
-    state = getattr(lgm, "meta", {}).get(LORA_KEY)
-    if state is None:
-        raise ExportError(f"{type(lgm).__name__} carries no LoRA: export_multi_lora takes what lora_fx.lorafy() returned")
+    state = lora_state(lgm, "export_multi_lora")
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     module = copy_module(lgm, freeze=False)
     for br in state.branches:  # new zero Parameters: the user's A/B are never touched
@@ -205,7 +203,8 @@ def write_ort_adapter(source: fx.GraphModule | Adapter, path: str | os.PathLike,
     values: dict[str, np.ndarray] = {}
     for key, br in adapter.branches.items():
         ratio = br.scale / exp.scales[key]
-        for init, t in zip(exp.branches[key], (br.a, br.b * ratio if ratio != 1.0 else br.b), strict=True):
+        a, b = adapter.pair(key)
+        for init, t in zip(exp.branches[key], (a, b * ratio if ratio != 1.0 else b), strict=True):
             values[init] = t.detach().cpu().to(torch.float32).numpy().astype(exp.dtypes[init])
     _check(values, exp, f"adapter {adapter.source}")
     fmt = ort.AdapterFormat()

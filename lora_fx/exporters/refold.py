@@ -33,11 +33,16 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..adapters import Adapter, AdapterBranch
+from .. import delta as lora_delta
+from ..adapters import Adapter
+from ..delta import Branch
 from ..errors import AdapterError, ExportError
+from ..graph_facts import untied_name
 from ..sites import CONV, EMBED, IN_OUT, OUT_IN, Site
-from ..switching import AdapterLike, _delta, _recover, as_adapter
+from ..switching import AdapterLike, as_adapter
 from .onnx_io import install
+
+Group = tuple[Site, list[Branch], Adapter]  # an initializer's layout, the branches adapting it, their tensors
 
 
 @dataclass
@@ -84,20 +89,19 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     report = RefoldReport(os.path.abspath(os.fspath(out_path)), base="base_onnx" if base_onnx else "old_adapter")
     base = _base_from_onnx(base_onnx, inits, new, folder) if base_onnx is not None else {}
     if old_adapter is not None:
-        for name, (site, brs) in _by_initializer(as_adapter(old_adapter), inits, readers).items():
+        for name, group in _by_initializer(as_adapter(old_adapter), inits, readers).items():
             w = torch.from_numpy(_array(inits[name], folder).copy())
-            base[name] = _recover(w, _delta(brs, site, w, _fold_dtype(w), brs[0].a.dtype))[0].numpy()
+            base[name] = lora_delta.recover(w, _delta(group, lora_delta.compute_dtype(w.dtype))).numpy()
         base.update({n: _array(inits[n], folder) for n in new if n not in base})  # untouched: exact
     patches: dict[str, np.ndarray] = {}
     for name in sorted(set(new) | set(base)):
         old = _array(inits[name], folder)
         value = base[name]
         if name in new:  # fold's arithmetic; an fp64 base (recovered) is added in fp64
-            site, brs = new[name]
             w = torch.from_numpy(old.copy())
-            ddt = _fold_dtype(w)
+            ddt = lora_delta.compute_dtype(w.dtype)
             cdt = torch.float64 if value.dtype == np.float64 else ddt
-            delta = _delta(brs, site, w, ddt, brs[0].a.dtype).to(cdt)  # A/B as trained
+            delta = _delta(new[name], ddt).to(cdt)  # A/B as trained
             value = (torch.from_numpy(value.copy()).to(cdt) + delta).to(w.dtype).numpy()
         value = value.astype(old.dtype, copy=False)
         # in the weights' own float type: no float64 copies of every weight on the hot path
@@ -113,14 +117,18 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     return report
 
 
-def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str, tuple[Site, list[AdapterBranch]]]:
+def _delta(group: Group, dtype: torch.dtype) -> torch.Tensor:
+    """Fold's delta of a group; A/B first rounded to their stored dtype, as a module holding them is."""
+    site, brs, adapter = group
+    return lora_delta.delta(brs, adapter.tensors, site, dtype, ab_dtype=adapter.tensors[brs[0].a].dtype)
+
+
+def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str, Group]:
     """Branches grouped by the initializer they adapt, with a Site describing its layout."""
-    groups: dict[str, tuple[Site, list[AdapterBranch]]] = {}
+    groups: dict[str, Group] = {}
     for br in adapter.branches.values():
-        attr = br.weight.rpartition(".")[2] if br.weight else "weight"
-        path = br.path or br.key
-        suffix = f"_call{br.site.rpartition('#')[2]}" if "#" in br.site else ""
-        names = [f"{path}.{attr}_folded{suffix}" if path else f"{attr}_folded{suffix}", br.weight or f"{path}.weight"]
+        path = br.site.path or br.key
+        names = [untied_name(path, br.site.weight, br.site.id), br.site.weight or f"{path}.weight"]
         name = next((n for n in names if n in inits), None)
         if name is None:
             raise AdapterError(f"adapter {adapter.source}: branch {br.key} adapts {names[-1]}, which is not an "
@@ -129,17 +137,19 @@ def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str
             raise AdapterError(f"adapter {adapter.source}: initializer {name} (branch {br.key}) is read by "
                                f"{readers[name]} nodes; rewriting it would change all of them. Re-export "
                                "with lora_fx.fold_and_export, which unties it.")
-        site = groups[name][0] if name in groups else _site(br, name, tuple(inits[name].dims), adapter.source)
-        groups.setdefault(name, (site, []))[1].append(br)
-    for _, brs in groups.values():
+        site = groups[name][0] if name in groups else _site(br, adapter, name, tuple(inits[name].dims))
+        groups.setdefault(name, (site, [], adapter))[1].append(br)
+    for _, brs, _ in groups.values():
         brs.sort(key=lambda b: b.slice or (0, 0))
     return groups
 
 
-def _site(br: AdapterBranch, name: str, shape: tuple[int, ...], source: str) -> Site:
+def _site(br: Branch, adapter: Adapter, name: str, shape: tuple[int, ...]) -> Site:
     """A Site for the initializer, in the branch's layout (or the one its A/B shapes fit)."""
+    a, b = adapter.pair(br.key)
+    ref = br.site
     rows = None if br.slice is None else br.slice[1] - br.slice[0]
-    layouts = [br.layout] if br.layout else ([EMBED] if br.op == "embedding" else [OUT_IN, IN_OUT])
+    layouts = [ref.layout] if ref.layout else ([EMBED] if ref.op == "embedding" else [OUT_IN, IN_OUT])
     for layout in layouts:
         if layout == CONV or len(shape) > 2:
             out_f, in_f, kind, in_numel = shape[0], shape[1], "conv", int(np.prod(shape[1:]))
@@ -148,9 +158,9 @@ def _site(br: AdapterBranch, name: str, shape: tuple[int, ...], source: str) -> 
             in_numel = in_f
         else:
             out_f, in_f, kind, in_numel = shape[0], shape[1], "linear", shape[1]
-        if br.b.shape[0] == (rows or out_f) and br.a[0].numel() == in_numel:
-            return Site(br.site, br.path, br.op, kind, name, layout, shape, in_f, out_f, "")
-    raise AdapterError(f"adapter {source}: branch {br.key} has A {tuple(br.a.shape)}, B {tuple(br.b.shape)}, "
+        if b.shape[0] == (rows or out_f) and a[0].numel() == in_numel:
+            return Site(ref.id, ref.path, ref.op, kind, name, layout, shape, in_f, out_f, "")
+    raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(a.shape)}, B {tuple(b.shape)}, "
                        f"which do not fit initializer {name} {shape}")
 
 
@@ -162,7 +172,7 @@ def _base_from_onnx(base_onnx, inits: dict, new: dict, folder: str) -> dict[str,
     for name, t in inits.items():
         src = base_inits.get(name)
         if src is None and name in new:
-            src = base_inits.get(new[name][1][0].weight)
+            src = base_inits.get(new[name][1][0].site.weight)
         if src is None:
             if name in new or "_folded" in name:
                 raise AdapterError(f"refold_onnx: {base_onnx} has no base weight for initializer {name} (an "
@@ -180,10 +190,6 @@ def _base_from_onnx(base_onnx, inits: dict, new: dict, folder: str) -> dict[str,
         if name in new or not np.array_equal(arr, _array(t, folder)):
             out[name] = arr
     return out
-
-
-def _fold_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
 def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:

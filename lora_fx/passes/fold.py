@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .. import delta as lora_delta
+from ..delta import Branch
 from ..errors import FoldError
+from ..graph_facts import untied_module_name, untied_name, weight_reads
 from ..graph_module import (
+    FOLD_KEY,
     LORA_KEY,
     NODE_LORA,
     LoraFxModule,
@@ -32,13 +36,12 @@ from ..graph_module import (
     first_difference,
     graph_signature,
     has_attr_path,
+    lora_state,
     prune_empty_modules,
     set_attr_path,
 )
-from ..sites import CONV, EMBED, IN_OUT, OPS, TRANSPOSES, Site
-from .lorafy import Branch, LoraState
-
-FOLD_KEY = "lora_fx_fold"
+from ..sites import OPS, Site
+from .lorafy import LoraState
 
 
 @dataclass
@@ -58,8 +61,12 @@ class FoldReport:
 def fold(gm: fx.GraphModule) -> LoraFxModule:
     """Returns a new module where every LoRA branch is merged into its weight (see module doc).
 
+    A weight that no other op reads is replaced under its own name (a new Parameter: writing an
+    attribute never changes the tensor that other names of it, such as tied registrations, hold).
+
     Raises:
-        FoldError: ``gm`` carries no LoRA, or a delta is not finite (NaN/inf in A or B).
+        NoLoraError: ``gm`` carries no LoRA (a FoldError).
+        FoldError: a delta is not finite (NaN/inf in A or B), or W + delta overflows W's dtype.
     """
     return _fold(gm, merge=True)
 
@@ -69,32 +76,8 @@ def strip(gm: fx.GraphModule) -> LoraFxModule:
     return _fold(gm, merge=False)
 
 
-def delta_weight(gm: nn.Module, branches: list[Branch], site: Site, dtype: torch.dtype) -> torch.Tensor:
-    """sum of scale * B @ A over a site's branches, in the weight's layout and shape, in ``dtype``."""
-    cols = gm.get_parameter(branches[0].a)[0].numel()  # in, or in * kernel for conv
-    out = torch.zeros(site.out_features, cols, dtype=dtype, device=_device(gm, site))
-    for br in branches:
-        a = gm.get_parameter(br.a).detach().to(dtype)
-        b = gm.get_parameter(br.b).detach().to(dtype)
-        prod = b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
-        rows = slice(None) if br.slice is None else slice(*br.slice)
-        out[rows] += br.scale * prod
-    if site.layout == CONV:
-        return out.reshape(site.shape)
-    if site.layout in (IN_OUT, EMBED):
-        return out.T
-    return out
-
-
-def _device(gm: nn.Module, site: Site) -> torch.device:
-    return gm.get_parameter(site.weight).device
-
-
 def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
-    state: LoraState | None = getattr(gm, "meta", {}).get(LORA_KEY)
-    if state is None or not state.branches:
-        raise FoldError(f"{type(gm).__name__} carries no LoRA branch to fold: fold() takes what "
-                        "lora_fx.lorafy() returned")
+    state: LoraState = lora_state(gm, "fold" if merge else "strip")
     out = copy_module(gm, freeze=False)
     graph = out.graph
     by_site: dict[str, list[Branch]] = defaultdict(list)
@@ -117,16 +100,15 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
 
 def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport):
     w = gm.get_parameter(site.weight)
-    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    delta = delta_weight(gm, branches, site, cdt)
-    merged = w.detach().to(cdt) + delta
-    new = nn.Parameter(merged.to(w.dtype), requires_grad=False)
+    delta = lora_delta.delta(branches, gm.get_parameter, site, lora_delta.compute_dtype(w.dtype))
+    rounded, merged = lora_delta.merge(w, delta)
+    new = nn.Parameter(rounded, requires_grad=False)
     if not torch.isfinite(new).all():  # one check on the hot path; diagnose only on failure
         _raise_non_finite(gm, site, branches, w, delta, merged, new)
     report.folded[site.id] = float(delta.abs().max()) if delta.numel() else 0.0
     if node.op == "call_module":
         _merge_module(gm, node, new, report)
-    elif _sole_use(gm, node, site):
+    elif weight_reads(gm.graph, site.weight) == 1:  # writing W' under its name changes nothing else
         set_attr_path(gm, site.weight, new)
     else:
         _untie(gm, node, site, new, report)
@@ -153,28 +135,8 @@ def _weight_arg(node: fx.Node, site: Site) -> tuple[int | None, fx.Node]:
     return i, node.args[i]
 
 
-def _sole_use(gm: LoraFxModule, node: fx.Node, site: Site) -> bool:
-    """True when writing W' under the weight's name changes no other computation.
-
-    Replacing the attribute never mutates the tensor, so other names of the same tensor (tied
-    registrations) keep the old value; only other graph reads of this name matter.
-    """
-    users = 0
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == site.weight:
-            for u in n.users:
-                users += len(u.users) if _is_transpose(u) else 1
-    return users == 1
-
-
-def _is_transpose(n: fx.Node) -> bool:
-    return n.target in TRANSPOSES or n.target in ("t", "T")
-
-
 def _untie(gm: LoraFxModule, node: fx.Node, site: Site, new: nn.Parameter, report: FoldReport):
-    suffix = f"_call{site.id.rpartition('#')[2]}" if "#" in site.id else ""
-    attr = site.weight.rpartition(".")[2]
-    name = f"{site.path}.{attr}_folded{suffix}" if site.path else f"{attr}_folded{suffix}"
+    name = untied_name(site.path, site.weight, site.id)
     while has_attr_path(gm, name):
         name += "_"
     set_attr_path(gm, name, new)
@@ -184,7 +146,7 @@ def _untie(gm: LoraFxModule, node: fx.Node, site: Site, new: nn.Parameter, repor
         attr = gm.graph.get_attr(name)
         repl = attr
         if src.op != "get_attr":  # weight reached through a transpose: copy it
-            repl = gm.graph.call_function(src.target, (attr, *src.args[1:]), dict(src.kwargs))
+            repl = gm.graph.create_node(src.op, src.target, (attr, *src.args[1:]), dict(src.kwargs))
     if i is None:
         operands = list(node.args[1])
         operands[site.w_operand] = repl
@@ -203,7 +165,7 @@ def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: Fo
     clone = copy.copy(gm.get_submodule(target))
     clone._parameters = dict(clone._parameters)
     clone.weight = new
-    name = f"{target}_folded_call{k}"
+    name = untied_module_name(target, k)
     set_attr_path(gm, name, clone)
     node.target = name
     report.untied[name] = target

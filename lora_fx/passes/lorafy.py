@@ -21,7 +21,9 @@ import torch
 from torch import fx, nn
 
 from ..capture import training_node
+from ..delta import Branch
 from ..errors import PatternError, SiteError
+from ..graph_facts import branch_leaf
 from ..graph_module import (
     LORA_KEY,
     NODE_LORA,
@@ -29,6 +31,7 @@ from ..graph_module import (
     copy_module,
     graph_signature,
     has_attr_path,
+    lora_state,
     set_attr_path,
 )
 from ..sites import OPS, Site, module_path, sites
@@ -36,21 +39,6 @@ from ..targets import Selection, as_targets, matches, select
 from .branches import Emitter, activation, build, init_pair, lora_shapes
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One A/B pair (a site has one, or one per slice of a fused weight). Plain data."""
-
-    key: str  # PEFT-style module key, e.g. "transformer.h.0.attn.c_attn" (+ suffixes)
-    site: Site
-    a: str  # qualified parameter names in the module
-    b: str
-    rank: int
-    alpha: float
-    scale: float
-    dropout: float
-    slice: tuple[int, int] | None
 
 
 @dataclass
@@ -142,18 +130,13 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
 
 def lora_parameters(gm: nn.Module) -> list[nn.Parameter]:
     """The trainable A/B parameters of a lorafied module, A then B for each branch, in graph order."""
-    state: LoraState | None = getattr(gm, "meta", {}).get(LORA_KEY) if hasattr(gm, "meta") else None
-    if state is None:
-        raise SiteError(f"{type(gm).__name__} carries no LoRA: call lora_fx.lorafy(gm, patterns) first")
+    state: LoraState = lora_state(gm, "lora_parameters")
     return [gm.get_parameter(n) for br in state.branches for n in (br.a, br.b)]
 
 
 def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
     """(PEFT-style module key, parameter leaf name) of one branch."""
-    attr = site.weight.rpartition(".")[2]
-    suffix = f"_call{site.id.rpartition('#')[2]}" if "#" in site.id else ""
-    suffix += f"_slice{sl[0]}_{sl[1]}" if sl else ""
-    return site.path, f"{attr}{suffix}"
+    return site.path, branch_leaf(site.weight, site.id, sl)
 
 
 def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool) -> list[Branch]:

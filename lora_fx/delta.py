@@ -1,0 +1,142 @@
+"""The LoRA branch and its delta: pure tensor math, the one home of fold's arithmetic.
+
+A :class:`Branch` is one A/B pair and what it means. The delta of the branches of one site, in the
+weight's own layout and shape, is::
+
+    D[out, in]        = sum_i  scale_i · B_i @ A_i    (B_i @ A_i lands in rows slice_i; all rows if None)
+    delta             = to_layout(D, layout, shape)    ("out,in": D, "in,out"/"embedding": D.T,
+                                                        "conv": D.reshape(shape), one per op kind)
+
+computed in the *compute dtype* (fp32, fp64 for fp64 weights) and rounded once::
+
+    merge:    W' = round_{dtype(W)}(cdt(W) + delta)                 (lora_fx.fold)
+    recover:  W  = the x with round(x + delta) == W', else W' - delta  (undoing a fold, see recover)
+
+Everything that folds (fold, swap_adapter, combine_adapters, refold_onnx) calls these functions, so
+a swapped or refolded weight is bit-identical to a freshly folded one. Nothing here knows graphs,
+modules or files: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from math import inf
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .sites import Site
+
+# How a delta D (out, in*) becomes a weight-shaped tensor, per layout name (a site's ``layout``).
+# Op kinds register theirs (lora_fx/kinds); the four built-in layouts are here so this stays pure.
+LAYOUTS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
+    "out,in": lambda d, shape: d,
+    "in,out": lambda d, shape: d.T,
+    "embedding": lambda d, shape: d.T,
+    "conv": lambda d, shape: d.reshape(shape),
+}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One A/B pair: ``delta[slice rows] += scale · B @ A`` at ``site``, A (r, in...), B (out, r...).
+
+    ``a`` and ``b`` name the tensors in their container: parameter names in a lorafied module
+    (``<path>.lora_A.<leaf>``), tensor names in an :class:`~lora_fx.adapters.Adapter`. The same type
+    serves both, so nothing converts one into the other.
+    """
+
+    key: str  # PEFT-style module key, e.g. "transformer.h.0.attn.c_attn" (+ "_slice0_768" ...)
+    site: Site  # where it applies; for a branch read from a file only id/path/weight/op/layout/kind
+    a: str
+    b: str
+    rank: int
+    alpha: float
+    scale: float
+    dropout: float = 0.0
+    slice: tuple[int, int] | None = None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a delta is computed and added in: fp64 for fp64 weights, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]],
+            out_features: int, dtype: torch.dtype, ab_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``D = sum scale · B @ A`` as an (out_features, in*) matrix in ``dtype``.
+
+    Args:
+        pairs: ``(A, B, scale, slice)``; A (r, in, *kernel), B (rows, r, *1).
+        ab_dtype: round A and B to this dtype first (what a module holding them in the weight's dtype
+            computes with); None uses them as given.
+    """
+    first_a = pairs[0][0]
+    out = torch.zeros(out_features, first_a[0].numel(), dtype=dtype, device=first_a.device)
+    for a, b, scale, sl in pairs:
+        a, b = a.detach().to(out.device), b.detach().to(out.device)
+        if ab_dtype is not None:
+            a, b = a.to(ab_dtype), b.to(ab_dtype)
+        prod = b.to(dtype).reshape(b.shape[0], -1) @ a.to(dtype).reshape(a.shape[0], -1)
+        rows = slice(None) if sl is None else slice(*sl)
+        out[rows] += scale * prod
+    return out
+
+
+def to_layout(d: torch.Tensor, layout: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``D`` (out, in*) in the weight's layout and shape (see :data:`LAYOUTS`)."""
+    try:
+        convert = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown weight layout {layout!r}; known: {sorted(LAYOUTS)}") from None
+    return convert(d, tuple(shape))
+
+
+def delta(branches: Sequence[Branch], tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
+          site: Site, dtype: torch.dtype, *, ab_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The summed delta of one site's branches, weight-shaped, in ``dtype``.
+
+    Args:
+        branches: the site's branches (slices of one fused weight, or one branch).
+        tensors: their A/B tensors by name: a mapping, or a getter such as ``gm.get_parameter``.
+        site: gives ``out_features``, ``layout`` and ``shape`` (the weight's).
+        dtype: usually :func:`compute_dtype` of the weight's dtype.
+        ab_dtype: see :func:`product`.
+    """
+    get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
+    pairs = [(get(br.a), get(br.b), br.scale, br.slice) for br in branches]
+    return to_layout(product(pairs, site.out_features, dtype, ab_dtype), site.layout, site.shape)
+
+
+def merge(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(round(cdt(W) + delta), cdt(W) + delta)``: the folded weight in W's dtype, and before rounding."""
+    merged = w.detach().to(d.dtype) + d
+    return merged.to(w.dtype), merged
+
+
+def recover(folded: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The base weight, in fp64, of a folded weight ``W' = round(x + d)``.
+
+    Where ``|d|`` is small next to ``|W|`` (most entries of any real fine-tune) exactly one float x
+    has ``round(x + d) == W'``, and it is the true base, bit for bit. Elsewhere (several fit: a delta
+    larger than the weight) ``W' - d`` in fp64 is kept, within half an ulp of ``|W'|`` of the truth;
+    for dtypes other than fp32/fp64 it is kept everywhere.
+    """
+    guess = folded.double() - d.double()
+    if folded.dtype not in (torch.float32, torch.float64):
+        return guess
+    x = guess.to(folded.dtype)
+    cands = [x]
+    up, down = x, x
+    for _ in range(2):  # the floats x whose x + d rounds to W' lie within 2 ulps of x
+        up = torch.nextafter(up, torch.full_like(up, inf))
+        down = torch.nextafter(down, torch.full_like(down, -inf))
+        cands += [up, down]
+    fits = [(c.to(d.dtype) + d).to(folded.dtype) == folded for c in cands]
+    count = torch.stack(fits).sum(0)
+    best = x
+    for c, ok in zip(cands, fits, strict=True):
+        best = torch.where(ok, c, best)
+    return torch.where(count == 1, best.double(), guess)

@@ -1,0 +1,76 @@
+"""Facts about a graph that several passes ask: transposes, reads of a weight, names of copies.
+
+One home for each (they were answered in four slightly different ways before):
+
+* :func:`is_transpose`: an op between a weight and its matmul that only swaps its two dims
+  (``aten.t``, ``numpy_T``, ``transpose``, ``permute``, ``w.T`` / ``w.mT``, ``w.t()``). Matched on the
+  op itself, never on a substring of its name (``"aten.t"`` is also a prefix of ``aten.tanh``).
+* :func:`weight_reads`: how many ops read a weight attribute (a read through a transpose counts once
+  per user of the transpose), i.e. whether rewriting it changes only the site being adapted.
+* :func:`call_suffix`, :func:`branch_leaf`, :func:`untied_name`: the names lorafy gives A/B of one
+  call of a module and fold gives the folded copy of a shared weight, which refold looks up again in
+  the ONNX file::
+
+      site "path#k", slice (s, e)  ->  leaf  "<attr>_call<k>_slice<s>_<e>"  (lora_A.<leaf>, lora_B.<leaf>)
+      untied copy of <path>.<attr> ->  "<path>.<attr>_folded_call<k>"       (``_call<k>`` only for "#k")
+      untied module call k         ->  "<module>_folded_call<k>"            (symbolic_trace graphs)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# call_function targets that only swap the two dims of a 2-D weight.
+TRANSPOSES = frozenset({aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default,
+                        torch.t, torch.transpose})
+_METHOD_TRANSPOSES = frozenset({"t", "transpose", "permute"})
+_ATTR_TRANSPOSES = frozenset({"T", "mT"})
+
+
+def is_transpose(node: object) -> bool:
+    """True when ``node`` is an fx node that transposes its first argument (see the module doc)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _METHOD_TRANSPOSES
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _ATTR_TRANSPOSES
+    return node.target in TRANSPOSES
+
+
+def weight_reads(graph: fx.Graph, name: str) -> int:
+    """How many ops read the attribute ``name`` (directly, or through a transpose of it)."""
+    reads = 0
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            for user in node.users:
+                reads += len(user.users) if is_transpose(user) else 1
+    return reads
+
+
+def call_suffix(site_id: str) -> str:
+    """``"_call<k>"`` for the k-th call ``"path#k"`` of a module that reads one weight several times."""
+    return f"_call{site_id.rpartition('#')[2]}" if "#" in site_id else ""
+
+
+def branch_leaf(weight: str, site_id: str, sl: tuple[int, int] | None = None) -> str:
+    """The leaf name of a branch's A/B parameters: ``<attr>[_call<k>][_slice<s>_<e>]``."""
+    attr = weight.rpartition(".")[2]
+    return f"{attr}{call_suffix(site_id)}" + (f"_slice{sl[0]}_{sl[1]}" if sl else "")
+
+
+def untied_name(path: str, weight: str, site_id: str) -> str:
+    """The name of the folded copy fold makes of a weight other ops still read."""
+    attr = weight.rpartition(".")[2] if weight else "weight"
+    name = f"{attr}_folded{call_suffix(site_id)}"
+    return f"{path}.{name}" if path else name
+
+
+def untied_module_name(target: str, k: int) -> str:
+    """The name of the folded copy of a module whose k-th call is adapted (symbolic_trace graphs)."""
+    return f"{target}_folded_call{k}"
