@@ -23,6 +23,7 @@ from .errors import (
 )
 from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
 from .exporters.multi_lora import export_multi_lora, write_ort_adapter
+from .exporters.quantize import QuantizeConfig
 from .graph_module import LoraFxModule
 from .passes.checkpoint import CheckpointedModule, checkpoint
 from .passes.fold import FoldReport, fold, strip
@@ -38,5 +39,6 @@ __all__ = [
     "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
     "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",
     "checkpoint", "CheckpointedModule",
+    "QuantizeConfig",
 ]
 __version__ = "0.1.0"

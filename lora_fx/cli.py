@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfolded", action="store_true", help="keep the LoRA branches (debugging/serving)")
     p.add_argument("--fp16", action="store_true", help="fold in fp32, round once, write fp16")
     p.add_argument("--no-verify", action="store_true", help="skip the base export and comparison")
+    p.add_argument("--quantize", choices=["int4", "int8"], help="fold in fp32, then quantize with ONNX Runtime "
+                   "(int4: MatMulNBits; int8: dynamic MatMulInteger), prove and report the error")
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale for MatMulNBits (default 32)")
+    p.add_argument("--asymmetric", action="store_true", help="store per-block zero points")
+    p.add_argument("--int8-method", choices=["dynamic", "weight_only"], default=None, help="int8 kind (default dynamic)")
+    p.add_argument("--quantize-exclude", nargs="+", metavar="GLOB", help="weights left in fp32 (e.g. 'lm_head.*')")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", formatter_class=fmt, help="is TASK the BASE graph with new weights?",
@@ -114,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refold", formatter_class=fmt, help="swap the adapter inside a folded export",
                        description="Rewrite only the adapted initializers of an existing folded export "
                                    "with another adapter: no tracing, no export. The base weights come from "
-                                   "the base export (--base, exact) or from the adapter folded in TASK (--old).",
+                                   "the base export (--base, exact) or from the adapter folded in TASK (--old). "
+                                   "An int4/int8 TASK (export --quantize) takes the fp32 --base export.",
                        epilog="example:\n  lora-fx refold task.onnx --adapter adapters/task2 --base base.onnx -o task2.onnx")
     p.add_argument("task", metavar="TASK.onnx")
     p.add_argument("--adapter", metavar="DIR", required=True, help="the new adapter (PEFT layout)")
@@ -316,12 +323,21 @@ def cmd_export(ns: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         try:
             result = lora_fx.fold_and_export(lgm, ns.output, folded=not ns.unfolded, verify=not ns.no_verify,
-                                             dtype=torch.float16 if ns.fp16 else None)
+                                             dtype=torch.float16 if ns.fp16 else None, quantize=_quantize(ns))
         except VerifyError as e:
             print(f"lora-fx: verification failed: {e}", file=sys.stderr)
             return 1
     print(result)
     return 0
+
+
+def _quantize(ns: argparse.Namespace):
+    if not ns.quantize:
+        return None
+    from .exporters.quantize import as_config
+
+    return as_config(ns.quantize, block_size=ns.block_size, symmetric=False if ns.asymmetric else None,
+                     int8_method=ns.int8_method, exclude=tuple(ns.quantize_exclude or ()) or None)
 
 
 def _check_onnx(path: str) -> None:

@@ -27,6 +27,8 @@ from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of
 from ..passes.fold import FoldReport, fold, strip
 from .onnx_io import ExportInfo, check_target, export_onnx, install
 from .ort import available_providers, ort_session, run_onnx
+from .quantize import QuantizeConfig, QuantizeReport
+from .quantized_export import check_quantize, quantize_staged
 from .verify_onnx import StructureReport, compare_structure
 
 # torch.onnx logs a warning per missing torchvision op on every export: noise for our users.
@@ -82,6 +84,7 @@ class ExportReport:
     fold: FoldReport | None
     verification: VerifyReport | None
     seconds: dict[str, float]
+    quantized: QuantizeReport | None = None  # with quantize=: ``export`` is the fp32 file it came from
 
     @property
     def lora_nodes_added(self) -> int | None:
@@ -100,13 +103,16 @@ class ExportReport:
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         if self.verification is not None:
             lines.append(str(self.verification))
+        if self.quantized is not None:
+            lines.append(str(self.quantized))
         return "\n".join(lines)
 
 
 def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_args: tuple | None = None,
                     example_kwargs: dict | None = None, opset: int | None = None, dynamic: bool = True,
                     external_data: bool | None = None, verify: bool = True, folded: bool = True,
-                    dtype: torch.dtype | None = None, providers: list[str] | None = None) -> ExportReport:
+                    dtype: torch.dtype | None = None, providers: list[str] | None = None,
+                    quantize: str | QuantizeConfig | None = None) -> ExportReport:
     """Folds LoRA into the weights and writes an ONNX file with the base model's exact graph.
 
     Args:
@@ -121,6 +127,10 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         dtype: e.g. ``torch.float16`` for GPU inference: fold in fp32, round once, write fp16.
         providers: ONNX Runtime execution providers for the numeric check (default: CUDA when
             onnxruntime-gpu and a GPU are there, else CPU).
+        quantize: ``"int4"`` / ``"int8"`` / a :class:`~lora_fx.exporters.quantize.QuantizeConfig`
+            (block size, symmetric, ops, exclusions): fold and verify in fp32, then quantize task and
+            base alike with ONNX Runtime's quantizers, prove the quantized task is the quantized base
+            with new values, and report both quantization errors (``report.quantized``).
 
     Raises:
         ExportError: export or write failed (nothing at ``path`` changed).
@@ -129,6 +139,7 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
     """
     lora_state(lgm, "fold_and_export")  # export a plain model with torch.onnx.export
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
+    qcfg = check_quantize(quantize, folded, dtype)
     final = os.path.abspath(os.fspath(path))
     directory = check_target(final)
     times: dict[str, float] = {}
@@ -158,6 +169,8 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
             if not report.verification.ok:
                 raise VerifyError(f"the export for {final} FAILED verification, so nothing was written:"
                                   f"\n{report.verification}")
+        if qcfg is not None:
+            staged = quantize_staged(report, staged, qcfg, lgm, _variants(args, kwargs), providers)
         install(staged, final)
     info.path = final
     return report

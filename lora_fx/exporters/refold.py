@@ -41,6 +41,8 @@ from ..graph_facts import untied_name
 from ..sites import CONV, EMBED, IN_OUT, OUT_IN, Site
 from ..switching import AdapterLike, as_adapter
 from .onnx_io import install
+from .quantize import read_config
+from .quantized_export import refold_quantized
 
 Group = tuple[Site, list[Branch], Adapter]  # an initializer's layout, the branches adapting it, their tensors
 
@@ -73,6 +75,10 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
         base_onnx: the export of the base model (exact base weights), or
         old_adapter: the adapter folded into ``task_onnx`` (base recovered from it). Pass one.
 
+    A quantized ``task_onnx`` (``fold_and_export(..., quantize=...)``) is refolded by
+    :func:`~lora_fx.exporters.quantized_export.refold_quantized` (needs ``base_onnx``, the fp32 base
+    export) and returns its :class:`~lora_fx.exporters.quantize.QuantizeReport`.
+
     Raises:
         AdapterError: neither or both of ``base_onnx`` / ``old_adapter``; a branch whose weight is
             not an initializer of the file, does not fit its shape, or is read by several nodes.
@@ -82,6 +88,11 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
         raise AdapterError("refold_onnx: pass exactly one of base_onnx= (the base model's export) or "
                            "old_adapter= (the adapter folded into the task file) to know the base weights")
     model, folder = _load(task_onnx)
+    if read_config(model) is not None:  # int4/int8: refold the fp32 base, quantize alike, prove
+        if base_onnx is None:
+            raise AdapterError(f"refold_onnx: {task_onnx} is quantized, so its weights cannot give back the base; "
+                               "pass base_onnx= (the fp32 base export) instead of old_adapter=")
+        return refold_quantized(task_onnx, adapter, out_path, base_onnx=base_onnx)
     external = any(_is_external(t) for t in model.graph.initializer)
     inits = {t.name: t for t in model.graph.initializer}
     readers = Counter(name for node in model.graph.node for name in node.input)
