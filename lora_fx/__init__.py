@@ -20,6 +20,7 @@ from .errors import (
                      PatternError,
                      SiteError,
                      VerifyError,
+                     WeightsError,
 )
 from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
 from .exporters.multi_lora import export_multi_lora, write_ort_adapter
@@ -31,6 +32,7 @@ from .passes.lorafy import LoraReport, lora_parameters, lorafy
 from .sites import Site, sites
 from .switching import combine_adapters, swap_adapter
 from .targets import Target
+from .weights import LoadReport, empty_weights, from_config, load_weights
 
 __all__ = [
     "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
@@ -40,5 +42,6 @@ __all__ = [
     "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",
     "checkpoint", "CheckpointedModule",
     "QuantizeConfig",
+    "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
 ]
 __version__ = "0.1.0"

@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace MODEL and list its adaptable matmul sites. With --targets, mark "
                                    "the sites each pattern selects and count the LoRA parameters "
                                    "(nothing is trained or written).",
-                       epilog="examples:\n  lora-fx inspect mlp\n  lora-fx inspect gpt2 --targets c_attn --rank 4")
-    p.add_argument("model", metavar="MODEL", help="built-in name or package.module:factory")
+                       epilog="examples:\n  lora-fx inspect mlp\n  lora-fx inspect gpt2 --targets c_attn --rank 4\n"
+                              "  lora-fx inspect Llama-3-70B/config.json --targets q_proj v_proj --rank 16")
+    p.add_argument("model", metavar="MODEL", help="built-in name, package.module:factory, or a Hugging Face "
+                   "config.json (or its folder): traced on the meta device, no weights needed")
     p.add_argument("--targets", nargs="+", metavar="PATTERN", help=targets_help)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank, scale 1)")
@@ -157,6 +159,10 @@ def load_model(spec: str) -> tuple[Any, tuple, dict]:
     """
     from torch import nn
 
+    if spec.endswith(".json") or os.path.isfile(os.path.join(spec, "config.json")):
+        from .weights import config_example
+
+        return config_example(spec)  # a Hugging Face config.json: built on meta, no weights read
     if ":" not in spec:
         names = _builtin_names()
         if spec not in names:

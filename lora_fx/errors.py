@@ -46,3 +46,7 @@ class NoLoraError(FoldError, AdapterError, SiteError, ExportError):
     Raised by the one check :func:`lora_fx.graph_module.lora_state` for every step (fold, export,
     adapters, lora_parameters), so it is each of the step errors an older caller may catch.
     """
+
+
+class WeightsError(LoraFxError, ValueError):
+    """A checkpoint does not fit the captured module, or weights are still on the meta device."""

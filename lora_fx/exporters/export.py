@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from ..errors import ExportError, VerifyError
 from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of, lora_state
 from ..passes.fold import FoldReport, fold, strip
+from ..weights import check_materialized
 from .onnx_io import ExportInfo, check_target, export_onnx, install
 from .ort import available_providers, ort_session, run_onnx
 from .quantize import QuantizeConfig, QuantizeReport
@@ -138,6 +139,7 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
             the first difference).
     """
     lora_state(lgm, "fold_and_export")  # export a plain model with torch.onnx.export
+    check_materialized(lgm, "fold_and_export")
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     qcfg = check_quantize(quantize, folded, dtype)
     final = os.path.abspath(os.fspath(path))

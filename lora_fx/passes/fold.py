@@ -41,6 +41,7 @@ from ..graph_module import (
     set_attr_path,
 )
 from ..sites import OPS, Site
+from ..weights import check_materialized
 from .lorafy import LoraState
 
 
@@ -78,6 +79,7 @@ def strip(gm: fx.GraphModule) -> LoraFxModule:
 
 def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     state: LoraState = lora_state(gm, "fold" if merge else "strip")
+    check_materialized(gm, "fold" if merge else "strip")
     out = copy_module(gm, freeze=False)
     graph = out.graph
     by_site: dict[str, list[Branch]] = defaultdict(list)
