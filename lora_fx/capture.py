@@ -18,6 +18,7 @@ second capture in train mode, aligned op by op.
 from __future__ import annotations
 
 import difflib
+import inspect
 import operator
 import warnings
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     if dynamic:
         args, kwargs, note = _batch_of_two(args, kwargs)
         notes += [note] if note else []
-    shapes = dynamic_shapes_for(args, kwargs) if dynamic else None
+    shapes = dynamic_shapes_for(args, kwargs, model) if dynamic else None
 
     modes = {m: m.training for m in model.modules()}
     try:
@@ -85,7 +86,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         train_rates = None
         if _has_mode_ops(gm.graph):
             model.train()
-            train_rates = _mode_rates(_export(model, args, kwargs, shapes).graph)
+            try:
+                train_rates = _mode_rates(_export(model, args, kwargs, shapes).graph)
+            except CaptureError as e:  # e.g. wav2vec2's LayerDrop: `if self.training and torch.rand([]) < p`
+                notes.append(_train_capture_note(e))
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -94,17 +98,49 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     out = wrap(gm)
     out.training = modes[model]
     example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
-    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], shapes, notes)
+    # the GraphModule takes its inputs flat (no *args grouping): store the flat spec for its exports
+    flat = _dynamic_shapes(args, kwargs) if dynamic else None
+    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes)
     for note in notes:
         warnings.warn(f"lora_fx.trace: {note}", stacklevel=2)
     return out
 
 
-def dynamic_shapes_for(args: tuple, kwargs: dict) -> tuple:
+def _train_capture_note(e: CaptureError) -> str:
+    cause = e.__cause__ or e
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
+    return ("the train-mode capture (used only to read dropout rates that vanish in eval mode, like attention "
+            f"dropout) failed ({type(cause).__name__}: {first}); the eval graph's dropout ops follow .train(), "
+            "but train-only dropout rates (sdpa dropout_p) stay 0 and train-only layers (LayerDrop) never skip")
+
+
+def dynamic_shapes_for(args: tuple, kwargs: dict, model: nn.Module | None = None) -> tuple:
     """``torch.export`` dynamic_shapes: batch (dim 0) dynamic, and sequence (dim 1) for token ids.
 
-    One entry per positional arg, then one per kwarg value (the order torch.export expects).
+    One entry per positional arg, then one per kwarg value (the order torch.export expects). With
+    ``model``, the args a ``forward(self, a, *args)`` collects in ``*args`` share one tuple entry,
+    as torch.export wants.
     """
+    shapes = _dynamic_shapes(args, kwargs)
+    n = _named_positional(model) if model is not None else None
+    if n is None or n > len(args):
+        return shapes
+    return (*shapes[:n], tuple(shapes[n:len(args)]), *shapes[len(args):])
+
+
+def _named_positional(model: nn.Module) -> int | None:
+    """How many named positional parameters ``model.forward`` has before its ``*args`` (None: no ``*args``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return i
+    return None
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
 
     def spec(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:

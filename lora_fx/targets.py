@@ -61,18 +61,45 @@ class Selection:
     alpha: float
     dropout: float
     slices: tuple[tuple[int, int], ...] | None  # output ranges, None = the whole weight
+    note: str | None = None  # e.g. rank above what the site's update can use
 
     @property
     def scale_base(self) -> float:
         return self.alpha / self.rank
 
 
-def matches(pattern: str | re.Pattern[str], site: Site) -> bool:
+def site_names(site: Site) -> tuple[str, ...]:
+    """The names a pattern is matched against: id, module path, weight, and the weight's owner module.
+
+    The owner counts when the calling module reaches into a child's weight
+    (``F.linear(x, self.qkv.weight, bias)`` in timm's attention: path ``blocks.0.attn``, owner
+    ``blocks.0.attn.qkv``), so ``"*.attn.qkv"`` selects it as PEFT users expect. A tied weight read by
+    another module (GPT-2's ``lm_head`` reading ``wte.weight``) is not owned below its caller and keeps
+    matching only as ``lm_head``.
+    """
     names = (site.id, site.path, site.weight)
+    owner = owner_path(site)
+    return names + (owner,) if owner != site.path else names
+
+
+def owner_path(site: Site) -> str:
+    """The module LoRA of this site belongs to: the weight's owner when the caller reached into a child's
+    weight (see :func:`site_names`), else the calling module's path."""
+    owner = site.weight.rpartition(".")[0]
+    if owner and owner != site.path and (not site.path or owner.startswith(site.path + ".")):
+        return owner
+    return site.path
+
+
+def matches(pattern: str | re.Pattern[str], site: Site) -> bool:
+    names = site_names(site)
     if isinstance(pattern, re.Pattern):
         return any(pattern.fullmatch(n) for n in names)
     if any(c in pattern for c in "*?["):
-        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+        # "*.fc" also selects a top-level "fc": the "*." prefix may stand for no leading component
+        top = pattern[2:] if pattern.startswith("*.") else None
+        return any(fnmatch.fnmatchcase(n, pattern) or (top is not None and fnmatch.fnmatchcase(n, top))
+                   for n in names)
     return any(n == pattern or n.endswith("." + pattern) for n in names)
 
 
@@ -160,12 +187,29 @@ def _resolve(t: Target, s: Site, rank: int, alpha: float | None, dropout: float)
     if not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
         raise SiteError(f"site {s.id}: dropout must be in [0, 1), got {d!r}")
     slices = _slices(t, s)
-    widths = [b - a_ for a_, b in slices] if slices else [s.out_features]
-    limit = min(s.in_features, *widths)
-    if r > limit:
-        raise SiteError(f"site {s.id} ({s.op} {s.weight}, in={s.in_features}, out={s.out_features}): "
-                        f"rank {r} exceeds min(in, out) = {limit}; use rank <= {limit}")
-    return Selection(s, r, float(a), float(d), slices)
+    return Selection(s, r, float(a), float(d), slices, _rank_note(s, r, slices))
+
+
+def max_rank(s: Site, slices: tuple[tuple[int, int], ...] | None = None) -> int:
+    """The largest rank an update of the site can have: min(fan-in, out) over its (sliced) outputs.
+
+    A conv's A sees ``in x kh x kw`` inputs, so a 3-channel 16x16 patch embedding has fan-in 768.
+    """
+    fan_in = s.in_features
+    if s.kind == "conv":
+        for k in s.shape[2:]:
+            fan_in *= k
+    widths = [b - a for a, b in slices] if slices else [s.out_features]
+    return min(fan_in, *widths)
+
+
+def _rank_note(s: Site, r: int, slices) -> str | None:
+    # PEFT accepts any rank; so do we. Above the limit the extra rank trains but adds nothing: say so.
+    limit = max_rank(s, slices)
+    if r <= limit:
+        return None
+    return (f"site {s.id} ({s.op} {s.weight}): rank {r} exceeds min(fan-in, out) = {limit}, the most its "
+            f"update can have; the extra rank adds parameters, not expressiveness (rank <= {limit} suffices)")
 
 
 def _slices(t: Target, s: Site) -> tuple[tuple[int, int], ...] | None:

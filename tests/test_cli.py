@@ -66,10 +66,10 @@ def test_inspect_pattern_without_match_exits_2_with_closest(capsys: pytest.Captu
     assert "matches no adaptable site" in line and "closest" in line and "fc" in line
 
 
-def test_rank_too_large_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "inspect", "mlp", "--targets", "head", "--rank", "8")
-    assert code == 2
-    assert "rank 8 exceeds" in _error_line(err)
+def test_rank_above_what_a_site_can_use_is_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "inspect", "mlp", "--targets", "head", "--rank", "8")
+    assert code == 0  # PEFT accepts any rank; the report says the extra rank adds nothing
+    assert "rank 8 exceeds min(fan-in, out) = 4" in out
 
 
 def test_unknown_model_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,6 +98,13 @@ def _mlp():
     return traced("mlp")
 
 
+def _meta_mlp():
+    from lora_fx.examples import zoo_models
+
+    model, args, _ = zoo_models.mlp()
+    return lora_fx.trace(model.to("meta"), tuple(a.to("meta") for a in args))
+
+
 CASES = [
     Case("uncapturable model", lambda: lora_fx.trace(_ValueBranch(), (torch.randn(2, 4),)),
          lora_fx.CaptureError, ["_ValueBranch", "torch.where|torch.cond"]),
@@ -111,8 +118,8 @@ CASES = [
     Case("empty pattern", lambda: lora_fx.lorafy(_gpt2(), ""), lora_fx.PatternError, ["empty", "'\\*'"]),
     Case("rank 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", rank=0), lora_fx.SiteError,
          ["c_attn", "positive int"]),
-    Case("rank above min(in, out)", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", rank=65), lora_fx.SiteError,
-         ["c_attn", "rank 65 exceeds", "rank <= 64"]),
+    Case("fold on the meta device", lambda: lora_fx.fold(lora_fx.lorafy(_meta_mlp(), "fc1", rank=2)),
+         lora_fx.FoldError, ["fc1", "meta device", "load real weights"]),
     Case("alpha <= 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", alpha=-1), lora_fx.SiteError,
          ["c_attn", "alpha must be"]),
     Case("dropout 1", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", dropout=1.0), lora_fx.SiteError,

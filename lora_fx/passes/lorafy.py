@@ -15,6 +15,7 @@ parameters are new frozen Parameter objects sharing storage with the originals.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ from ..graph_module import (
     set_attr_path,
 )
 from ..sites import OPS, Site, module_path, sites
-from ..targets import Selection, as_targets, matches, select
+from ..targets import Selection, as_targets, matches, owner_path, select
 from .branches import Emitter, activation, build, init_pair, lora_shapes
 
 aten = torch.ops.aten
@@ -68,6 +69,7 @@ class LoraReport:
         pct = 100.0 * self.trainable / max(self.total, 1)
         lines.append(f"{len(self.sites)} sites, {len(self.branches)} LoRA pairs; trainable "
                      f"{self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -107,7 +109,7 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     try:
         chosen = select(found, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude)
     except PatternError:
-        _raise_if_not_parameter(gm, patterns)
+        _raise_if_not_parameter(gm, patterns, found)
         raise
 
     prior: LoraState | None = gm.meta.get(LORA_KEY)
@@ -123,7 +125,10 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
 
     trainable = sum(out.get_parameter(n).numel() for br in branches for n in (br.a, br.b))
     total = sum(p.numel() for p in out.parameters())
-    report = LoraReport(branches, trainable, total, use_rslora)
+    notes = [sel.note for sel in chosen if sel.note]
+    report = LoraReport(branches, trainable, total, use_rslora, notes)
+    for note in notes:
+        warnings.warn(f"lora_fx.lorafy: {note}", stacklevel=2)
     out.meta[LORA_KEY] = LoraState(branches, base_signature, report)
     return out
 
@@ -136,7 +141,7 @@ def lora_parameters(gm: nn.Module) -> list[nn.Parameter]:
 
 def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
     """(PEFT-style module key, parameter leaf name) of one branch."""
-    return site.path, branch_leaf(site.weight, site.id, sl)
+    return owner_path(site), branch_leaf(site.weight, site.id, sl)
 
 
 def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool) -> list[Branch]:
@@ -190,14 +195,17 @@ def _training(graph: fx.Graph) -> fx.Node:
     return node
 
 
-def _raise_if_not_parameter(gm: fx.GraphModule, patterns) -> None:
-    """A pattern that names a matmul whose weight is not a parameter gets its own error."""
-    targets = as_targets(patterns)
+def _raise_if_not_parameter(gm: fx.GraphModule, patterns, found: list[Site]) -> None:
+    """A pattern that selects no site but names a matmul whose weight is not a parameter gets its own
+    error (only such a pattern: another pattern's sites are not the culprit)."""
+    targets = [t for t in as_targets(patterns) if not any(t.matches(s) for s in found)][:1]  # select()'s culprit
     for node in gm.graph.nodes:
         spec = OPS.get(node.target) if node.op == "call_function" else None
         if spec is None or spec.kind == "einsum" or len(node.args) <= spec.w:
             continue
         w = node.args[spec.w]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and _is_parameter(gm, str(w.target)):
+            continue  # a parameter: not this error's case (e.g. a 3-D weight)
         path = module_path(node, None)
         wname = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else path
         probe = Site(path, path, str(node.target), spec.kind, wname, spec.layout, (), 0, 0, node.name)
@@ -206,3 +214,11 @@ def _raise_if_not_parameter(gm: fx.GraphModule, patterns) -> None:
             raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is not a "
                             "parameter, and LoRA adapts parameters only; register the weight as an "
                             "nn.Parameter of the module, or target another site")
+
+
+def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False

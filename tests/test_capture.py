@@ -1,0 +1,74 @@
+"""trace(): models torch.export needs help with (``*args`` forwards, train-only control flow)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fx
+
+
+class _VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *rest):
+        return self.fc(x) + rest[0] * rest[1]
+
+
+def test_var_positional_forward_traces_lorafies_and_exports():
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4))
+    gm = lora_fx.trace(_VarArgs().eval(), args)
+    lgm = lora_fx.lorafy(gm, "fc", rank=2)
+    with torch.no_grad():
+        for p in lora_fx.lora_parameters(lgm):
+            p.normal_()
+    bigger = tuple(torch.randn(5, 4) for _ in range(3))  # batch stayed dynamic
+    torch.testing.assert_close(lora_fx.fold(lgm)(*bigger), lgm(*bigger))
+    with tempfile.TemporaryDirectory() as d:
+        rep = lora_fx.fold_and_export(lgm, os.path.join(d, "m.onnx"))
+    assert rep.verification.ok and len(rep.verification.numerics) == 2
+
+
+class _LayerDrop(nn.Module):
+    """wav2vec2's LayerDrop: data-dependent Python control flow, only in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and torch.rand([]) < 0.5:
+                continue
+            x = self.drop(layer(x))
+        return x
+
+
+def test_train_mode_capture_failure_falls_back_with_a_note():
+    with pytest.warns(UserWarning, match="train-mode capture .* failed .*LayerDrop"):
+        gm = lora_fx.trace(_LayerDrop().eval(), (torch.randn(2, 8),))
+    assert any("train-mode capture" in n for n in gm.meta["lora_fx_capture"].mode_notes)
+    lgm = lora_fx.lorafy(gm, "layers.*", rank=2)
+    x = torch.randn(2, 8)
+    lgm.train()  # the eval graph's dropout still follows .train()
+    torch.manual_seed(0)
+    a = lgm(x)
+    lgm.eval()
+    assert not torch.equal(a, lgm(x))
+
+
+def test_eval_capture_failure_is_still_an_error():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(lora_fx.CaptureError, match="torch.where"):
+        lora_fx.trace(Bad(), (torch.randn(2, 4),))
