@@ -29,6 +29,7 @@ from .graph_module import LoraFxModule
 from .passes.checkpoint import CheckpointedModule, checkpoint
 from .passes.fold import FoldReport, fold, strip
 from .passes.lorafy import LoraReport, lora_parameters, lorafy
+from .passes.quantize_base import quantize_base
 from .sites import Site, sites
 from .switching import combine_adapters, swap_adapter
 from .targets import Target
@@ -41,7 +42,7 @@ __all__ = [
     "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
     "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",
     "checkpoint", "CheckpointedModule",
-    "QuantizeConfig",
+    "QuantizeConfig", "quantize_base",
     "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
 ]
 __version__ = "0.1.0"

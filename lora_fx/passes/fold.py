@@ -43,6 +43,7 @@ from ..graph_module import (
 from ..sites import OPS, Site
 from ..weights import check_materialized
 from .lorafy import LoraState
+from .quantize_base import dequantized
 
 
 @dataclass
@@ -78,6 +79,7 @@ def strip(gm: fx.GraphModule) -> LoraFxModule:
 
 
 def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
+    gm = dequantized(gm)  # QLoRA: fold into the dequantized weights the adapter was trained with
     state: LoraState = lora_state(gm, "fold" if merge else "strip")
     check_materialized(gm, "fold" if merge else "strip")
     out = copy_module(gm, freeze=False)
