@@ -25,6 +25,7 @@ from .errors import (
 from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
 from .exporters.multi_lora import export_multi_lora, write_ort_adapter
 from .exporters.quantize import QuantizeConfig
+from .generation import GenerationError, OnnxGenerator
 from .graph_module import LoraFxModule
 from .passes.checkpoint import CheckpointedModule, checkpoint
 from .passes.fold import FoldReport, fold, strip
@@ -44,5 +45,6 @@ __all__ = [
     "checkpoint", "CheckpointedModule",
     "QuantizeConfig", "quantize_base",
     "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
+    "GenerationError", "OnnxGenerator",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
-from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, wrap
+from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, wrap
 
 aten = torch.ops.aten
 
@@ -52,7 +52,7 @@ MODE_OPS: dict[object, ModeOp] = {
 
 
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-          dynamic: bool = True) -> LoraFxModule:
+          dynamic: bool = True, dynamic_shapes=None) -> LoraFxModule:
     """Captures ``model`` into a GraphModule with torch.export (non-strict).
 
     Args:
@@ -61,6 +61,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
             (a batch of 1 is repeated to 2 for the capture).
         kwargs: example keyword inputs (``attention_mask=...``).
         dynamic: make dim 0 of every tensor input, and dim 1 of integer (token) inputs, dynamic.
+        dynamic_shapes: explicit ``torch.export`` dynamic shapes instead of that rule (e.g. the
+            past-length axis of KV-cache tensors).
 
     Returns:
         A :class:`LoraFxModule` computing ``model(*args, **kwargs)``; its parameters are the
@@ -77,7 +79,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     if dynamic:
         args, kwargs, note = _batch_of_two(args, kwargs)
         notes += [note] if note else []
-    shapes = dynamic_shapes_for(args, kwargs, model) if dynamic else None
+    shapes = dynamic_shapes if dynamic_shapes is not None else (
+        dynamic_shapes_for(args, kwargs, model) if dynamic else None)
 
     modes = {m: m.training for m in model.modules()}
     try:
@@ -99,8 +102,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     out.training = modes[model]
     example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
     # the GraphModule takes its inputs flat (no *args grouping): store the flat spec for its exports
-    flat = _dynamic_shapes(args, kwargs) if dynamic else None
-    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes)
+    flat = dynamic_shapes if dynamic_shapes is not None else (_dynamic_shapes(args, kwargs) if dynamic else None)
+    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes, SourceRef(model))
     for note in notes:
         warnings.warn(f"lora_fx.trace: {note}", stacklevel=2)
     return out

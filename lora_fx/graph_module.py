@@ -37,6 +37,22 @@ class Capture:
     kwargs: dict
     dynamic_shapes: Any
     mode_notes: list[str] = field(default_factory=list)
+    source: SourceRef | None = None  # the traced model (KV-cache export re-captures it)
+
+
+class SourceRef:
+    """Holds the traced ``nn.Module`` without ever copying it: ``deepcopy`` returns the same ref.
+
+    Its parameters are the tensors the graph reads, so holding it costs no memory.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> SourceRef:
+        return self
 
 
 class LoraFxModule(fx.GraphModule):

@@ -113,7 +113,8 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
                     example_kwargs: dict | None = None, opset: int | None = None, dynamic: bool = True,
                     external_data: bool | None = None, verify: bool = True, folded: bool = True,
                     dtype: torch.dtype | None = None, providers: list[str] | None = None,
-                    quantize: str | QuantizeConfig | None = None) -> ExportReport:
+                    quantize: str | QuantizeConfig | None = None,
+                    kv_cache: bool = False) -> ExportReport:
     """Folds LoRA into the weights and writes an ONNX file with the base model's exact graph.
 
     Args:
@@ -132,6 +133,9 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
             (block size, symmetric, ops, exclusions): fold and verify in fp32, then quantize task and
             base alike with ONNX Runtime's quantizers, prove the quantized task is the quantized base
             with new values, and report both quantization errors (``report.quantized``).
+        kv_cache: a decoder LLM with past/present key-value inputs/outputs, for
+            :class:`lora_fx.OnnxGenerator` (see :mod:`lora_fx.exporters.kv_cache`); also checked on a
+            prefill and decode steps.
 
     Raises:
         ExportError: export or write failed (nothing at ``path`` changed).
@@ -140,6 +144,12 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
     """
     lora_state(lgm, "fold_and_export")  # export a plain model with torch.onnx.export
     check_materialized(lgm, "fold_and_export")
+    if kv_cache:
+        from .kv_cache import export_with_cache
+
+        return export_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs, opset=opset,
+                                 dynamic=dynamic, external_data=external_data, verify=verify, folded=folded,
+                                 dtype=dtype, providers=providers, quantize=quantize)
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     qcfg = check_quantize(quantize, folded, dtype)
     final = os.path.abspath(os.fspath(path))

@@ -1,0 +1,188 @@
+"""Text generation in ONNX Runtime from a KV-cache export (``fold_and_export(..., kv_cache=True)``).
+
+One session serves prefill and decode. Each step::
+
+    logits, present = session(input_ids, attention_mask, past)   # prefill: past length 0
+    next = argmax(logits[:, -1])            # or sample: temperature -> top-k -> top-p (HF's order)
+    finished |= next in eos;  next[finished before this step] = pad
+    input_ids, attention_mask, past = next, [attention_mask, 1], present
+
+``present`` stays in ONNX Runtime memory: it is bound as an output (OrtValue, allocated by ORT) and fed
+back as the next step's input through I/O binding, so the cache never passes through numpy; only the
+last position's logits are copied out. Greedy output equals Hugging Face ``generate(do_sample=False)``
+on the same weights token for token, left padding included (same position ids: cumsum of the mask).
+Beam search is not implemented.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import LoraFxError
+from .exporters.kv_cache import METADATA_KEY, DecoderLayout
+from .exporters.ort import available_providers, ort_session
+
+__all__ = ["GenerationError", "OnnxGenerator"]
+
+
+class GenerationError(LoraFxError, ValueError):
+    """Bad input to :class:`OnnxGenerator` (the message names it and what works)."""
+
+
+class OnnxGenerator:
+    """Greedy or sampled generation with an ONNX Runtime session on a KV-cache export.
+
+    Args:
+        path: ``.onnx`` written by ``fold_and_export(lgm, path, kv_cache=True)`` (also unfolded or
+            multi-LoRA KV exports).
+        providers: ONNX Runtime execution providers; default CUDA when usable, else CPU.
+        threads: ``intra_op_num_threads`` (None: ORT's default, all cores).
+
+    Raises:
+        GenerationError: the file has no KV-cache inputs (an export without ``kv_cache=True``).
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+        self.path = os.fspath(path)
+        self.session = ort_session(self.path, providers=providers or available_providers(), threads=threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        names = [i.name for i in self.session.get_inputs()]
+        if METADATA_KEY not in meta or "past_key_values.0.key" not in names:
+            raise GenerationError(f"{self.path} has no KV-cache inputs (inputs: {names[:6]}); OnnxGenerator needs "
+                                  "a decoder exported with lora_fx.fold_and_export(lgm, path, kv_cache=True)")
+        self.layout = DecoderLayout.from_json(meta[METADATA_KEY])
+        self.provider = self.session.get_providers()[0]
+        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        self._dtype = np.float16 if "float16" in past_type else np.float32
+        self.extra_inputs = [n for n in names if n not in self.layout.input_names]
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, pad_token_id: int | None = None,
+                 run_options: Any = None) -> torch.LongTensor:
+        """Continues each row of ``input_ids`` by up to ``max_new_tokens`` tokens.
+
+        Args:
+            input_ids: ``[B, T]`` token ids (LongTensor, numpy array or nested lists); pad rows on the
+                left and give the mask.
+            attention_mask: ``[B, T]`` of 0/1 (0 = padding); default all ones.
+            max_new_tokens: >= 1; prompt + new tokens must fit the model's positions.
+            eos_token_id: int or list; default the model's. A row stops at its first EOS; later
+                positions of that row hold the pad id (``pad_token_id``, else the first EOS id), and
+                generation ends when every row has stopped.
+            do_sample: sample instead of argmax, from ``softmax(logits / temperature)`` restricted to the
+                ``top_k`` most likely tokens and then to the smallest set with probability >= ``top_p``.
+            seed: seeds the sampler (numpy PCG64) for reproducible samples.
+            run_options: ``onnxruntime.RunOptions`` (e.g. an active multi-LoRA adapter).
+
+        Returns:
+            LongTensor ``[B, T + n]``, n <= max_new_tokens.
+
+        Raises:
+            GenerationError: bad shapes, ``max_new_tokens <= 0``, a prompt too long for the model,
+                bad sampling settings.
+        """
+        ids, mask = self._check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+        eos = self.layout.eos_token_id if eos_token_id is None else (
+            [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
+        pad = pad_token_id if pad_token_id is not None else (
+            self.layout.pad_token_id if self.layout.pad_token_id is not None else (eos[0] if eos else 0))
+        rng = np.random.default_rng(seed)
+        batch = ids.shape[0]
+        binding = self.session.io_binding()
+        past = [self._empty(batch, shape) for k, v in self.layout.kv for shape in (k, v)]
+        step_ids, out = ids, [ids]
+        finished = np.zeros(batch, dtype=bool)
+        for _ in range(max_new_tokens):
+            logits = self._step(binding, step_ids, mask, past, run_options)
+            if do_sample:
+                nxt = _sample(logits, temperature, top_k, top_p, rng)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = np.where(finished, pad, nxt).astype(np.int64)
+            out.append(nxt[:, None])
+            finished |= np.isin(nxt, eos)
+            if finished.all():
+                break
+            past = binding.get_outputs()[1:]
+            step_ids = nxt[:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        return torch.from_numpy(np.concatenate(out, axis=1))
+
+    def _step(self, binding, ids: np.ndarray, mask: np.ndarray, past: list, run_options) -> np.ndarray:
+        """One run through I/O binding; returns the last position's logits ``[B, V]`` as numpy."""
+        import onnxruntime as ort
+
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        for name, value in zip(self.layout.input_names[2:], past, strict=True):
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.layout.output_names:
+            binding.bind_output(name, self._device if name != "logits" else "cpu")
+        self.session.run_with_iobinding(binding, run_options)
+        logits = binding.get_outputs()[0].numpy()
+        return logits[:, -1].astype(np.float32)
+
+    def _empty(self, batch: int, shape: tuple[int, int]) -> np.ndarray:
+        return np.zeros((batch, shape[0], 0, shape[1]), dtype=self._dtype)
+
+    def _check(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p):
+        ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise GenerationError(f"input_ids must be integer token ids of shape [batch, length >= 1], got "
+                                  f"{ids.dtype}{list(ids.shape)}")
+        ids = ids.astype(np.int64)
+        if attention_mask is None:
+            mask = np.ones_like(ids)
+        else:
+            mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask)
+            if mask.shape != ids.shape:
+                raise GenerationError(f"attention_mask has shape {list(mask.shape)} but input_ids has "
+                                      f"{list(ids.shape)}; pass one 0/1 entry per token (0 = left padding)")
+            mask = mask.astype(np.int64)
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        limit = self.layout.max_positions
+        if limit is not None and ids.shape[1] + max_new_tokens > limit:
+            raise GenerationError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                                  f"model's {limit} positions; shorten the prompt or lower max_new_tokens to "
+                                  f"{max(limit - ids.shape[1], 0)}")
+        if ids.min() < 0 or ids.max() >= self.layout.vocab_size:
+            raise GenerationError(f"input_ids must lie in [0, {self.layout.vocab_size}); got "
+                                  f"[{ids.min()}, {ids.max()}]")
+        if temperature <= 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise GenerationError(f"sampling needs temperature > 0, top_k >= 1, 0 < top_p <= 1; got "
+                                  f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+        return ids, mask
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
+            rng: np.random.Generator) -> np.ndarray:
+    """One token per row from softmax(logits / T), keeping the top-k, then the top-p nucleus."""
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the most likely token
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
