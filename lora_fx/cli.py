@@ -5,7 +5,8 @@ Commands::
     lora-fx inspect MODEL [--targets P ...] [--rank R]    adaptable sites; what patterns select (dry run)
     lora-fx export  MODEL --targets P ... -o task.onnx    trace, lorafy, load adapter, fold, export, verify
     lora-fx verify  BASE.onnx TASK.onnx                   same graph, only initializer values differ?
-    lora-fx demo    [--quick] [--out DIR]                 MiniLM + LoRA on a text task, end to end
+    lora-fx demo    [llm] [--quick] [--out DIR]           MiniLM (or SmolLM2) + LoRA, end to end
+    lora-fx generate CHAT.onnx --prompt TEXT              text from a KV-cache export (tokenizer beside it)
 
 ``MODEL`` is a built-in example name (``lora_fx.examples.zoo_models.MODELS``) or
 ``package.module:factory``, a callable returning ``(model, args, kwargs)`` (like uvicorn's app spec;
@@ -138,11 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
                                    "classifier head) on a generated intent task, then fold, export, "
                                    "verify and time ONNX Runtime. Needs lora-fx[minilm].",
                        epilog="examples:\n  lora-fx demo\n  lora-fx demo --quick --out /tmp/demo")
+    p.add_argument("which", nargs="?", choices=["minilm", "llm"], default="minilm",
+                   help="minilm (default) or llm: SmolLM2-135M-Instruct, KV-cache export, ORT generation")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (< ~60 s)")
-    p.add_argument("--out", metavar="DIR", default="lora_fx_demo", help="output folder (default ./lora_fx_demo)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (default ./lora_fx_demo[_llm])")
     p.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: min(2, cores); 1 on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and training (default 0)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", formatter_class=fmt, help="generate text from a KV-cache export",
+                       description="Greedy (or sampled) generation in ONNX Runtime from a file written by "
+                                   "fold_and_export(..., kv_cache=True); the tokenizer is read from the file's "
+                                   "folder (tokenizer.save_pretrained) or --tokenizer.",
+                       epilog="example:\n  lora-fx generate lora_fx_demo_llm/chat.onnx --prompt 'Send 3 Zorblax desk lamps to Riga.'")
+    p.add_argument("onnx", metavar="FILE")
+    p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None, help="tokenizer folder (default: FILE's folder)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -392,9 +412,25 @@ def cmd_refold(ns: argparse.Namespace) -> int:
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     """``lora-fx demo``: see :func:`lora_fx.demo.run`."""
+    if ns.which == "llm":
+        from .demo_llm import run as run_llm
+
+        run_llm(out=ns.out or "lora_fx_demo_llm", quick=ns.quick, threads=ns.threads, seed=ns.seed)
+        return 0
     from .demo import run
 
-    run(out=ns.out, quick=ns.quick, threads=ns.threads, seed=ns.seed)
+    run(out=ns.out or "lora_fx_demo", quick=ns.quick, threads=ns.threads, seed=ns.seed)
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    """``lora-fx generate``: see :func:`lora_fx.generation.generate_text`."""
+    from .generation import generate_text
+
+    for text in generate_text(ns.onnx, ns.prompt, tokenizer=ns.tokenizer, max_new_tokens=ns.max_new_tokens,
+                              chat=not ns.raw, do_sample=ns.sample, temperature=ns.temperature, top_k=ns.top_k,
+                              top_p=ns.top_p, seed=ns.seed):
+        print(text)
     return 0
 
 

@@ -186,3 +186,44 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: fl
         p /= p.sum(-1, keepdims=True)
     u = rng.random((p.shape[0], 1))
     return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
+def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any = None, max_new_tokens: int = 64,
+                  chat: bool = True, **sampling: Any) -> list[str]:
+    """Prompts in, generated text out (``lora-fx generate``): tokenizes with the chat template, left-pads,
+    runs :meth:`OnnxGenerator.generate` and decodes only the new tokens.
+
+    Args:
+        path: a KV-cache export.
+        prompts: one string per batch row.
+        tokenizer: a Hugging Face tokenizer or its folder; default the export's folder (where
+            ``tokenizer.save_pretrained`` put it, as ``lora-fx demo llm`` does).
+        chat: wrap each prompt as a user turn of the tokenizer's chat template (when it has one).
+        sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
+
+    Raises:
+        GenerationError: no tokenizer found.
+    """
+    tok = tokenizer
+    if tok is None or isinstance(tok, (str, os.PathLike)):
+        folder = os.fspath(tok) if tok is not None else os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise GenerationError(f"no tokenizer in {folder!r}: save one beside the export "
+                                  "(tokenizer.save_pretrained(folder)) or pass --tokenizer DIR")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+    gen = OnnxGenerator(path)
+    rows = []
+    for p in prompts:
+        if chat and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            rows.append(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            rows.append(tok(p)["input_ids"])
+    width = max(map(len, rows))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = gen.generate(ids, mask, max_new_tokens=max_new_tokens, **sampling)
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out.tolist()]
