@@ -112,3 +112,19 @@ def test_cli_help():
     assert proc.returncode == 0
     for name in ("inference", "training", "overhead", "precision", "all", "--smoke", "--out"):
         assert name in proc.stdout
+
+
+@pytest.mark.slow  # four KV-cache exports: ~1 min
+def test_generation_smoke(tmp_path):
+    r = _run("generation", str(tmp_path))
+    d = r["data"]
+    assert d["export"]["verified"] and d["export"]["structure_identical"]
+    assert d["export"]["nodes"]["folded"] == d["export"]["nodes"]["base"] < d["export"]["nodes"]["unfolded"]
+    assert [(s["kind"], s["batch"], s["past"]) for s in d["steps"]] == [
+        ("prefill", 1, 8), ("decode", 1, 8), ("prefill", 2, 16), ("decode", 2, 16)]
+    for s in d["steps"]:
+        assert set(s["ratio"]) == {"folded/base", "unfolded/base", "base_again/base"}
+        _stats(s["ratio"]["folded/base"])
+    assert [g["batch"] for g in d["generation"]] == [1, 2]
+    assert all(g["same_tokens"] for g in d["generation"])
+    assert "ORT/PyTorch" in r["md"]
