@@ -42,6 +42,7 @@ from ..graph_module import (
 )
 from ..sites import OPS, Site
 from ..weights import check_materialized
+from .fused import lora_addmm
 from .lorafy import LoraState
 from .quantize_base import dequantized
 
@@ -182,7 +183,7 @@ def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: Fo
 def _erase_lora(gm: LoraFxModule, state: LoraState) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if NODE_LORA in node.meta and node.target is torch.ops.aten.add.Tensor and \
+        if NODE_LORA in node.meta and node.target in (torch.ops.aten.add.Tensor, lora_addmm) and \
                 isinstance(node.args[0], fx.Node) and NODE_LORA not in node.args[0].meta:
             node.replace_all_uses_with(node.args[0])
     for node in reversed(list(graph.nodes)):

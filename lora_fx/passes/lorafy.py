@@ -38,6 +38,7 @@ from ..graph_module import (
 from ..sites import OPS, Site, module_path, sites
 from ..targets import Selection, as_targets, matches, owner_path, select
 from .branches import Emitter, activation, build, init_pair, lora_shapes
+from .fused import build_addmm, fuse_shared_inputs
 
 aten = torch.ops.aten
 
@@ -84,7 +85,7 @@ class LoraState:
 
 def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None = None,
            dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
-           exclude=None) -> LoraFxModule:
+           exclude=None, autocast_adapter_dtype: bool = True) -> LoraFxModule:
     """Returns a new GraphModule where the selected sites carry trainable LoRA branches.
 
     Args:
@@ -95,6 +96,8 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
         init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A; B is always zero.
         use_rslora: scale = alpha / sqrt(rank) instead of alpha / rank.
         exclude: patterns of sites never to adapt.
+        autocast_adapter_dtype: A/B of a bf16/fp16 weight are fp32 (the branch casts its input up and
+            rounds ``y + s·B A x`` once to the base dtype); False keeps them in the weight's dtype.
 
     Raises:
         PatternError: a pattern matches nothing (the message lists the closest sites).
@@ -119,7 +122,8 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     by_name = {n.name: n for n in graph.nodes}
     branches = list(prior.branches) if prior else []
     for sel in chosen:
-        branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora)
+        branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype)
+    fuse_shared_inputs(graph)
     graph.lint()
     out.recompile()
 
@@ -144,7 +148,8 @@ def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
     return owner_path(site), branch_leaf(site.weight, site.id, sl)
 
 
-def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool) -> list[Branch]:
+def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool,
+           autocast_dtype: bool) -> list[Branch]:
     site = sel.site
     weight = gm.get_parameter(site.weight)
     scale = sel.alpha / (math.sqrt(sel.rank) if rslora else sel.rank)
@@ -153,6 +158,10 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
     training = _training(graph)
     emit = Emitter(graph, node, tag=site.id)
     ranges = sel.slices or [None]
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if half and autocast_dtype else weight.dtype
+    if dtype != weight.dtype and site.kind != "embedding":
+        x = emit("call_function", aten._to_copy.default, (x,), {"dtype": dtype})
     made, deltas = [], []
     for sl in ranges:
         path, leaf = _key(site, sl)
@@ -163,11 +172,16 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
                             "or fold() first and lorafy the folded module")
         width = site.out_features if sl is None else sl[1] - sl[0]
         a_shape, b_shape = lora_shapes(site, sel.rank, width, weight)
-        a = nn.Parameter(torch.empty(a_shape, dtype=weight.dtype, device=weight.device))
-        b = nn.Parameter(torch.empty(b_shape, dtype=weight.dtype, device=weight.device))
+        a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=weight.device))
+        b = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=weight.device))
         init_pair(a, b, init, site.kind)
         set_attr_path(gm, a_name, a)
         set_attr_path(gm, b_name, b)
+        key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
+        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
+        if site.kind == "linear" and sl is None:  # one addmm: y + s·(A x) Bᵀ, no wide mul/add
+            deltas.append(build_addmm(emit, node, x, a_name, b_name, sel.dropout, training, scale))
+            break
         try:
             d = build(emit, gm, node, site, x, a_name, b_name, sel.dropout, training)
         except NotImplementedError as e:
@@ -175,13 +189,15 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
         if sl is not None:
             d = emit("call_function", aten.constant_pad_nd.default, (d, [sl[0], site.out_features - sl[1]]))
         deltas.append(d)
-        key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
-        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
-    total = deltas[0]
-    for d in deltas[1:]:
-        total = emit("call_function", aten.add.Tensor, (total, d))
-    scaled = emit("call_function", aten.mul.Tensor, (total, scale))
-    merged = emit("call_function", aten.add.Tensor, (node, scaled))
+    else:
+        total = deltas[0]
+        for d in deltas[1:]:
+            total = emit("call_function", aten.add.Tensor, (total, d))
+        scaled = emit("call_function", aten.mul.Tensor, (total, scale))
+        if dtype != weight.dtype:
+            scaled = emit("call_function", aten._to_copy.default, (scaled,), {"dtype": weight.dtype})
+        deltas = [emit("call_function", aten.add.Tensor, (node, scaled))]
+    merged = deltas[0]
     node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
     return made
 
