@@ -119,7 +119,7 @@ CASES = [
     Case("rank 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", rank=0), lora_fx.SiteError,
          ["c_attn", "positive int"]),
     Case("fold on the meta device", lambda: lora_fx.fold(lora_fx.lorafy(_meta_mlp(), "fc1", rank=2)),
-         lora_fx.FoldError, ["fc1", "meta device", "load real weights"]),
+         lora_fx.WeightsError, ["fc1", "meta device", "lora_fx.load_weights"]),
     Case("alpha <= 0", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", alpha=-1), lora_fx.SiteError,
          ["c_attn", "alpha must be"]),
     Case("dropout 1", lambda: lora_fx.lorafy(_gpt2(), "*.c_attn", dropout=1.0), lora_fx.SiteError,

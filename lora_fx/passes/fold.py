@@ -105,10 +105,6 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
 
 def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport):
     w = gm.get_parameter(site.weight)
-    if w.is_meta:
-        raise FoldError(f"site {site.id}: {site.weight} is on the meta device (a shape without values), so "
-                        "there is nothing to merge into; load real weights first (model.to_empty(device=...) + "
-                        "load_state_dict, or from_pretrained), trace, lorafy and train that, then fold")
     delta = lora_delta.delta(branches, gm.get_parameter, site, lora_delta.compute_dtype(w.dtype))
     rounded, merged = lora_delta.merge(w, delta)
     new = nn.Parameter(rounded, requires_grad=False)
