@@ -1,10 +1,10 @@
-"""Ratio benchmarks for lora-fx: ``python -m benchmarks {inference,training,overhead,precision,refold,generation,all}``.
+"""Ratio benchmarks for lora-fx: ``python -m benchmarks {inference,training,overhead,precision,refold,generation,quantize,all}``.
 
 Each benchmark measures lora-fx and its baselines in the same run (interleaved where possible) and
 writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``benchmarks/results/`` (or ``--out``).
 ``--smoke`` runs tiny sizes in seconds (what tests/test_benchmarks.py checks); its numbers mean nothing.
 """
 
-BENCHMARKS = ("inference", "training", "overhead", "precision", "refold", "generation")
+BENCHMARKS = ("inference", "training", "overhead", "precision", "refold", "generation", "quantize")
 
 __all__ = ["BENCHMARKS"]

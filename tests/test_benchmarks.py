@@ -128,3 +128,20 @@ def test_generation_smoke(tmp_path):
     assert [g["batch"] for g in d["generation"]] == [1, 2]
     assert all(g["same_tokens"] for g in d["generation"])
     assert "ORT/PyTorch" in r["md"]
+
+
+@pytest.mark.slow  # ~30 s of CPU: three training-step measurements and four ONNX files
+def test_quantize_smoke(tmp_path):
+    r = _run("quantize", str(tmp_path))
+    d = r["data"]
+    assert set(d["quantized"]) == {"int4", "int8 dynamic", "int8 weight-only"}
+    for q in d["quantized"].values():
+        assert q["proof"] and q["changed"] > 0 and 0 < q["size_ratio"] < 1
+        assert q["task_err"]["rms"] > 0 and q["fold_verdict"] in ("MET", "MISSED")
+    assert d["quantized"]["int4"]["ops"] == {"MatMulNBits": 15}
+    assert set(d["latency"]) == {"fp32", "int4", "int8 dynamic", "int8 weight-only", "fp32 (control)"}
+    for v in d["latency"].values():
+        _stats(v["ratio"])
+    assert set(d["memory"]) == {"bf16 LoRA", "QLoRA nf4", "QLoRA int8"}
+    assert all(m["step_peak_mb"] >= m["rss_before_mb"] > 0 for m in d["memory"].values())
+    assert "fold cost" in r["md"] and "peak vs bf16 LoRA" in r["md"]
