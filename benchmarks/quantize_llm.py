@@ -81,9 +81,8 @@ def greedy(next_logits, tok, examples, max_new: int = 16) -> float:
 
 
 def main(argv=None) -> int:
-    from lora_fx.examples.orders import make_dataset
-
     import lora_fx
+    from lora_fx.examples.orders import make_dataset
     from lora_fx.exporters.ort import ort_session
 
     p = argparse.ArgumentParser()
