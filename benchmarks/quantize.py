@@ -136,8 +136,13 @@ def _rss(field: str) -> float:
     return float("nan")
 
 
-def step_memory(name: str, smoke: bool) -> dict[str, float]:
-    """RSS before and peak during a QLoRA / bf16 LoRA training step (Llama 8L/512, batch 4 x 256)."""
+def step_memory(name: str, smoke: bool, *, hidden: int = 512, layers: int = 8, batch: int = 4,
+                seq: int = 256) -> dict[str, float]:
+    """RSS before and peak during a QLoRA / bf16 LoRA training step (default Llama 8L/512, batch 4 x 256).
+
+    ``python -c "import benchmarks.quantize as q; print(q.step_memory('QLoRA nf4', False, hidden=1024,
+    batch=1, seq=64))"`` measures a weight-dominated step (one configuration per process).
+    """
     import gc
 
     import lora_fx
@@ -148,7 +153,8 @@ def step_memory(name: str, smoke: bool) -> dict[str, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hidden, layers, batch, seq = (64, 2, 2, 16) if smoke else (512, 8, 4, 256)
+    if smoke:
+        hidden, layers, batch, seq = 64, 2, 2, 16
     cfg = LlamaConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=8, use_cache=False, bos_token_id=1, eos_token_id=2,
                       pad_token_id=0)

@@ -116,6 +116,22 @@ def test_quantize_file_schemes(gpt2, tmp_path, cfg, op, n_changed):
     assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]).all()
 
 
+def test_external_data_installs_under_the_final_name(gpt2, tmp_path):
+    from lora_fx.exporters.onnx_io import install
+    from lora_fx.exporters.quantized_export import _quantized_path
+
+    tmp, ids = gpt2[4], gpt2[1]
+    shutil.copy(tmp / "task.onnx", tmp_path / "task4.onnx")  # fold_and_export stages under the final name
+    staged = _quantized_path(str(tmp_path / "task4.onnx"))
+    assert staged == str(tmp_path / "quantized" / "task4.onnx")
+    quantize_file(str(tmp_path / "task4.onnx"), staged, as_config("int4"), external_data=True)
+    os.makedirs(tmp_path / "deploy")
+    install(staged, str(tmp_path / "deploy" / "task4.onnx"))
+    assert sorted(os.listdir(tmp_path / "deploy")) == ["task4.onnx", "task4.onnx.data"]
+    sess = ort.InferenceSession(str(tmp_path / "deploy" / "task4.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]).all()
+
+
 def test_proof_catches_differences(gpt2, tmp_path):
     tmp, info = gpt2[4], gpt2[5].info
     quantize_file(str(tmp / "base.onnx"), str(tmp_path / "b32.onnx"), as_config("int4"))

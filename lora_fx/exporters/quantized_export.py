@@ -53,7 +53,7 @@ def quantize_staged(report, staged: str, cfg: QuantizeConfig, lgm, variants, pro
     """
     t = time.perf_counter()
     if report.verification is None:
-        out = _sibling(staged, ".q.onnx")
+        out = _quantized_path(staged)
         quantize_file(staged, out, cfg, external_data=report.export.external_data)
     else:
         out, report.quantized = quantize_step(
@@ -69,7 +69,7 @@ def quantize_staged(report, staged: str, cfg: QuantizeConfig, lgm, variants, pro
 def quantize_step(task: str, base: str, cfg: QuantizeConfig, fp32_changed: list[str], *, lgm=None,
                   untied: dict[str, str] | None = None, variants=(), external_data: bool = False, providers: list[str] | None = None
                   ) -> tuple[str, QuantizeReport]:
-    """Writes ``<task>.q.onnx`` beside the fp32 ``task`` and returns it with its report.
+    """Writes ``quantized/<name>`` beside the fp32 ``task`` and returns it with its report.
 
     Args:
         task, base: the fp32 folded and base exports (verified).
@@ -80,7 +80,7 @@ def quantize_step(task: str, base: str, cfg: QuantizeConfig, fp32_changed: list[
     """
     from ..passes.fold import strip
 
-    out, qbase = _sibling(task, ".q.onnx"), _sibling(base, ".q.onnx")
+    out, qbase = _quantized_path(task), _quantized_path(base)
     info = quantize_file(task, out, cfg, external_data=external_data)
     quantize_file(base, qbase, cfg, external_data=external_data)
     report = _prove(out, qbase, cfg, info, fp32_changed, untied)
@@ -90,8 +90,12 @@ def quantize_step(task: str, base: str, cfg: QuantizeConfig, fp32_changed: list[
     return out, report
 
 
-def _sibling(path: str, suffix: str) -> str:
-    return path[:-5] + suffix if path.endswith(".onnx") else path + suffix
+def _quantized_path(path: str) -> str:
+    """``<dir>/quantized/<name>``: the same file name, so an external data file is already named
+    ``<name>.data`` as ``install`` and the final file expect."""
+    folder = os.path.join(os.path.dirname(path), "quantized")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, os.path.basename(path))
 
 
 def _prove(task_q: str, base_q: str, cfg: QuantizeConfig, info, fp32_changed: list[str],
