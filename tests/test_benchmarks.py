@@ -110,7 +110,7 @@ def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0
-    for name in ("inference", "training", "overhead", "precision", "all", "--smoke", "--out"):
+    for name in ("inference", "training", "training_llm", "overhead", "precision", "all", "--smoke", "--out"):
         assert name in proc.stdout
 
 
@@ -145,3 +145,19 @@ def test_quantize_smoke(tmp_path):
     assert set(d["memory"]) == {"bf16 LoRA", "QLoRA nf4", "QLoRA int8"}
     assert all(m["step_peak_mb"] >= m["rss_before_mb"] > 0 for m in d["memory"].values())
     assert "fold cost" in r["md"] and "peak vs bf16 LoRA" in r["md"]
+@pytest.mark.slow  # one subprocess per variant: ~1 min
+def test_training_llm_smoke(tmp_path):
+    from benchmarks import training_llm
+
+    quiet()
+    variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt")
+    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants)
+    d = paths["data"]
+    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants)
+    for s in [*d["step_s"].values(), *d["ratios"].values()]:
+        _stats(s)
+    assert len({d["trainable"][v] for v in variants}) == 1
+    assert set(d["goals"]) == {"memory lora-fx+ckpt / peft+ckpt", "time lora-fx+ckpt / peft+ckpt",
+                               "time lora-fx / peft"}  # the compile goal needs the compile variant
+    with open(paths["md"]) as f:
+        assert "| lora-fx+ckpt |" in f.read()
