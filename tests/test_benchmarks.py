@@ -145,6 +145,8 @@ def test_quantize_smoke(tmp_path):
     assert set(d["memory"]) == {"bf16 LoRA", "QLoRA nf4", "QLoRA int8"}
     assert all(m["step_peak_mb"] >= m["rss_before_mb"] > 0 for m in d["memory"].values())
     assert "fold cost" in r["md"] and "peak vs bf16 LoRA" in r["md"]
+
+
 @pytest.mark.slow  # one subprocess per variant: ~1 min
 def test_training_llm_smoke(tmp_path):
     from benchmarks import training_llm
