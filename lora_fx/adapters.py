@@ -54,8 +54,8 @@ from torch import fx
 
 from ._atomic import write_files_atomically
 from .delta import Branch
-from .errors import AdapterError
-from .graph_module import has_lora, lora_state
+from .errors import AdapterError, PatternError
+from .graph_module import capture_of, has_lora, lora_state
 from .passes.lorafy import lorafy
 from .sites import CONV, EMBED, IN_OUT, Site
 from .targets import Target
@@ -90,6 +90,7 @@ class Adapter:
     use_rslora: bool = False
     source: str = "<module>"
     peft: frozenset[str] = frozenset()
+    model: str = ""  # the model it was made for (trace() records it; PEFT's base_model_name_or_path)
 
     def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the branch ``key``."""
@@ -102,8 +103,9 @@ def adapter_of(lgm: fx.GraphModule) -> Adapter:
     state = lora_state(lgm, "adapter_of")
     tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in (br.a, br.b)}
     peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br))
+    cap = capture_of(lgm)
     return Adapter({br.key: br for br in state.branches}, tensors, bool(state.report.rslora),
-                   f"<{type(lgm).__name__}>", peft)
+                   f"<{type(lgm).__name__}>", peft, cap.model if cap is not None else "")
 
 
 def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path:
@@ -176,7 +178,16 @@ def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.Gra
     """
     adapter = src if isinstance(src, Adapter) else read_adapter(src)
     if not has_lora(gm):
-        gm = lorafy(gm, _targets(adapter), use_rslora=adapter.use_rslora)
+        try:
+            gm = lorafy(gm, _targets(adapter), use_rslora=adapter.use_rslora)
+        except PatternError as e:
+            made_for = f"it was made for {adapter.model}" if adapter.model else "its config does not say for which model"
+            here = capture_of(gm).model if capture_of(gm) is not None else type(gm).__name__
+            keys = sorted(adapter.branches)
+            raise AdapterError(f"{adapter.source}: the adapter's targets ({', '.join(keys[:3])}"
+                               f"{f', ... {len(keys)} in all' if len(keys) > 3 else ''}) are not in this model "
+                               f"({here}); {made_for}. Load it into that model, or train an adapter for this one "
+                               f"({e})") from e
     state = lora_state(gm, "load_adapter")
     want = {br.key: br for br in state.branches}
     have = adapter.branches
@@ -247,7 +258,7 @@ def _config(adapter: Adapter, digest: str) -> dict:
     r = _common([br.rank for br in peft] or [br.rank for br in brs], 8)
     alpha = _common([br.alpha for br in peft] or [br.alpha for br in brs], r)
     return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": adapter.model or None, "revision": None,
         "inference_mode": True, "r": r, "lora_alpha": _num(alpha),
         "lora_dropout": _common([br.dropout for br in brs], 0.0),
         "target_modules": sorted({br.key for br in peft}),
@@ -335,7 +346,8 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source:
                                    "(check training: learning rate, loss scaling)")
         out[key] = br = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source)
         kept[br.a], kept[br.b] = a, b
-    return Adapter(out, kept, rslora, source, frozenset(k for k in out if peft_of[k]))
+    return Adapter(out, kept, rslora, source, frozenset(k for k in out if peft_of[k]),
+                   str(config.get("base_model_name_or_path") or ""))
 
 
 def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dict | None, peft: bool,

@@ -103,10 +103,16 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
     # the GraphModule takes its inputs flat (no *args grouping): store the flat spec for its exports
     flat = dynamic_shapes if dynamic_shapes is not None else (_dynamic_shapes(args, kwargs) if dynamic else None)
-    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes, SourceRef(model))
+    out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes, SourceRef(model),
+                                    model=_model_name(model))
     for note in notes:
         warnings.warn(f"lora_fx.trace: {note}", stacklevel=2)
     return out
+
+
+def _model_name(model: nn.Module) -> str:
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return type(model).__name__ + (f" ({name})" if name else "")
 
 
 def _train_capture_note(e: CaptureError) -> str:

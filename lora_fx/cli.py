@@ -39,6 +39,16 @@ class CliError(LoraFxError, ValueError):
     """A command-line input is wrong (unknown model, bad file, missing optional package)."""
 
 
+def describe_builtin(name: str) -> str:
+    """First docstring line of a built-in example's factory, marked as random weights."""
+    from .examples import zoo_models
+
+    factory = zoo_models.MODELS.get(name) or zoo_models.BENCH_MODELS.get(name)
+    first = (factory.__doc__ or name).strip().splitlines()[0].rstrip(".")
+    real = " (real pretrained weights)" if name == "minilm" else "; random weights, not a pretrained model"
+    return f"{first}{real}"
+
+
 def _builtin_names() -> list[str]:
     from .examples import zoo_models
 
@@ -46,8 +56,9 @@ def _builtin_names() -> list[str]:
 
 
 EPILOG = """\
-MODEL is a built-in example ({names})
-or package.module:factory, a callable returning (model, args, kwargs).
+MODEL is a built-in example ({names}: small models with RANDOM weights, e.g. gpt2 is a
+2-layer GPT2LMHeadModel, not the pretrained gpt2), a Hugging Face config.json,
+or package.module:factory, a callable returning (model, args, kwargs) (your pretrained model).
 
 examples:
   lora-fx demo                                   # MiniLM + LoRA text classifier, < 3 min on 2 cores
@@ -143,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minilm (default) or llm: SmolLM2-135M-Instruct, KV-cache export, ORT generation")
     p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (< ~60 s)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default ./lora_fx_demo[_llm])")
-    p.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: min(2, cores); 1 on a busy machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch/ORT threads (default: min(2, cores - 1), one core left free; 1 on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and training (default 0)")
     p.set_defaults(func=cmd_demo)
 
@@ -269,6 +280,8 @@ def _trace(spec: str) -> Any:
 
     with _step(f"building {spec}"):
         model, args, kwargs = load_model(spec)
+    if spec in _builtin_names():  # say that "gpt2" is a tiny random stand-in, not the pretrained model
+        print(f"built-in example {spec!r}: {describe_builtin(spec)}")
     with _step("tracing (torch.export)"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return lora_fx.trace(model, args, kwargs)

@@ -95,14 +95,16 @@ def _say(text: str = "") -> None:
 
 
 def default_threads() -> int:
-    """``min(2, cores)``, or 1 when the machine is already busy (load average >= cores).
+    """One core left free: ``min(2, cores - 1)`` (at least 1), and 1 when the machine is already busy.
 
-    Measured here: with a load average of ~7 on 2 cores a MiniLM training step took 0.25 s on one
-    thread and 1.4 s on two (the two threads keep waiting for each other's time slices).
+    Intra-op threads wait for each other at every op, so one thread that loses its core stalls all of
+    them: with 2 threads on 2 cores, another process taking a core mid-run slowed training 10x
+    (637 s vs 63 s), and with a load average of ~7 a MiniLM step took 0.25 s on one thread and 1.4 s on
+    two. Leaving a core free bounds that loss to the free core's share.
     """
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if load >= cores else min(2, cores)
+    return 1 if load >= cores else max(1, min(2, cores - 1))
 
 
 def _setup(threads: int | None, seed: int) -> int:
@@ -171,7 +173,9 @@ def train(lgm: nn.Module, data: list[tuple[str, int]], tokenizer: Any, cfg: Demo
     # slows learning down; every LoRA parameter still trains.
     lgm.eval()
     losses = []
-    bar = tqdm(total=steps, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    # disable=None: no bar when stderr is not a terminal (a redirected log gets no carriage returns)
+    bar = tqdm(total=steps, desc="training", unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+               disable=None)
     for epoch in range(cfg.epochs):
         order = list(data)
         rng.shuffle(order)
@@ -289,7 +293,7 @@ def run(out: str = "lora_fx_demo", quick: bool = False, threads: int | None = No
     Args:
         out: folder for task.onnx, base.onnx, task_unfolded.onnx and demo.json (created).
         quick: the small configuration (:data:`QUICK`, for tests); default :data:`FULL`.
-        threads: torch and ONNX Runtime intra-op threads (default ``min(2, cores)``).
+        threads: torch and ONNX Runtime intra-op threads (default ``min(2, cores - 1)``, see ``default_threads``).
         seed: seeds data, LoRA init and batch order; a run is deterministic on one machine.
         config: overrides ``quick``.
     """

@@ -38,6 +38,7 @@ class Capture:
     dynamic_shapes: Any
     mode_notes: list[str] = field(default_factory=list)
     source: SourceRef | None = None  # the traced model (KV-cache export re-captures it)
+    model: str = ""  # what was traced: class name (+ config name), recorded in saved adapters
 
 
 class SourceRef:

@@ -172,7 +172,24 @@ def _no_match(t: Target, all_sites: Sequence[Site]) -> str:
     hint = ", ".join(close) if close else ", ".join(names[:5])
     only = f" (restricted to ops {t.ops})" if t.ops else ""
     return (f"pattern {_show(t.pattern)}{only} matches no adaptable site among {len(all_sites)}; "
-            f"closest: {hint}. List them all with lora_fx.sites(gm).")
+            f"closest: {hint}.{_fused_hint(bare, all_sites)} List them all with lora_fx.sites(gm).")
+
+
+_SEPARATE_QKV = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v", "q_lin", "v_lin", "k_lin"}
+_FUSED_QKV = ("c_attn", "qkv", "query_key_value", "Wqkv", "qkv_proj", "in_proj_weight")
+
+
+def _fused_hint(bare: str, all_sites: Sequence[Site]) -> str:
+    """For a separate q/k/v name on a model that fuses them (GPT-2's c_attn), say how to adapt the slices."""
+    if bare.split(".")[-1] not in _SEPARATE_QKV:
+        return ""
+    fused = next((n for s in all_sites for n in (s.path, s.weight)
+                  if any(n == f or n.endswith("." + f) for f in _FUSED_QKV)), None)
+    if fused is None:
+        return ""
+    leaf = fused.rpartition(".")[2]
+    return (f" This model fuses q, k and v into one weight ({fused}): target '{leaf}', or only some of them with "
+            f"lora_fx.Target('*.{leaf}', slices=[0, 2], chunks=3) (q and v).")
 
 
 def _resolve(t: Target, s: Site, rank: int, alpha: float | None, dropout: float) -> Selection:

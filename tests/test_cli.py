@@ -297,3 +297,18 @@ def test_refold_swaps_the_adapter_of_an_export(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_builtin_models_say_they_are_random(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "inspect", "gpt2")
+    assert code == 0
+    assert "built-in example 'gpt2': Tiny ``GPT2LMHeadModel`` (2 layers" in out and "random weights" in out
+
+
+def test_demo_threads_leave_a_core_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_fx import demo
+
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    for cores, want in ((1, 1), (2, 1), (3, 2), (16, 2)):
+        monkeypatch.setattr(demo.os, "cpu_count", lambda c=cores: c)
+        assert demo.default_threads() == want

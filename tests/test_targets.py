@@ -110,3 +110,18 @@ def test_the_pattern_that_matches_nothing_is_blamed_not_another():
         lora_fx.lorafy(gm, ["lin", "nope", "w"], rank=2)  # "w" names a buffer's matmul, but "nope" is the culprit
     with pytest.raises(lora_fx.SiteError, match="not a parameter"):
         lora_fx.lorafy(gm, ["lin", "w"], rank=2)
+
+
+class _StdLinear(nn.Linear):
+    """Weight standardization (timm's ScaledStdConv2d does this for convs): W is computed in forward."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean(1, keepdim=True)) / (self.weight.std(1, keepdim=True) + 1e-5)
+        return F.linear(x, w, self.bias)
+
+
+def test_a_weight_computed_from_a_parameter_names_the_parameter():
+    gm = lora_fx.trace(nn.Sequential(_StdLinear(4, 4), nn.Linear(4, 2)).eval(), (torch.randn(2, 4),))
+    assert [s.path for s in lora_fx.sites(gm)] == ["1"]
+    with pytest.raises(lora_fx.SiteError, match="computed from the parameter 0.weight .* target another site"):
+        lora_fx.lorafy(gm, "0", rank=2)

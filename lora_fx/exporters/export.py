@@ -26,7 +26,8 @@ from ..errors import ExportError, VerifyError
 from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of, lora_state
 from ..passes.fold import FoldReport, fold, strip
 from ..weights import check_materialized
-from .onnx_io import ExportInfo, check_target, export_onnx, install
+from .fallback import Fallbacks
+from .onnx_io import ExportInfo, check_target, install
 from .ort import available_providers, ort_session, run_onnx
 from .quantize import QuantizeConfig, QuantizeReport
 from .quantized_export import check_quantize, quantize_staged
@@ -86,6 +87,7 @@ class ExportReport:
     verification: VerifyReport | None
     seconds: dict[str, float]
     quantized: QuantizeReport | None = None  # with quantize=: ``export`` is the fp32 file it came from
+    notes: list[str] = field(default_factory=list)  # fixes the export needed (exporters/fallback.py)
 
     @property
     def lora_nodes_added(self) -> int | None:
@@ -93,10 +95,9 @@ class ExportReport:
         return None if self.base is None else self.export.nodes - self.base.nodes
 
     def __str__(self) -> str:
-        mb = self.export.initializer_bytes / 2**20
-        lines = [f"wrote {self.path} ({'folded' if self.folded else 'UNFOLDED'} LoRA): "
-                 f"{self.export.nodes} nodes, {self.export.initializers} initializers, {mb:.1f} MiB"
-                 + (", external data" if self.export.external_data else "")]
+        lines = [f"wrote {self.path} ({self._what()}): {self.export.nodes} nodes, "
+                 f"{self.export.initializers} initializers, {_file_mib(self.export.path):.1f} MiB on disk"
+                 + (" (with its .data file)" if self.export.external_data else "")]
         if self.base is not None:
             lines.append(f"  base export: {self.base.nodes} nodes; LoRA added {self.lora_nodes_added} nodes")
         if self.fold is not None and self.fold.untied:
@@ -106,7 +107,20 @@ class ExportReport:
             lines.append(str(self.verification))
         if self.quantized is not None:
             lines.append(str(self.quantized))
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _what(self) -> str:
+        if not self.folded:
+            return "UNFOLDED LoRA"
+        if self.fold is not None and self.fold.folded and not any(self.fold.folded.values()):
+            return "base weights: every LoRA delta is zero (no adapter loaded or trained)"
+        return "folded LoRA"
+
+
+def _file_mib(path: str) -> float:
+    """Size of the .onnx file and its external data file, MiB (0 before they exist)."""
+    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p)) / 2**20
 
 
 def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_args: tuple | None = None,
@@ -164,14 +178,16 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
     # verification replaces what is at ``path`` (a failure anywhere leaves it untouched).
     with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
         staged = os.path.join(tmp, os.path.basename(final))
-        info = export_onnx(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
-                           external_data=external_data)
+        fallbacks = Fallbacks()  # past the plain exporter's known failures; the base export reuses its fixes
+        info = fallbacks.export(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
+                                external_data=external_data)
         times["export"] = info.seconds
-        report = ExportReport(final, folded, info, None, fold_report_of(module), None, times)
+        report = ExportReport(final, folded, info, None, fold_report_of(module), None, times,
+                              notes=fallbacks.notes)
         if verify:
             base_mod = _deployable(strip(lgm), dtype)
-            report.base = export_onnx(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
-                                      dynamic_shapes=shapes, opset=opset, external_data=external_data)
+            report.base = fallbacks.export(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
+                                           dynamic_shapes=shapes, opset=opset, external_data=external_data)
             times["base_export"] = report.base.seconds
             t = time.perf_counter()
             report.verification = verify_fold(report.base.path, staged, lgm=lgm, fold_report=report.fold,

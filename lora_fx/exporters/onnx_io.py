@@ -78,7 +78,8 @@ class ExportInfo:
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
                 kwargs: dict[str, Any] | None = None, *, dynamic_shapes: Any = None, opset: int | None = None,
-                external_data: bool | None = None, optimize: bool = False) -> ExportInfo:
+                external_data: bool | None = None, optimize: bool = False,
+                custom_translation_table: dict | None = None) -> ExportInfo:
     """Export ``module`` to ``path`` with the dynamo exporter, atomically.
 
     The model is exported in memory, written into a temporary folder next to ``path`` and moved into
@@ -98,6 +99,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         external_data: Store weights in ``<path>.data`` (relative reference). ``None`` does so when
             the initializers exceed ~1.8 GB. Without external data a stale ``<path>.data`` left by
             an earlier export to the same path is removed.
+        custom_translation_table: ONNX functions for ops torch's exporter lacks (see fallback.py).
         optimize: Run torch's ONNX optimizer. Off by default: it makes the graph's structure depend
             on weight values (see the module docstring).
 
@@ -112,7 +114,8 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     directory = check_target(path)
     start = time.perf_counter()
     _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
-    program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, optimize)
+    program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, optimize,
+                            custom_translation_table)
     _stable_axis_names(program)
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
@@ -151,11 +154,13 @@ def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic
 
 
 def _run_exporter(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-                  dynamic_shapes: Any, opset: int | None, optimize: bool) -> Any:
+                  dynamic_shapes: Any, opset: int | None, optimize: bool, translations: dict | None = None) -> Any:
     """Call ``torch.onnx.export`` in memory and return its ONNXProgram."""
     import torch
 
     with warnings.catch_warnings():
+        # torch's own exporter deep-copies TreeSpecs, which warns about LeafSpec: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
         if isinstance(module, torch.fx.GraphModule):
             # A torch.export GraphModule cannot switch to eval() (NotImplementedError): its dropout
             # and batch-norm mode were baked in at capture, so the training-mode warning is noise.
@@ -164,6 +169,7 @@ def _run_exporter(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[st
             program = torch.onnx.export(
                 module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                 opset_version=opset, optimize=optimize, verbose=False,
+                custom_translation_table=translations,  # ops torchlib lacks (exporters/fallback.py)
             )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed for {path!r}: {_first_lines(exc)}") from exc

@@ -55,9 +55,13 @@ class RefoldReport:
     rewritten: dict[str, float] = field(default_factory=dict)  # adapted by the new adapter
     restored: dict[str, float] = field(default_factory=dict)  # set back to the base weight
     base: str = ""  # "base_onnx" (exact) or "old_adapter" (recovered)
+    source: str = ""  # the base file, or the old adapter, the base weights came from
+
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.path} (base weights from {self.base})"]
+        origin = {"base_onnx": "the base export", "old_adapter": "the task file minus the old adapter"}
+        how = origin.get(self.base, self.base)
+        lines = [f"wrote {self.path} (base weights from {how}{f' {self.source}' if self.source else ''})"]
         lines += [f"  rewrote {n}: max |dW| = {d:.3g}" for n, d in self.rewritten.items()]
         lines += [f"  restored {n} to the base: max |dW| = {d:.3g}" for n, d in self.restored.items()]
         return "\n".join(lines)
@@ -97,7 +101,8 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     inits = {t.name: t for t in model.graph.initializer}
     readers = Counter(name for node in model.graph.node for name in node.input)
     new = _by_initializer(as_adapter(adapter), inits, readers)
-    report = RefoldReport(os.path.abspath(os.fspath(out_path)), base="base_onnx" if base_onnx else "old_adapter")
+    report = RefoldReport(os.path.abspath(os.fspath(out_path)), base="base_onnx" if base_onnx else "old_adapter",
+                          source=os.fspath(base_onnx) if base_onnx else _adapter_name(old_adapter))
     base = _base_from_onnx(base_onnx, inits, new, folder) if base_onnx is not None else {}
     if old_adapter is not None:
         for name, group in _by_initializer(as_adapter(old_adapter), inits, readers).items():
@@ -299,3 +304,7 @@ def _write(path: str, produce) -> None:
         raise ExportError(f"writing {path} failed: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _adapter_name(adapter) -> str:
+    return os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else getattr(adapter, "source", "")

@@ -227,6 +227,12 @@ def _raise_if_not_parameter(gm: fx.GraphModule, patterns, found: list[Site]) -> 
         probe = Site(path, path, str(node.target), spec.kind, wname, spec.layout, (), 0, 0, node.name)
         if any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
             what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
+            source = _computed_from(gm, w)
+            if source:  # e.g. weight standardization (timm's ScaledStdConv2d): a function of the parameter
+                raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is "
+                                f"computed from the parameter {source} inside the forward, so an update could not "
+                                "be folded back into that parameter; target another site (lora_fx.sites(gm) "
+                                "lists the adaptable ones)")
             raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is not a "
                             "parameter, and LoRA adapts parameters only; register the weight as an "
                             "nn.Parameter of the module, or target another site")
@@ -238,3 +244,20 @@ def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _computed_from(gm: fx.GraphModule, w, depth: int = 8) -> str | None:
+    """The parameter a computed weight is derived from (a few ops up), if any."""
+    todo, seen = [w], set()
+    while todo and depth:
+        depth -= 1
+        nxt = []
+        for n in todo:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr" and _is_parameter(gm, str(n.target)):
+                return str(n.target)
+            nxt += list(n.all_input_nodes)
+        todo = nxt
+    return None

@@ -1,0 +1,285 @@
+"""The coverage sweep's models, as data: random tiny configs of real architectures nobody on the project wrote.
+
+Each :class:`SweepModel` names its family (the README has one table per family), builds
+``(model, args, kwargs)`` in eval mode with batch 2, and lists the patterns a PEFT user would write for it
+(each must select at least one site). ``tests/sweep.py`` runs every model through every stage.
+
+Families: Hugging Face decoders, MoE decoders, encoders, encoder-decoders, vision and audio models
+(``AutoConfig.for_model(type, **tiny)``); timm (its ``test_*`` models plus tiny BEiT / Swin / DeiT);
+torchvision (tiny configs of its model classes). timm and torchvision need the folder set up by
+:func:`vision_import` (torchvision's registry wheel is a CUDA build that cannot live in the env).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Example = tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=128, max_position_embeddings=64, use_cache=False, head_dim=8,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0)
+MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           shared_expert_intermediate_size=32, first_k_dense_replace=0, n_routed_experts=4, n_shared_experts=1)
+SEQ2SEQ = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1,
+               num_heads=4)
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+              patch_size=8, num_channels=3, embed_dim=16, depths=[1, 1], hidden_sizes=[16, 32], drop_path_rate=0.0)
+AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+             conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+             vocab_size=32, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+             max_source_positions=32, max_target_positions=32, pad_token_id=0, decoder_start_token_id=0)
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """One sweep model. ``fast``: also in the default (non-slow) test run."""
+
+    family: str
+    name: str
+    build: Callable[[], Example]
+    targets: tuple[str, ...]
+    fast: bool = False
+    notes: str = field(default="", compare=False)
+
+
+def _ids(seq: int = 8) -> torch.Tensor:
+    return torch.randint(3, 100, (2, seq), generator=torch.Generator().manual_seed(0))
+
+
+def hf(model_type: str, head: str = "base", inputs: str = "ids", **overrides: Any) -> Callable[[], Example]:
+    """Factory of a random tiny Hugging Face model; ``head``: base | lm | s2s."""
+
+    def build() -> Example:
+        import transformers as tf
+
+        base = {"ids": TINY, "s2s": {**TINY, **SEQ2SEQ}, "pixels": VISION, "audio": AUDIO,
+                "mel": AUDIO}[inputs]
+        settings = {k: v for k, v in {**base, **overrides}.items() if v is not None}  # None: drop a tiny default
+        cfg = tf.AutoConfig.for_model(model_type, **settings)
+        torch.manual_seed(0)
+        auto = {"base": tf.AutoModel, "lm": tf.AutoModelForCausalLM, "s2s": tf.AutoModelForSeq2SeqLM}[head]
+        model = auto.from_config(cfg).eval()
+        if inputs == "ids":
+            return model, (_ids(),), {}
+        if inputs == "s2s":
+            return model, (_ids(),), {"decoder_input_ids": _ids(6)}
+        if inputs == "pixels":
+            size = overrides.get("image_size", 32)
+            return model, (torch.randn(2, 3, size, size),), {}
+        if inputs == "mel":
+            return model, (torch.randn(2, 16, 64),), {"decoder_input_ids": _ids(4) % 30}
+        return model, (torch.randn(2, 1600),), {}
+
+    return build
+
+
+def _m(family: str, name: str, targets, build=None, fast: bool = False, **kw) -> SweepModel:
+    head = {"decoder": "lm", "moe": "lm", "encoder-decoder": "s2s"}.get(family, "base")
+    inputs = {"encoder-decoder": "s2s", "vision": "pixels", "audio": "audio"}.get(family, "ids")
+    if name == "whisper":
+        inputs = "mel"
+    build = build or hf(name, head, inputs, **({**MOE, **kw} if family == "moe" else kw))
+    return SweepModel(family, name, build, tuple(targets), fast)
+
+
+QKV = ("q_proj", "v_proj")
+BERT = ("query", "value")
+HF_MODELS: list[SweepModel] = [
+    # decoders (causal LM heads)
+    _m("decoder", "gpt2", ["c_attn"]),
+    _m("decoder", "gpt_neox", ["query_key_value"]),
+    _m("decoder", "llama", QKV),
+    _m("decoder", "mistral", QKV),
+    _m("decoder", "qwen2", QKV),
+    _m("decoder", "qwen3", QKV),
+    _m("decoder", "phi", QKV),
+    _m("decoder", "phi3", ["qkv_proj"]),
+    _m("decoder", "gemma", QKV),
+    _m("decoder", "gemma2", QKV),
+    _m("decoder", "gemma3_text", QKV),
+    _m("decoder", "bloom", ["query_key_value"]),
+    _m("decoder", "opt", QKV),
+    _m("decoder", "stablelm", QKV),
+    _m("decoder", "olmo2", QKV),
+    _m("decoder", "starcoder2", QKV),
+    _m("decoder", "cohere", QKV),
+    _m("decoder", "granite", QKV),
+    _m("decoder", "mpt", ["Wqkv"]),
+    _m("decoder", "smollm3", QKV),
+    _m("decoder", "glm", QKV),
+    _m("decoder", "biogpt", QKV),
+    _m("decoder", "xglm", QKV),
+    # mixture of experts
+    _m("moe", "mixtral", QKV),
+    _m("moe", "qwen2_moe", QKV),
+    _m("moe", "qwen3_moe", QKV),
+    _m("moe", "olmoe", QKV),
+    _m("moe", "granitemoe", QKV),
+    _m("moe", "phimoe", QKV),
+    # encoders
+    _m("encoder", "bert", BERT, fast=True),
+    _m("encoder", "roberta", BERT),
+    _m("encoder", "distilbert", ["q_lin", "v_lin"]),
+    _m("encoder", "albert", BERT),
+    _m("encoder", "electra", BERT),
+    _m("encoder", "deberta-v2", ["query_proj", "value_proj"]),
+    _m("encoder", "mpnet", ["q", "v"]),
+    _m("encoder", "modernbert", ["Wqkv"]),
+    _m("encoder", "esm", BERT),
+    _m("encoder", "roformer", BERT),
+    # encoder-decoders
+    _m("encoder-decoder", "t5", ["q", "v"]),
+    _m("encoder-decoder", "bart", QKV),
+    _m("encoder-decoder", "mbart", QKV),
+    _m("encoder-decoder", "pegasus", QKV),
+    _m("encoder-decoder", "marian", QKV),
+    _m("encoder-decoder", "m2m_100", QKV),
+    # vision
+    _m("vision", "vit", BERT),
+    _m("vision", "deit", BERT),
+    _m("vision", "beit", BERT),
+    _m("vision", "dinov2", BERT),
+    _m("vision", "swin", BERT, num_heads=[2, 2], window_size=2, num_attention_heads=None),
+    _m("vision", "convnext", ["pwconv1"]),
+    _m("vision", "resnet", ["convolution"], layer_type="basic"),
+    # audio
+    _m("audio", "wav2vec2", ["q_proj", "v_proj"]),
+    _m("audio", "hubert", ["q_proj", "v_proj"]),
+    _m("audio", "wavlm", ["q_proj", "v_proj"]),
+    _m("audio", "whisper", ["q_proj", "v_proj"]),
+]
+
+
+# ---------------------------------------------------------------------------------------------- timm, torchvision
+
+TORCHVISION_DIR = os.environ.get("LORA_FX_TORCHVISION_DIR",
+                                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                              ".cache", "torchvision"))
+_TV_SETUP = ("pip install --no-deps --target .cache/torchvision 'torchvision==0.28.*' "
+             "&& pip install --no-deps timm")
+
+
+def vision_import() -> str | None:
+    """Makes ``import timm`` / ``import torchvision`` work beside the CPU torch; returns why not, or None.
+
+    torchvision's registry wheel is a CUDA build whose C extension cannot load beside the CPU torch, and
+    an importable broken torchvision makes ``import transformers`` crash. So it lives in its own folder
+    (``TORCHVISION_DIR``), put on ``sys.path`` here only, after defining the two C++ ops its Python code
+    registers fakes for (``torchvision::nms``/``qnms``); the models themselves use no torchvision op.
+    """
+    if "torchvision" in sys.modules:
+        return None
+    if not os.path.isdir(os.path.join(TORCHVISION_DIR, "torchvision")):
+        return f"torchvision is not in {TORCHVISION_DIR} (set it up with: {_TV_SETUP})"
+    if TORCHVISION_DIR not in sys.path:
+        sys.path.append(TORCHVISION_DIR)
+    if not hasattr(torch.ops.torchvision, "nms"):
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        vision_import.lib = lib  # keep the registration alive
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # a broken extension: report, never crash the test session
+        return f"torchvision in {TORCHVISION_DIR} does not import: {type(e).__name__}: {e}"
+    try:
+        import timm  # noqa: F401
+    except ImportError as e:
+        return f"timm is not installed ({e}); pip install --no-deps timm"
+    return None
+
+
+def timm_model(name: str, size: int = 64, **kw: Any) -> Callable[[], Example]:
+    def build() -> Example:
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kw).eval()
+        return model, (torch.randn(2, 3, size, size),), {}
+
+    return build
+
+
+def tv_model(factory: str, size: int = 32, **kw: Any) -> Callable[[], Example]:
+    def build() -> Example:
+        import torchvision
+
+        torch.manual_seed(0)
+        ctor = getattr(torchvision.models, factory)
+        model = ctor(**kw).eval()
+        return model, (torch.randn(2, 3, size, size),), {}
+
+    return build
+
+
+def _tv_swin(**kw: Any):
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=10, **kw)
+
+
+def _tv_vit(**kw: Any):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=10, **kw)
+
+
+def _tv_resnet(**kw: Any):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, **kw)
+
+
+def _tv_custom(ctor: Callable[..., torch.nn.Module], size: int = 32) -> Callable[[], Example]:
+    def build() -> Example:
+        torch.manual_seed(0)
+        return ctor().eval(), (torch.randn(2, 3, size, size),), {}
+
+    return build
+
+
+TIMM_ATTN = ("*.attn.qkv", "*.attn.proj")
+VISION_MODELS: list[SweepModel] = [
+    SweepModel("timm", "test_vit", timm_model("test_vit"), TIMM_ATTN, fast=True),
+    SweepModel("timm", "test_vit2", timm_model("test_vit2"), TIMM_ATTN),
+    SweepModel("timm", "test_vit3", timm_model("test_vit3", 160), TIMM_ATTN),
+    SweepModel("timm", "test_vit4", timm_model("test_vit4"), TIMM_ATTN),
+    SweepModel("timm", "test_vit_relpos", timm_model("test_vit_relpos", 160), TIMM_ATTN),
+    SweepModel("timm", "test_byobnet", timm_model("test_byobnet"), ("*.conv",)),
+    SweepModel("timm", "test_convnext", timm_model("test_convnext"), ("*.mlp.fc1",)),
+    SweepModel("timm", "test_convnext2", timm_model("test_convnext2"), ("*.mlp.fc1",)),
+    SweepModel("timm", "test_efficientnet", timm_model("test_efficientnet"), ("*.conv_pw",)),
+    SweepModel("timm", "test_efficientnet_gn", timm_model("test_efficientnet_gn"), ("*.conv_pw",)),
+    SweepModel("timm", "test_mambaout", timm_model("test_mambaout"), ("*.fc1",)),
+    SweepModel("timm", "test_nfnet", timm_model("test_nfnet"), ("*.fc",)),  # its convs standardize W
+    SweepModel("timm", "test_resnet", timm_model("test_resnet"), ("*.conv1",)),
+    SweepModel("timm", "test_coatnet", timm_model("test_coatnet", 160), ("*.attn.qkv",)),
+    SweepModel("timm", "test_maxvit", timm_model("test_maxvit", 160), ("*.attn.qkv",)),
+    SweepModel("timm", "beit", timm_model("beit_base_patch16_224", 32, img_size=32, patch_size=8, embed_dim=32,
+                                          depth=2, num_heads=2), TIMM_ATTN),
+    SweepModel("timm", "swin", timm_model("swin_tiny_patch4_window7_224", 32, img_size=32, patch_size=4,
+                                          embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+               TIMM_ATTN),
+    SweepModel("timm", "deit", timm_model("deit_tiny_patch16_224", 32, img_size=32, patch_size=8, embed_dim=32,
+                                          depth=2, num_heads=2), TIMM_ATTN),
+    SweepModel("torchvision", "resnet", _tv_custom(_tv_resnet), ("fc", "*.conv1")),
+    SweepModel("torchvision", "vit", _tv_custom(_tv_vit), ("*.mlp.0",)),
+    SweepModel("torchvision", "swin", _tv_custom(_tv_swin), ("*.attn.qkv", "*.attn.proj")),
+    SweepModel("torchvision", "mobilenet_v3_small", tv_model("mobilenet_v3_small", num_classes=10),
+               ("classifier.0",)),
+    SweepModel("torchvision", "squeezenet1_1", tv_model("squeezenet1_1", num_classes=10), ("*.squeeze",)),
+]
+
+SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS
+FAMILIES = ("decoder", "moe", "encoder", "encoder-decoder", "vision", "audio", "timm", "torchvision")

@@ -1,0 +1,108 @@
+"""exporters/fallback.py: the fixes past torch's exporter failures, the errors when none applies, and the
+export report's wording (what was written, its size on disk)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import traced
+from torch import nn
+
+import lora_fx
+from lora_fx.errors import ExportError
+from lora_fx.exporters import fallback
+from lora_fx.exporters.fallback import Fallbacks, explain, views_as_reshapes
+
+aten = torch.ops.aten
+
+
+class _Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h = self.fc(x).view(b, s, 2, 4).transpose(1, 2).contiguous()
+        return h.view(b, 2, s * 4)
+
+
+def _gm():
+    return lora_fx.trace(_Heads().eval(), (torch.randn(2, 5, 8),))
+
+
+def _views(gm):
+    return sum(n.target is aten.view.default for n in gm.graph.nodes)
+
+
+def test_views_as_reshapes_keeps_values_and_leaves_the_input_alone():
+    gm = _gm()
+    n = _views(gm)
+    assert n >= 2
+    out = views_as_reshapes(gm)
+    assert _views(out) == 0 and _views(gm) == n
+    assert sum(node.target is aten.reshape.default for node in out.graph.nodes) >= n
+    x = torch.randn(3, 5, 8)  # batch is dynamic (float inputs: dim 0 only)
+    torch.testing.assert_close(out(x), gm(x), rtol=0, atol=0)
+
+
+def test_a_known_failure_is_retried_with_its_fix_and_the_next_export_reuses_it(tmp_path, monkeypatch):
+    calls = []
+    real = fallback.export_onnx
+
+    def flaky(module, path, *args, **kwargs):
+        calls.append(_views(module))
+        if _views(module):  # what torch says on T5 / HF Swin / timm BEiT with dynamic shapes
+            raise ExportError("torch.onnx.export failed: Cannot view a tensor with shape torch.Size([s11, 8, 4, 8]) "
+                              "and strides (256, 8, 64, 1) as a tensor with shape (s11, 8, 32)!")
+        return real(module, path, *args, **kwargs)
+
+    monkeypatch.setattr(fallback, "export_onnx", flaky)
+    fb = Fallbacks()
+    gm = _gm()
+    args = (torch.randn(2, 5, 8),)
+    info = fb.export(gm, str(tmp_path / "a.onnx"), args, {}, dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    assert info.nodes > 0 and fb.applied == ["views"] and "aten.reshape" in fb.notes[0]
+    assert calls[0] > 0 and calls[1] == 0
+    fb.export(gm, str(tmp_path / "b.onnx"), args, {})
+    assert calls[2] == 0 and len(fb.notes) == 1  # fixed up front for the base export, noted once
+
+
+def test_an_unknown_failure_is_an_error_naming_the_node(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise ExportError("torch.onnx.export failed: RuntimeError: something new\n"
+                          "While executing %linear_3 : [num_users=1] = call_function[target=torch.ops.aten.foo.default]")
+
+    monkeypatch.setattr(fallback, "export_onnx", broken)
+    with pytest.raises(ExportError, match=r"something new at node linear_3 \(torch.ops.aten.foo.default\)"):
+        Fallbacks().export(_gm(), str(tmp_path / "a.onnx"), (torch.randn(2, 5, 8),), {})
+
+
+def test_explanations_name_the_op_and_what_to_do():
+    text = ("No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback', overload='default')>\n"
+            "While executing %grouped_mm_fallback : [num_users=1] = call_function[target=torch.ops.transformers."
+            "grouped_mm_fallback.default]")
+    msg = explain(text, "torch.onnx.export failed")
+    assert "no translation for the op transformers.grouped_mm_fallback" in msg
+    assert "custom_translation_table" in msg and "_experts_implementation" in msg
+    msg = explain("Cannot view a tensor with shape torch.Size([s1, 4]) and strides (1, 2) as a tensor with shape "
+                  "(s1*4,)!", "failed")
+    assert "cannot view a tensor of shape torch.Size([s1, 4])" in msg and "dynamic=False" in msg
+
+
+def test_export_report_says_base_weights_and_file_size(tmp_path):
+    gm = traced("mlp")[3]
+    lgm = lora_fx.lorafy(gm, "fc1", rank=2)
+    path = str(tmp_path / "base.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # none leaks from torch's exporter
+        rep = lora_fx.fold_and_export(lgm, path)
+    text = str(rep)
+    assert "every LoRA delta is zero" in text and "folded LoRA" not in text
+    assert f"{os.path.getsize(path) / 2**20:.1f} MiB on disk" in text
+    with torch.no_grad():
+        lora_fx.lora_parameters(lgm)[1].fill_(0.1)
+    assert "(folded LoRA)" in str(lora_fx.fold_and_export(lgm, path, verify=False))
