@@ -178,6 +178,9 @@ def step_memory(name: str, smoke: bool, *, hidden: int = 512, layers: int = 8, b
 
     step()  # optimizer state allocated
     gc.collect()
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap (setup temporaries) to the OS: count live memory
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak RSS (VmHWM) to the current RSS

@@ -61,6 +61,23 @@ def test_quantize_base_replaces_weights_and_keeps_lora(llama):
         quantize_base(lgm, scheme="fp3")
 
 
+def test_quantized_module_holds_no_high_precision_weight():
+    import gc
+    import weakref
+
+    from lora_fx.examples import zoo_models
+    from lora_fx.graph_module import capture_of
+
+    model, args, kwargs = zoo_models.llama()
+    ref = weakref.ref(model.model.layers[0].self_attn.q_proj.weight)
+    lgm = lora_fx.lorafy(lora_fx.trace(model, args, kwargs), TARGETS, rank=4)
+    q = quantize_base(lgm)
+    assert capture_of(lgm).source is not None and capture_of(q).source is None  # the capture forgot the model
+    del model, lgm
+    gc.collect()
+    assert ref() is None  # the fp32 weight is gone: q holds its codes only
+
+
 def test_backward_dequantizes_again_instead_of_saving(llama, monkeypatch):
     args, kwargs, lgm = llama
     q = quantize_base(lgm, scheme="int4")

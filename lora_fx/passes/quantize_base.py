@@ -21,11 +21,13 @@ as QLoRA's kernels do.
 Fold: :func:`dequantized` puts ``Ŵ`` back as a plain parameter under the weight's own name, so the
 graph is lorafy's graph again; ``fold``, ``strip`` and ``fold_and_export`` call it first. The adapter
 is therefore merged into ``Ŵ``, the weights it was trained against, never into the original ``W``
-(which this module no longer holds).
+(which this module no longer holds, nor references: the capture forgets the traced model, so
+``fold_and_export(..., kv_cache=True)``, which re-captures it, is refused for a QLoRA module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import weakref
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ from torch import fx, nn
 
 from ..errors import LoraFxError
 from ..graph_module import (
+    CAPTURE_KEY,
     LoraFxModule,
     copy_module,
     del_attr_path,
@@ -71,9 +74,9 @@ class QuantizedWeight(nn.Module):
             codes = torch.round(blocks / m * 127).to(torch.int8)
         elif scheme == "int4":
             codes = _pack(torch.round(blocks / m * 7).to(torch.int16) + 8)
-        else:
+        else:  # nearest level: bucketize against the midpoints (no n x 16 temporary)
             table = torch.tensor(NF4)
-            codes = _pack((blocks / m).unsqueeze(-1).sub(table).abs().argmin(-1).to(torch.int16))
+            codes = _pack(torch.bucketize(blocks / m, (table[1:] + table[:-1]) / 2).to(torch.int16))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", m.squeeze(1).to(torch.float32))
 
@@ -83,7 +86,8 @@ class QuantizedWeight(nn.Module):
         elif self.scheme == "int4":
             q = (_unpack(self.codes).float() - 8) / 7
         else:
-            q = torch.tensor(NF4, device=self.codes.device)[_unpack(self.codes).long()]
+            q = torch.tensor(NF4, device=self.codes.device).index_select(0, _unpack(self.codes).reshape(-1).int())
+            q = q.reshape(self.scales.shape[0], -1)
         w = (q * self.scales.unsqueeze(1)).reshape(-1)[: _numel(self.shape)]
         return w.reshape(self.shape).to(self.dtype)
 
@@ -211,6 +215,11 @@ def quantize_base(lgm: fx.GraphModule, weights: str | list[str] = "adapted", *, 
     out.graph.lint()
     q = wrap(out, cls=QLoraModule)
     q.meta["lora_fx_qbase"] = report
+    cap = q.meta.get(CAPTURE_KEY)
+    if cap is not None and getattr(cap, "source", None) is not None:
+        # the capture remembers the traced model, whose high-precision weights would stay alive (the
+        # memory QLoRA saves) and which kv_cache=True would re-capture (folding into W, not Ŵ)
+        q.meta[CAPTURE_KEY] = dataclasses.replace(cap, source=None)
     return q
 
 
