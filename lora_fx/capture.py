@@ -202,8 +202,16 @@ def _capture_advice(model: nn.Module, e: Exception) -> str:
             f"\nWhat to try:{tip_text}")
 
 
+def _is_mode_op(n: fx.Node) -> bool:
+    """A mode-dependent op; a batch norm without running statistics (weight standardization, timm's
+    ScaledStdConv2d: ``F.batch_norm(w, None, None, training=True)``) always uses batch statistics."""
+    if n.op != "call_function" or n.target not in MODE_OPS:
+        return False
+    return not (n.target is aten.batch_norm.default and len(n.args) > 3 and n.args[3] is None)
+
+
 def _has_mode_ops(graph: fx.Graph) -> bool:
-    return any(n.op == "call_function" and n.target in MODE_OPS for n in graph.nodes)
+    return any(_is_mode_op(n) for n in graph.nodes)
 
 
 def _rate(node: fx.Node, spec: ModeOp) -> float:
@@ -218,12 +226,12 @@ def _rate(node: fx.Node, spec: ModeOp) -> float:
 
 def _mode_rates(graph: fx.Graph) -> list[tuple[str, float]]:
     return [(str(n.target), _rate(n, MODE_OPS[n.target])) for n in graph.nodes
-            if n.op == "call_function" and n.target in MODE_OPS]
+            if _is_mode_op(n)]
 
 
 def _rewire_modes(graph: fx.Graph, train_rates: list[tuple[str, float]] | None) -> list[str]:
     """Makes mode-dependent ops follow ``self.training``; returns notes for the user."""
-    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in MODE_OPS]
+    nodes = [n for n in graph.nodes if _is_mode_op(n)]
     if not nodes:
         return []
     notes = []

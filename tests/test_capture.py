@@ -72,3 +72,22 @@ def test_eval_capture_failure_is_still_an_error():
 
     with pytest.raises(lora_fx.CaptureError, match="torch.where"):
         lora_fx.trace(Bad(), (torch.randn(2, 4),))
+
+
+class _StdConv(nn.Conv2d):
+    """timm's ScaledStdConv2d: weight standardization through a batch norm without running stats."""
+
+    def forward(self, x):
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                     training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
+        return nn.functional.conv2d(x, w, self.bias)
+
+
+def test_batch_norm_without_running_stats_keeps_its_batch_statistics():
+    model = nn.Sequential(_StdConv(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = lora_fx.trace(model, (x,))
+    lgm = lora_fx.lorafy(gm, "3", rank=2)
+    torch.testing.assert_close(lora_fx.fold(lgm)(x), model(x))  # eval: was "running_mean must be defined"
+    lgm.train()
+    lgm(x)  # the real BatchNorm2d follows .train()
