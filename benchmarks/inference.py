@@ -1,20 +1,28 @@
-"""Inference benchmark: ONNX Runtime CPU latency of the base, folded and unfolded LoRA exports.
+"""Inference benchmark: lora-fx's exports against the exports users would make themselves.
 
-For each model: trace, lorafy (GPT-2: ``*.c_attn``; MiniLM: ``*.query`` + ``*.value``, r=8) with a
-non-zero random B (so folding really changes the weights), then write three ONNX files with the
-project's own exporter: the base model (``strip``), the folded model (``fold_and_export``) and the
-unfolded LoRA graph (``fold_and_export(folded=False)``). ``verify_fold`` (the check
-``fold_and_export(verify=True)`` runs) proves the folded file is the base file's graph with new
-weights. Latency: one ORT session per file (``threads`` intra-op threads, spinning off so an idle
-session does not steal a core), many rounds round-robin with the order rotated each round; the
-ratios are taken per round (paired) and summarised by median and IQR. A second session on the base
-file (``base_again``) is timed like the others: base_again/base is the noise floor of every ratio.
+Per model (GPT-2 6L/512, Llama 4L/512, the real all-MiniLM-L6-v2), LoRA r=8 with a non-zero random
+B (so folding really changes the weights), ONNX Runtime CPU latency of:
 
-Goal: folded/base latency within [0.98, 1.02]; unfolded/base is reported.
+* ``plain``: ``torch.onnx.export(model, dynamo=True)`` of the eager model, torch's defaults
+  (``optimize=True``): what a user ships without lora-fx. Every ratio is taken against it.
+* ``peft``: PEFT ``get_peft_model`` + the same adapter (lora-fx saves PEFT's layout) +
+  ``merge_and_unload()`` + the same plain export.
+* ``lorafx``: ``fold_and_export(lgm)``, the default (weight-independent optimization), verified.
+* ``lorafx_ort``: ``fold_and_export(lgm, optimize="ort")`` (ONNX Runtime's transformer fusions), verified.
+* ``unfolded``: ``fold_and_export(lgm, folded=False)``: the LoRA branches kept.
+* ``plain_again``: a second session on the plain file: plain_again/plain is the noise floor.
+
+One ORT session per file (1 intra-op thread, spinning off so an idle session does not steal a core),
+rounds round-robin with the order rotated each round; ratios are per round (paired), summarised by
+median and IQR, at batch 1 and batch 8 (seq 128; the files have dynamic batch and sequence axes).
+
+Goals (issue #10): lorafx/plain <= 1.00 within the noise floor (median <= max(1, q3 of
+plain_again/plain)) and lora-fx nodes <= plain nodes.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -22,54 +30,64 @@ from typing import Any
 
 import torch
 
-from .common import (
-    Stats,
-    env_line,
-    environment,
-    interleaved,
-    log,
-    md_table,
-    paired_ratios,
-    verdict,
-    write_outputs,
-)
+from .common import Stats, env_line, environment, interleaved, log, md_table, paired_ratios, write_outputs
 
 NAME = "inference"
-GOAL = (0.98, 1.02)
-VARIANTS = ("base", "folded", "unfolded")
-CONTROL = "base_again"  # a second session on the base file: the noise floor of the ratios
+VARIANTS = ("plain", "peft", "lorafx", "lorafx_ort", "unfolded")
+CONTROL = "plain_again"  # a second session on the plain file: the noise floor of the ratios
+BASELINE = "plain"
 
 
 def _models(smoke: bool) -> list[tuple[str, Any, tuple, dict, list[str]]]:
-    """(label, model, export example args, kwargs, LoRA patterns) per model."""
+    """(label, eager model, export example args, kwargs, LoRA patterns) per model."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     from lora_fx.examples import zoo_models as zm
 
     gen = torch.Generator().manual_seed(0)
     seq = 16 if smoke else 128
-    out = []
     if smoke:
         model, _, _ = zm.gpt2()
-        out.append(("gpt2-tiny", model, (torch.randint(4, 128, (2, seq), generator=gen),), {}, ["*.c_attn"]))
-        return out  # one tiny model: the smoke run checks the plumbing, not the numbers
-    model, _, _ = zm.gpt2_small_sized()
-    vocab = model.config.vocab_size
-    out.append(("gpt2-small-sized (124M)", model, (torch.randint(0, vocab, (2, seq), generator=gen),), {},
-                ["*.c_attn"]))
-    model, _, _ = zm.minilm()
-    vocab = model.encoder.config.vocab_size
-    ids = torch.randint(1000, vocab, (2, seq), generator=gen)
-    out.append(("all-MiniLM-L6-v2 (22.7M)", model, (ids,), {"attention_mask": torch.ones_like(ids)},
-                ["*.query", "*.value"]))
-    return out
+        return [("gpt2-tiny", model, (torch.randint(4, 128, (2, seq), generator=gen),), {}, ["*.c_attn"])]
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=512, n_head=8, use_cache=False)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                         use_cache=False)).eval()
+    minilm, _, _ = zm.minilm()
+    ids = torch.randint(1000, minilm.encoder.config.vocab_size, (2, seq), generator=gen)
+    return [
+        ("GPT-2 6L/512", gpt2, (torch.randint(0, 50257, (2, seq), generator=gen),), {}, ["*.c_attn"]),
+        ("Llama 4L/512", llama, (torch.randint(0, 32000, (2, seq), generator=gen),), {}, ["*.q_proj", "*.v_proj"]),
+        ("all-MiniLM-L6-v2", minilm, (ids,), {"attention_mask": torch.ones_like(ids)}, ["*.query", "*.value"]),
+    ]
+
+
+def _plain(model, args, kwargs, path: str) -> float:
+    from lora_fx.capture import dynamic_shapes_for
+
+    t = time.perf_counter()
+    torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes_for(args, kwargs),
+                      verbose=False).save(path)
+    return time.perf_counter() - t
+
+
+def _peft_merged(model, lgm, folder: str):
+    """PEFT on a copy of the eager model with lora-fx's adapter loaded, merged and unloaded."""
+    from peft import PeftModel
+
+    import lora_fx
+
+    lora_fx.save_adapter(lgm, os.path.join(folder, "adapter"))
+    return PeftModel.from_pretrained(copy.deepcopy(model), os.path.join(folder, "adapter")).merge_and_unload().eval()
 
 
 def _export_all(model, args, kwargs, patterns, folder) -> dict[str, Any]:
-    """Writes base/folded/unfolded files; returns paths, node counts, verification, times."""
-    import lora_fx
-    from lora_fx.capture import dynamic_shapes_for
-    from lora_fx.exporters.onnx_io import export_onnx
+    """Writes every variant's file; returns paths, node counts, verification and export times."""
+    import onnx
 
-    t = time.perf_counter()
+    import lora_fx
+
     gm = lora_fx.trace(model, args, kwargs)
     lgm = lora_fx.lorafy(gm, patterns, rank=8)
     gen = torch.Generator().manual_seed(1)
@@ -77,34 +95,37 @@ def _export_all(model, args, kwargs, patterns, folder) -> dict[str, Any]:
         for p in lora_fx.lora_parameters(lgm)[1::2]:  # A then B per branch: give every B values
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     paths = {v: os.path.join(folder, f"{v}.onnx") for v in VARIANTS}
-    base = export_onnx(lora_fx.strip(lgm), paths["base"], args, kwargs, dynamic_shapes=dynamic_shapes_for(args, kwargs))
-    folded = lora_fx.fold_and_export(lgm, paths["folded"], folded=True, verify=False)
+    seconds = {"plain": _plain(model, args, kwargs, paths["plain"]),
+               "peft": _plain(_peft_merged(model, lgm, folder), args, kwargs, paths["peft"])}
+    default = lora_fx.fold_and_export(lgm, paths["lorafx"])
+    fused = lora_fx.fold_and_export(lgm, paths["lorafx_ort"], optimize="ort")
     unfolded = lora_fx.fold_and_export(lgm, paths["unfolded"], folded=False, verify=False)
-    check = lora_fx.verify_fold(paths["base"], paths["folded"], lgm=lgm, fold_report=folded.fold)
-    numerics = [{"shapes": c.shapes, "max_rel_err": c.max_rel_err, "ok": c.ok} for c in check.numerics]
+    for name, rep in (("lorafx", default), ("lorafx_ort", fused), ("unfolded", unfolded)):
+        seconds[name] = sum(rep.seconds.values())
     return {
         "paths": paths,
-        "nodes": {"base": base.nodes, "folded": folded.export.nodes, "unfolded": unfolded.export.nodes},
-        "verified": check.ok,
-        "structure_identical": check.structure.ok,
-        "numerics": numerics,
-        "verification_text": str(check),
+        "nodes": {v: len(onnx.load(p, load_external_data=False).graph.node) for v, p in paths.items()},
+        "verified": {"lorafx": default.verification.ok, "lorafx_ort": fused.verification.ok},
+        "structure_identical": {"lorafx": default.verification.structure.ok,
+                                "lorafx_ort": fused.verification.structure.ok},
+        "fusions": {k: v for k, v in fused.export.optimization.fusions.items() if v},
+        "verification_text": str(default.verification),
         "branches": len(lora_fx.lora_parameters(lgm)) // 2,
-        "setup_seconds": time.perf_counter() - t,
+        "export_seconds": seconds,
     }
 
 
 def _latency(paths: dict[str, str], args: tuple, kwargs: dict, rounds: int, threads: int,
              round_s: float) -> dict[str, list[float]]:
-    from lora_fx.exporters.onnx_io import ort_session, run_onnx
+    from lora_fx.exporters.ort import ort_session, run_onnx
 
     sessions = {v: ort_session(paths[v], threads=threads, spinning=False) for v in VARIANTS}
-    sessions[CONTROL] = ort_session(paths["base"], threads=threads, spinning=False)
+    sessions[CONTROL] = ort_session(paths[BASELINE], threads=threads, spinning=False)
     fns = {v: (lambda s=s: run_onnx(s, args, kwargs)) for v, s in sessions.items()}
     for fn in fns.values():  # warm up: first runs allocate arenas and pick kernels
-        for _ in range(3):
+        for _ in range(2):
             fn()
-    one = interleaved(fns, rounds=1, inner=3)
+    one = interleaved(fns, rounds=1, inner=1)
     per_call = max(min(v) for v in one.values())
     inner = max(1, round(round_s / per_call))
     samples = interleaved(fns, rounds=rounds, inner=inner)
@@ -112,96 +133,92 @@ def _latency(paths: dict[str, str], args: tuple, kwargs: dict, rounds: int, thre
     return samples
 
 
-def run(out: str, smoke: bool = False, threads: tuple[int, ...] = (2, 1), rounds: int | None = None) -> dict[str, Any]:
-    """Runs the benchmark and writes ``inference.{json,md,png}`` into ``out`` (one row per model and thread count)."""
-    rounds = rounds or (3 if smoke else 60)
-    threads = threads[:1] if smoke else threads
+def run(out: str, smoke: bool = False, threads: int = 1, batches: tuple[int, ...] = (1, 8),
+        rounds: int | None = None) -> dict[str, Any]:
+    """Runs the benchmark and writes ``inference.{json,md,png}`` into ``out`` (one row per model and batch)."""
+    rounds = rounds or (3 if smoke else 25)
+    batches = batches[:1] if smoke else batches
     env = environment()
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
     for label, model, args, kwargs, patterns in _models(smoke):
-        log(f"{NAME}: {label}: exporting base/folded/unfolded")
+        log(f"{NAME}: {label}: exporting {', '.join(VARIANTS)}")
         with tempfile.TemporaryDirectory() as folder:
             info = _export_all(model, args, kwargs, patterns, folder)
             paths = info.pop("paths")
-            # Measure at batch 1 (the files have a dynamic batch axis; the export example had 2).
-            a1 = tuple(a[:1] for a in args)
-            k1 = {k: v[:1] for k, v in kwargs.items()}
-            for th in threads:
-                log(f"{NAME}: {label}: {rounds} interleaved rounds, {th} thread(s)")
-                samples = _latency(paths, a1, k1, rounds, th, 0.01 if smoke else 0.1)
-                results.append(_row(label, patterns, args, info, rounds, th, samples))
-    data = {"benchmark": NAME, "smoke": smoke, "env": env, "threads": list(threads), "spinning": False,
+            for batch in batches:
+                a = tuple(_batch(x, batch) for x in args)
+                k = {n: _batch(v, batch) for n, v in kwargs.items()}
+                log(f"{NAME}: {label}: batch {batch}, {rounds} interleaved rounds, {threads} thread(s)")
+                samples = _latency(paths, a, k, rounds, threads, 0.01 if smoke else 0.15)
+                results.append(_row(label, patterns, args, batch, info, rounds, threads, samples))
+    data = {"benchmark": NAME, "smoke": smoke, "env": env, "threads": threads, "spinning": False,
             "providers": ["CPUExecutionProvider"], "seconds": time.perf_counter() - start, "models": results}
     return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
 
-def _row(label: str, patterns: list[str], args: tuple, info: dict[str, Any], rounds: int, threads: int,
-         samples: dict[str, list[float]]) -> dict[str, Any]:
+def _batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t`` with ``batch`` rows (its first row repeated)."""
+    return t[:1].expand(batch, *t.shape[1:]).contiguous()
+
+
+def _row(label: str, patterns: list[str], args: tuple, batch: int, info: dict[str, Any], rounds: int,
+         threads: int, samples: dict[str, list[float]]) -> dict[str, Any]:
     inner = int(samples.pop("_inner")[0])
-    ratios = {f"{v}/base": paired_ratios(samples[v], samples["base"]) for v in ("folded", "unfolded", CONTROL)}
-    fb = Stats.of(ratios["folded/base"])
+    ratios = {f"{v}/{BASELINE}": paired_ratios(samples[v], samples[BASELINE]) for v in (*VARIANTS[1:], CONTROL)}
+    ratio = {k: Stats.of(r) for k, r in ratios.items()}
+    noise = ratio[f"{CONTROL}/{BASELINE}"]
+    limit = max(1.0, noise.q3)
+    goal = ratio[f"lorafx/{BASELINE}"].median <= limit and info["nodes"]["lorafx"] <= info["nodes"]["plain"]
     return {
-        "model": label, "threads": threads, "patterns": patterns, "rank": 8,
-        "input": f"batch 1, seq {args[0].shape[1]}", **info, "rounds": rounds, "calls_per_round": inner,
+        "model": label, "batch": batch, "threads": threads, "patterns": patterns, "rank": 8,
+        "input": f"batch {batch}, seq {args[0].shape[1]}", **info, "rounds": rounds, "calls_per_round": inner,
         "latency_ms": {v: Stats.of([x * 1e3 for x in s]) for v, s in samples.items()},
-        "ratio": {k: Stats.of(r) for k, r in ratios.items()},
-        "samples_s": samples, "ratio_samples": ratios,
-        "goal_folded_over_base": {"range": GOAL, "median": fb.median,
-                                  "verdict": verdict(fb.median, *GOAL) if info["verified"] else "MISSED"},
-        "noise_floor_base_again_over_base": Stats.of(ratios[f"{CONTROL}/base"]),
+        "ratio": ratio, "samples_s": samples, "ratio_samples": ratios,
+        "goal": {"lorafx/plain <= max(1, noise q3) and nodes <= plain": limit,
+                 "verdict": "MET" if goal and info["verified"]["lorafx"] else "MISSED"},
     }
 
 
 def _markdown(data: dict[str, Any]) -> str:
     rows = []
     for r in data["models"]:
-        lat, rat = r["latency_ms"], r["ratio"]
-        rows.append([r["model"], r["threads"], r["input"], r["branches"],
-                     *(lat[v].fmt(2) for v in VARIANTS), rat["folded/base"].fmt(3), rat["unfolded/base"].fmt(3),
-                     rat[f"{CONTROL}/base"].fmt(3),
-                     f"{r['nodes']['base']} / {r['nodes']['folded']} / {r['nodes']['unfolded']}",
-                     "yes" if r["structure_identical"] else "NO", r["goal_folded_over_base"]["verdict"]])
-    table = md_table(["model", "ORT threads", "input", "LoRA branches", "base ms", "folded ms", "unfolded ms", "folded/base",
-                      "unfolded/base", "base again/base (noise)", "ONNX nodes b/f/u", "folded == base graph",
-                      "goal [0.98, 1.02]"], rows)
-    notes = ["## Inference latency: ONNX Runtime CPU (spinning off)", "",
-             env_line(data["env"]), "",
-             "Cells: median [IQR] over interleaved rounds (order rotated each round); ratios are per-round "
-             "paired ratios; `base again` is a second session on the base file (noise floor). "
-             "`folded == base graph` is `lora_fx.verify_fold` (the check "
-             "`fold_and_export(verify=True)` runs): same ops, topology, attributes and initializer "
-             "names/shapes, plus ORT-vs-torch numerics on two shapes.", "", table, ""]
+        lat, rat, n = r["latency_ms"], r["ratio"], r["nodes"]
+        rows.append([r["model"], r["batch"], lat[BASELINE].fmt(2),
+                     *(rat[f"{v}/{BASELINE}"].fmt(3) for v in (*VARIANTS[1:], CONTROL)),
+                     " / ".join(str(n[v]) for v in VARIANTS), r["goal"]["verdict"]])
+    table = md_table(["model", "batch", "plain ms", "peft/plain", "lorafx/plain", "lorafx_ort/plain", "unfolded/plain",
+                      "plain again/plain (noise)", "nodes plain / peft / lorafx / ort / unfolded",
+                      "goal lorafx <= plain"], rows)
+    lines = [f"## Inference latency against the plain export: ONNX Runtime CPU, {data['threads']} thread(s), spinning off",
+             "", env_line(data["env"]), "",
+             "Ratios to `plain` (= `torch.onnx.export(model, dynamo=True)` with torch's default optimizer), median "
+             "[IQR] of per-round paired ratios (order rotated each round); `plain again` is a second session on "
+             "the plain file (noise floor). `peft` = PEFT merge_and_unload + the same plain export; `lorafx` = "
+             "`fold_and_export` default (weight-independent optimization, verified); `lorafx_ort` = "
+             "`optimize=\"ort\"` (ONNX Runtime transformer fusions, verified); `unfolded` = LoRA branches kept. "
+             "Goal: lorafx/plain median <= max(1, q3 of the noise ratio) and no more nodes than plain.", "", table, ""]
     for r in data["models"]:
-        g = r["goal_folded_over_base"]
-        rat = r["ratio"]["folded/base"]
-        notes.append(f"- {r['model']}, {r['threads']} thread(s): folded/base = {rat.median:.3f} (IQR {rat.q1:.3f}-{rat.q3:.3f}, "
-                     f"min/max {rat.min:.3f}/{rat.max:.3f}, {r['rounds']} rounds x {r['calls_per_round']} calls): "
-                     f"goal {g['verdict']}; unfolded/base = {r['ratio']['unfolded/base'].median:.3f}; "
-                     f"ratio of fastest calls (min/min) {_min_ratio(r, 'folded')}; "
-                     f"verification {'PASSED' if r['verified'] else 'FAILED'}; noise floor base-again/base IQR "
-                     f"{r['ratio'][f'{CONTROL}/base'].q1:.3f}-{r['ratio'][f'{CONTROL}/base'].q3:.3f}.")
-    return "\n".join(notes)
-
-
-def _min_ratio(r: dict[str, Any], variant: str) -> str:
-    """Ratio of the fastest rounds: under heavy machine load the least-disturbed call is a robust estimate."""
-    return f"{r['latency_ms'][variant].min / r['latency_ms']['base'].min:.3f}"
+        if r["batch"] != min(x["batch"] for x in data["models"] if x["model"] == r["model"]):
+            continue
+        lines.append(f"- {r['model']}: verification {'PASSED' if all(r['verified'].values()) else 'FAILED'} for "
+                     f"lorafx and lorafx_ort (structure identical to their base exports); ORT fusions: "
+                     f"{r['fusions'] or 'none'}; export seconds "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in r["export_seconds"].items())
+                     + " (lorafx/lorafx_ort include the verifying base export).")
+    return "\n".join(lines)
 
 
 def _plot(fig, data: dict[str, Any]) -> None:
     ax = fig.add_subplot(1, 1, 1)
     series, labels = [], []
+    short = {"peft": "peft", "lorafx": "lfx", "lorafx_ort": "ort", "unfolded": "unf", CONTROL: "noise"}
     for r in data["models"]:
-        for key, short in (("folded/base", "folded"), ("unfolded/base", "unfolded"), (f"{CONTROL}/base", "noise")):
-            series.append(r["ratio_samples"][key])
-            name = "MiniLM" if "MiniLM" in r["model"] else "GPT-2" if "gpt2" in r["model"] else r["model"].split(" ")[0]
-            labels.append(f"{name} t{r['threads']}\n{short}")
+        for v in (*VARIANTS[1:], CONTROL):
+            series.append(r["ratio_samples"][f"{v}/{BASELINE}"])
+            labels.append(f"{r['model'].split(' ')[0].split('-L')[0]} b{r['batch']}\n{short[v]}")
     ax.boxplot(series, showfliers=False)  # outliers (contended rounds) are in the JSON, not drawn
-    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=6)
-    ax.axhspan(*GOAL, color="tab:green", alpha=0.15, label="goal for folded/base [0.98, 1.02]")
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=5)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_ylabel("latency ratio to base export (per round)")
-    ax.set_title("ONNX Runtime CPU latency / base latency, batch 1, t = threads (boxes: IQR, whiskers 1.5 IQR)",
-                 fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylabel("latency / plain torch.onnx.export (per round)")
+    ax.set_title("ONNX Runtime CPU latency relative to the plain optimized export (boxes: IQR)", fontsize=9)

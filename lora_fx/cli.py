@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true", help="store per-block zero points")
     p.add_argument("--int8-method", choices=["dynamic", "weight_only"], default=None, help="int8 kind (default dynamic)")
     p.add_argument("--quantize-exclude", nargs="+", metavar="GLOB", help="weights left in fp32 (e.g. 'lm_head.*')")
+    p.add_argument("--optimize", choices=["on", "off", "ort"], default="on",
+                   help="on: weight-independent onnxscript optimization (default); ort: plus ONNX Runtime's "
+                        "transformer fusions; off: the exporter's raw graph")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", formatter_class=fmt, help="is TASK the BASE graph with new weights?",
@@ -362,7 +365,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         try:
             result = lora_fx.fold_and_export(lgm, ns.output, folded=not ns.unfolded, verify=not ns.no_verify,
-                                             dtype=torch.float16 if ns.fp16 else None, quantize=_quantize(ns))
+                                             dtype=torch.float16 if ns.fp16 else None, quantize=_quantize(ns),
+                                             optimize={"on": True, "off": False}.get(ns.optimize, ns.optimize))
         except VerifyError as e:
             print(f"lora-fx: verification failed: {e}", file=sys.stderr)
             return 1

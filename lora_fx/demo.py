@@ -271,7 +271,8 @@ def _exports(lgm: Any, out: str, unfolded: bool) -> tuple[dict[str, str], dict[s
         "max_rel_err": max((c.max_rel_err for c in ver.numerics), default=None),
         "seconds": dict(rep.seconds)}
     cap = capture_of(lgm)  # the base model again, kept this time (verify used a temporary copy)
-    export_onnx(lora_fx.strip(lgm).eval(), paths["base"], cap.args, cap.kwargs, dynamic_shapes=cap.dynamic_shapes)
+    export_onnx(lora_fx.strip(lgm).eval(), paths["base"], cap.args, cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
+                optimize=True)  # optimized like task.onnx, so `lora-fx verify` compares like with like
     _say(f"folded export {paths['folded']}: verification {'PASSED' if ver.ok else 'FAILED'}")
     _say(f"  structurally the base export: {st.ok} ({st.task_nodes} nodes vs {st.base_nodes}; same ops, topology, "
          f"attributes, initializer names/shapes); {len(st.changed_initializers)} initializers changed (the "

@@ -52,14 +52,15 @@ def _stats(d: dict) -> None:
 def test_inference_smoke(tmp_path):
     r = _run("inference", str(tmp_path))
     (model,) = r["data"]["models"]
-    assert set(model["latency_ms"]) == {"base", "folded", "unfolded", "base_again"}
-    assert set(model["ratio"]) == {"folded/base", "unfolded/base", "base_again/base"}
+    assert set(model["latency_ms"]) == {"plain", "peft", "lorafx", "lorafx_ort", "unfolded", "plain_again"}
+    assert set(model["ratio"]) == {"peft/plain", "lorafx/plain", "lorafx_ort/plain", "unfolded/plain", "plain_again/plain"}
     for s in [*model["latency_ms"].values(), *model["ratio"].values()]:
         _stats(s)
-    assert model["verified"] and model["structure_identical"]
-    assert model["nodes"]["folded"] == model["nodes"]["base"] < model["nodes"]["unfolded"]
-    assert model["goal_folded_over_base"]["verdict"] in ("MET", "MISSED")
-    assert "folded/base" in r["md"]
+    assert model["verified"] == model["structure_identical"] == {"lorafx": True, "lorafx_ort": True}
+    nodes = model["nodes"]
+    assert nodes["lorafx"] <= nodes["plain"] and nodes["lorafx_ort"] < nodes["lorafx"] < nodes["unfolded"]
+    assert model["goal"]["verdict"] in ("MET", "MISSED")
+    assert "lorafx/plain" in r["md"]
 
 
 def test_training_smoke(tmp_path):

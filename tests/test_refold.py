@@ -39,7 +39,7 @@ def files(tmp_path_factory):
     b = make(gm, [lora_fx.Target("*.c_attn", slices=[0, 2], chunks=3), "*.attn.c_proj", "transformer.wte"], seed=2)
     save_adapter(a, tmp / "a")
     save_adapter(b, tmp / "b")
-    lora_fx.fold_and_export(a, tmp / "task_a.onnx", verify=False)
+    lora_fx.fold_and_export(a, tmp / "task_a.onnx", verify=False, optimize=False)  # raw names: compared with parameters below
     export_onnx(gm, tmp / "base.onnx", (ids,), dynamic_shapes=capture_of(gm).dynamic_shapes)
     return gm, ids, a, b, tmp
 
@@ -97,7 +97,7 @@ def test_refold_external_data_patches_the_data_file(files, in_place):
     gm, ids, a, b, tmp = files
     ext = tmp / f"ext_{in_place}"
     ext.mkdir()
-    lora_fx.fold_and_export(a, ext / "task_a.onnx", external_data=True, verify=False)
+    lora_fx.fold_and_export(a, ext / "task_a.onnx", external_data=True, verify=False, optimize=False)
     export_onnx(gm, ext / "base.onnx", (ids,), dynamic_shapes=capture_of(gm).dynamic_shapes, external_data=True)
     out = ext / ("task_a.onnx" if in_place else "task_b.onnx")
     report = refold_onnx(ext / "task_a.onnx", tmp / "b", out, base_onnx=ext / "base.onnx")

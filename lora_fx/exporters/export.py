@@ -102,6 +102,8 @@ class ExportReport:
             lines.append(f"  base export: {self.base.nodes} nodes; LoRA added {self.lora_nodes_added} nodes")
         if self.fold is not None and self.fold.untied:
             lines.append(f"  untied: {self.fold.untied}")
+        if self.export.optimization is not None:
+            lines.append(f"  {self.export.optimization}")
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         if self.verification is not None:
             lines.append(str(self.verification))
@@ -128,7 +130,7 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
                     external_data: bool | None = None, verify: bool = True, folded: bool = True,
                     dtype: torch.dtype | None = None, providers: list[str] | None = None,
                     quantize: str | QuantizeConfig | None = None,
-                    kv_cache: bool = False) -> ExportReport:
+                    kv_cache: bool = False, optimize: bool | str = True, model_type: str = "bert") -> ExportReport:
     """Folds LoRA into the weights and writes an ONNX file with the base model's exact graph.
 
     Args:
@@ -150,6 +152,14 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         kv_cache: a decoder LLM with past/present key-value inputs/outputs, for
             :class:`lora_fx.OnnxGenerator` (see :mod:`lora_fx.exporters.kv_cache`); also checked on a
             prefill and decode steps.
+        optimize: ``True`` (default): onnxscript's optimizer with the weights opaque, so the file is
+            as small and fast as a plain ``torch.onnx.export`` and its structure never depends on
+            weight values (:mod:`lora_fx.exporters.optimize`); ``"ort"``: plus ONNX Runtime's
+            transformer fusions (LayerNorm, GELU, attention where they match), refused if one reads
+            weight values; ``False``: the exporter's raw graph. The base export for the proof is
+            optimized the same way.
+        model_type: for ``optimize="ort"``: ``onnxruntime.transformers`` model type (``bert``
+            fuses LayerNorm/SkipLayerNorm/GELU in encoders and decoders alike; ``gpt2``...).
 
     Raises:
         ExportError: export or write failed (nothing at ``path`` changed).
@@ -166,6 +176,9 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
                                  dtype=dtype, providers=providers, quantize=quantize)
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     qcfg = check_quantize(quantize, folded, dtype)
+    from .optimize import check_mode
+
+    optimize = check_mode(optimize)
     final = os.path.abspath(os.fspath(path))
     directory = check_target(final)
     times: dict[str, float] = {}
@@ -180,14 +193,15 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         staged = os.path.join(tmp, os.path.basename(final))
         fallbacks = Fallbacks()  # past the plain exporter's known failures; the base export reuses its fixes
         info = fallbacks.export(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
-                                external_data=external_data)
+                                external_data=external_data, optimize=optimize, model_type=model_type)
         times["export"] = info.seconds
         report = ExportReport(final, folded, info, None, fold_report_of(module), None, times,
                               notes=fallbacks.notes)
         if verify:
             base_mod = _deployable(strip(lgm), dtype)
             report.base = fallbacks.export(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
-                                           dynamic_shapes=shapes, opset=opset, external_data=external_data)
+                                           dynamic_shapes=shapes, opset=opset, external_data=external_data,
+                                           optimize=optimize, model_type=model_type)
             times["base_export"] = report.base.seconds
             t = time.perf_counter()
             report.verification = verify_fold(report.base.path, staged, lgm=lgm, fold_report=report.fold,
@@ -195,8 +209,10 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
                                               dtype=dtype, providers=providers, numerics_only=not folded)
             times["verify"] = time.perf_counter() - t
             if not report.verification.ok:
+                hint = (f"\n(optimize={optimize!r}: if only the optimized graphs differ, export with optimize=False)"
+                        if optimize is not False and not report.verification.structure.ok else "")
                 raise VerifyError(f"the export for {final} FAILED verification, so nothing was written:"
-                                  f"\n{report.verification}")
+                                  f"\n{report.verification}{hint}")
         if qcfg is not None:
             staged = quantize_staged(report, staged, qcfg, lgm, _variants(args, kwargs), providers)
         install(staged, final)
@@ -257,6 +273,10 @@ def _check_onnx(source: str | os.PathLike | Any, role: str) -> None:
         onnx.checker.check_model(target)
     except Exception as e:  # ValidationError, protobuf DecodeError, OSError on external data
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        from .optimize import ORT_ONNX_DOMAIN_OPS
+
+        if any(first.startswith(f"No Op registered for {op} ") for op in ORT_ONNX_DOMAIN_OPS):
+            return  # an optimize="ort" file: ONNX Runtime registers this fused op in the ONNX domain
         raise VerifyError(f"{role} file {what!r} is not a valid ONNX model ({type(e).__name__}: {first}); "
                           "pass the .onnx files written by fold_and_export / torch.onnx.export") from e
 
@@ -269,6 +289,9 @@ def _aliases(base, task, untied: dict[str, str]) -> dict[str, str]:
 
     names_b = {t.name for t in onnx.load(os.fspath(base), load_external_data=False).graph.initializer}
     names_t = {t.name for t in onnx.load(os.fspath(task), load_external_data=False).graph.initializer}
+    from .optimize import derived_aliases
+
+    untied = {**untied, **derived_aliases(untied, names_t)}  # an optimized file folds W's layout ops: W::Transpose
     return {new: old for new, old in untied.items() if new in names_t and old in names_b}
 
 

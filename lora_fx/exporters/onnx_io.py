@@ -13,7 +13,8 @@ shape this module, all measured here:
   Some of it depends on weight *values*: a Gemm bias that is all zeros is dropped, and identical
   initializers of <= 1024 elements are merged (every fresh LayerNorm shares one weight/bias pair).
   The structure of an optimized export therefore depends on its weights, which defeats "the folded
-  export has the base export's structure", so ``export_onnx`` defaults to ``optimize=False``.
+  export has the base export's structure", so ``export_onnx`` never runs torch's optimizer; with
+  ``optimize=True`` it runs the same passes with the weights opaque (:mod:`.optimize`).
   ONNX Runtime optimizes at session creation anyway: random GPT-2 small (batch 2, seq 16, 2 threads)
   took 31.4 ms unoptimized (1762 nodes, 6.2 s export) vs 32.8 ms optimized (651 nodes, 9.3 s).
 * Both modes are deterministic: exporting one module twice gives byte-identical ModelProtos.
@@ -32,8 +33,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from lora_fx.errors import ExportError
 
@@ -74,11 +73,12 @@ class ExportInfo:
     external_data: bool
     seconds: float
     opset: int
+    optimization: Any = None  # lora_fx.exporters.optimize.OptimizeReport when optimized
 
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
                 kwargs: dict[str, Any] | None = None, *, dynamic_shapes: Any = None, opset: int | None = None,
-                external_data: bool | None = None, optimize: bool = False,
+                external_data: bool | None = None, optimize: bool | str = False, model_type: str = "bert",
                 custom_translation_table: dict | None = None) -> ExportInfo:
     """Export ``module`` to ``path`` with the dynamo exporter, atomically.
 
@@ -100,8 +100,11 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             the initializers exceed ~1.8 GB. Without external data a stale ``<path>.data`` left by
             an earlier export to the same path is removed.
         custom_translation_table: ONNX functions for ops torch's exporter lacks (see fallback.py).
-        optimize: Run torch's ONNX optimizer. Off by default: it makes the graph's structure depend
-            on weight values (see the module docstring).
+        optimize: ``True``: :func:`lora_fx.exporters.optimize.optimize_model`, onnxscript's optimizer
+            with the weights opaque (the structure never depends on weight values); ``"ort"``: plus
+            ONNX Runtime's transformer fusions (``model_type``); ``False``: the exporter's raw graph.
+            torch's own optimizer is never run: it reads weight values (see the module docstring).
+        model_type: ``onnxruntime.transformers`` model type for ``optimize="ort"``.
 
     Returns:
         An :class:`ExportInfo` read back from the written file.
@@ -114,13 +117,20 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     directory = check_target(path)
     start = time.perf_counter()
     _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
-    program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, optimize,
+    program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, False,
                             custom_translation_table)
     _stable_axis_names(program)
+    optimization = None
+    if optimize is not False:
+        from .optimize import optimize_model
+
+        program.model, optimization = optimize_model(program.model, optimize, model_type=model_type)
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
     _atomic_save(program.model, path, directory, external_data)
-    return _describe(path, time.perf_counter() - start)
+    info = _describe(program.model, path, external_data, time.perf_counter() - start)
+    info.optimization = optimization
+    return info
 
 
 def check_target(path: str) -> str:
@@ -257,31 +267,10 @@ def install(staged: str, path: str) -> None:
             os.remove(backup)
 
 
-def _describe(path: str, seconds: float) -> ExportInfo:
-    """Read the written file back (weights not loaded) and summarize it."""
-    import onnx
-
-    proto = onnx.load(path, load_external_data=False)
-    graph = proto.graph
-    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return ExportInfo(path=path, nodes=len(graph.node), op_counts=dict(ops), initializers=len(graph.initializer),
-                      initializer_bytes=sum(_stored_nbytes(t) for t in graph.initializer),
-                      external_data=external, seconds=seconds, opset=opset)
-
-
-def _stored_nbytes(tensor: Any) -> int:
-    """Bytes a TensorProto's values take, without loading external data."""
-    import onnx
-
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        if "length" in info:
-            return int(info["length"])
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    return itemsize * int(np.prod(tensor.dims, dtype=np.int64))
+def _describe(model: Any, path: str, external: bool, seconds: float) -> ExportInfo:
+    """Summarize the written model from memory (reading a multi-GB file back would cost a second parse)."""
+    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
+    inits = model.graph.initializers.values()
+    return ExportInfo(path=path, nodes=len(model.graph), op_counts=dict(ops), initializers=len(inits),
+                      initializer_bytes=sum(v.const_value.nbytes for v in inits if v.const_value is not None),
+                      external_data=external, seconds=seconds, opset=model.opset_imports.get("", 0))

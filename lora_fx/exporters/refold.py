@@ -15,6 +15,8 @@ so a file that verify_fold proved equal to the base export stays so. ``W_base`` 
   ``W_task - s·BA``: exact where the rounding is invertible, else within 1 ulp of ``max(|W|)``
   (see :func:`lora_fx.switching.swap_adapter`); the old adapter's other sites go back to that base.
 
+An optimized export (fold_and_export's default) holds ``x @ W.T``'s weight transposed, as
+``W::Transpose`` (see lora_fx.exporters.optimize); it is rewritten in that layout.
 Which initializer a branch adapts: the untied copy ``<path>.<attr>_folded`` that fold makes for a
 weight other ops share (GPT-2's ``wte``/``lm_head``) if the file has it, else the weight's own name.
 A weight read by several nodes cannot be rewritten for one of them: re-export with fold_and_export.
@@ -145,7 +147,9 @@ def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str
     for br in adapter.branches.values():
         path = br.site.path or br.key
         names = [untied_name(path, br.site.weight, br.site.id), br.site.weight or f"{path}.weight"]
-        name = next((n for n in names if n in inits), None)
+        # An optimized export (fold_and_export's default) folds x @ W.T's transpose into ``W::Transpose``.
+        found = [(n, False) for n in names if n in inits] + [(n, True) for n in names if f"{n}::Transpose" in inits]
+        name, flipped = (found[0][0] + ("::Transpose" if found[0][1] else ""), found[0][1]) if found else (None, False)
         if name is None:
             raise AdapterError(f"adapter {adapter.source}: branch {br.key} adapts {names[-1]}, which is not an "
                                f"initializer of the ONNX file (tried {names}); is this the export of the same model?")
@@ -153,19 +157,21 @@ def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str
             raise AdapterError(f"adapter {adapter.source}: initializer {name} (branch {br.key}) is read by "
                                f"{readers[name]} nodes; rewriting it would change all of them. Re-export "
                                "with lora_fx.fold_and_export, which unties it.")
-        site = groups[name][0] if name in groups else _site(br, adapter, name, tuple(inits[name].dims))
+        site = groups[name][0] if name in groups else _site(br, adapter, name, tuple(inits[name].dims), flipped)
         groups.setdefault(name, (site, [], adapter))[1].append(br)
     for _, brs, _ in groups.values():
         brs.sort(key=lambda b: b.slice or (0, 0))
     return groups
 
 
-def _site(br: Branch, adapter: Adapter, name: str, shape: tuple[int, ...]) -> Site:
-    """A Site for the initializer, in the branch's layout (or the one its A/B shapes fit)."""
+def _site(br: Branch, adapter: Adapter, name: str, shape: tuple[int, ...], flipped: bool = False) -> Site:
+    """A Site for the initializer, in the branch's layout (or the one its A/B shapes fit); ``flipped``:
+    the initializer is the weight transposed (``W::Transpose``), so out,in becomes in,out."""
     a, b = adapter.pair(br.key)
     ref = br.site
     rows = None if br.slice is None else br.slice[1] - br.slice[0]
-    layouts = [ref.layout] if ref.layout else ([EMBED] if ref.op == "embedding" else [OUT_IN, IN_OUT])
+    layout = {OUT_IN: IN_OUT, IN_OUT: OUT_IN}.get(ref.layout, ref.layout) if flipped else ref.layout
+    layouts = [layout] if layout else ([EMBED] if ref.op == "embedding" else [OUT_IN, IN_OUT])
     for layout in layouts:
         if layout == CONV or len(shape) > 2:
             out_f, in_f, kind, in_numel = shape[0], shape[1], "conv", int(np.prod(shape[1:]))

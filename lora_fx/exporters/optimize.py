@@ -1,0 +1,357 @@
+"""Weight-independent ONNX optimization: the plain export's speed, with the structural proof intact.
+
+``torch.onnx.export(..., dynamo=True)`` optimizes by default with onnxscript (constant folding, rewrite
+rules, initializer deduplication, CSE, renaming). Measured on GPT-2 6L/512 (torch 2.13, onnxscript
+0.7.2): the raw graph has 1000 nodes (284 ``Constant``, 234 ``Reshape``, 100 ``Concat``, 29 ``Cast``,
+18 ``SplitToSequence``/``SequenceAt`` ...), the optimized one 357; lora-fx's captured GraphModule
+exports to exactly the raw graph of the eager model (same 1000 nodes, same op counts), so the gap is
+the optimizer alone, not the capture. But three of its steps read weight *values*:
+
+* rewrite rules ``x + 0``, ``x * 1`` and "Gemm/Conv bias all zeros" delete nodes or inputs when a
+  weight happens to be 0 or 1 (a freshly initialised GPT-2 has all-zero biases);
+* ``DeduplicateInitializersPass`` merges initializers with equal bytes (<= 1024 elements: every fresh
+  LayerNorm shares one weight/bias pair), so tensors LoRA adapts differently would split again;
+* constant folding evaluates any op whose inputs are all constant, weights included.
+
+So the structure of an optimized export would depend on its weights. :func:`optimize_model` runs
+the same passes with the weights **opaque**: every initializer the exporter wrote (parameters,
+buffers, lifted tensor constants) has its value hidden (``const_value = None``) while the folding,
+rewriting and deduplication passes run, so no rule can read it. Those passes then see exactly the
+same graph for any weights, and decide the same. Afterwards one value-agnostic step folds layout ops
+applied to weights (``Transpose``, ``Cast``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Flatten``,
+``Identity``) into new initializers, *always* (regardless of values, sizes or how many nodes read the
+weight), so weights reach ``MatMul``/``Gemm`` directly. The new initializer is named
+``<weight>::<Op>`` (e.g. ``h.0.attn.c_proj.weight::Transpose``) and the chain of ops is recorded in the
+model's metadata (:data:`DERIVED_KEY`), so tools that rewrite weights in the file (refold, the
+quantizer) can find them. Result on GPT-2 6L/512: 357 nodes, the plain optimized export's count.
+
+``mode="ort"`` then runs ONNX Runtime's transformer fusions (``onnxruntime.transformers.optimizer``,
+python fusions only: ``opt_level=0``, so nothing is pre-optimized for one provider): ``SkipLayerNorm``,
+``FastGelu``/``BiasGelu``, ``SimplifiedLayerNorm``, ``Attention`` where the pattern matches. Those
+fusions read constants by pattern, so :func:`ort_fusions` checks weight independence directly: it
+fuses the model once more with every weight replaced by generic values (seeded normal, no zeros, no
+equal tensors) and refuses (:class:`~lora_fx.errors.ExportError` naming the first difference) when
+the two results differ.
+
+Contract used by quantization (``MatMulNBitsQuantizer`` converts a ``MatMul`` whose B is an
+initializer): after :func:`optimize_model` every ``MatMul``/``Gemm`` weight operand that came from a
+parameter is an initializer, and that holds for any weight values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ExportError
+
+__all__ = ["DERIVED_KEY", "LAYOUT_OPS", "ORT_ONNX_DOMAIN_OPS", "MODES", "OptimizeReport", "optimize_model", "ort_fusions",
+           "check_mode"]
+
+MODES = (False, True, "ort")
+LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+# Fused ops ONNX Runtime registers in the ONNX domain (onnx.checker does not know them).
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
+DERIVED_KEY = "lora_fx.derived_weights"  # metadata: {new initializer: {"source": weight, "ops": [...]}}
+
+# The dedup pass logs a warning for every initializer it skips: here that is every hidden weight.
+logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize_model` did."""
+
+    mode: Any
+    nodes_before: int
+    nodes_after: int
+    derived: dict[str, dict[str, Any]] = field(default_factory=dict)  # new initializer -> source + ops
+    fusions: dict[str, int] = field(default_factory=dict)  # mode="ort": fused op -> count
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        text = (f"optimize={self.mode!r}: {self.nodes_before} -> {self.nodes_after} nodes, "
+                f"{len(self.derived)} weights folded through layout ops")
+        fused = {k: v for k, v in self.fusions.items() if v}
+        return text + (f", ORT fusions {fused}" if fused else "")
+
+
+def check_mode(mode: Any) -> Any:
+    """Returns ``mode`` if it is one of :data:`MODES`; else raises ExportError listing them."""
+    if isinstance(mode, str) and mode.lower() == "ort":
+        return "ort"
+    if mode is True or mode is False:
+        return mode
+    raise ExportError(f"optimize={mode!r} is not supported: use True (weight-independent onnxscript optimization, "
+                      "the default), 'ort' (plus ONNX Runtime's transformer fusions) or False (the exporter's raw graph)")
+
+
+def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert") -> tuple[Any, OptimizeReport]:
+    """Optimizes an ``onnx_ir.Model`` without letting any decision depend on weight values.
+
+    Steps (onnxscript's default optimizer, reordered so that weights are opaque where it matters):
+
+    1. inline functions; hide every initializer's value;
+    2. constant folding + onnxscript's default rewrite rules + unused-node removal, twice;
+    3. restore the values; fold layout ops on weights (``W' = Transpose(W)``) into initializers;
+    4. lift ``Constant`` nodes to initializers, deduplicate *non-weight* initializers, CSE, fix names;
+    5. ``mode="ort"``: :func:`ort_fusions`.
+
+    Args:
+        model: an ``onnx_ir.Model`` (``ONNXProgram.model``), changed in place, or an
+            ``onnx.ModelProto`` (not changed; an optimized ModelProto is returned).
+        mode: ``True`` or ``"ort"`` (``False`` returns at once).
+        model_type: for ``"ort"``: ``onnxruntime.transformers`` model type (``bert``, ``gpt2``...).
+
+    Returns:
+        (the optimized model: ``model`` itself, or a new one for ``"ort"`` or a ModelProto input,
+        an :class:`OptimizeReport`);
+        ``report.derived`` is also stored in the model's metadata under :data:`DERIVED_KEY`.
+
+    Raises:
+        ExportError: ``mode`` is not one of :data:`MODES`, or ``"ort"`` fusions read weight values.
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding as folding
+
+    mode = check_mode(mode)
+    if not isinstance(model, ir.Model):  # an onnx.ModelProto: same steps, a ModelProto back
+        optimized, report = optimize_model(ir.serde.deserialize_model(model), mode, model_type=model_type)
+        return ir.serde.serialize_model(optimized), report
+    start = time.perf_counter()
+    report = OptimizeReport(mode, _count(model), _count(model))
+    if mode is False:
+        return model, report
+    common.InlinePass()(model)
+    weights = {v for g in model.graphs() for v in g.initializers.values()}
+    with _hidden(weights):
+        ir.passes.PassManager([
+            folding.FoldConstantsPass(shape_inference=True,
+                                      input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                      output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+            rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+            common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+        ], steps=2, early_stop=True)(model)
+    weights = {v for g in model.graphs() for v in g.initializers.values() if v in weights}
+    report.derived = _fold_layout(model, weights)
+    weights |= {v for g in model.graphs() for v in g.initializers.values() if v.name in report.derived}
+    common.RemoveUnusedNodesPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.LiftSubgraphInitializersToMainGraphPass()(model)
+    with _hidden(weights):
+        common.DeduplicateInitializersPass()(model)
+    common.CommonSubexpressionEliminationPass()(model)
+    common.OutputFixPass()(model)
+    common.NameFixPass()(model)
+    if report.derived:
+        model.metadata_props[DERIVED_KEY] = json.dumps(report.derived, sort_keys=True)
+    if mode == "ort":
+        names = {v.name for v in weights}
+        proto, report.fusions = ort_fusions(ir.serde.serialize_model(model), weights=names, model_type=model_type)
+        model = ir.serde.deserialize_model(proto)
+    report.nodes_after = _count(model)
+    report.seconds = time.perf_counter() - start
+    return model, report
+
+
+class _hidden:
+    """Context: the values of ``weights`` are invisible (``const_value is None``) inside the block."""
+
+    def __init__(self, weights: set) -> None:
+        self.saved = {v: v.const_value for v in weights}
+
+    def __enter__(self) -> None:
+        for v in self.saved:
+            v.const_value = None
+
+    def __exit__(self, *exc: object) -> None:
+        for v, t in self.saved.items():
+            v.const_value = t
+
+
+def _fold_layout(model: Any, weights: set) -> dict[str, dict[str, Any]]:
+    """Folds chains of layout ops applied to weights into new initializers named ``<weight>::<Op>``.
+
+    The decision depends only on op types and on which inputs are weights (never on values, sizes or
+    consumer counts), so base and folded exports fold the same nodes.
+    """
+    import onnx_ir as ir
+
+    derived: dict[str, dict[str, Any]] = {}
+    origin = {v: (v.name, []) for v in weights}  # value -> (source weight, ops applied)
+    done: dict[tuple[int, str], Any] = {}  # (value, op) -> the initializer it folded into
+    for node in list(model.graph):  # topological order: a chain folds link by link
+        if node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        data, rest = node.inputs[0], [x for x in node.inputs[1:] if x is not None]
+        if data not in origin or any(x.const_value is None for x in rest) or len(node.outputs) != 1:
+            continue
+        source, ops = origin[data]
+        step = [node.op_type, {a.name: _attr(a) for a in node.attributes.values()},
+                [x.const_value.numpy().tolist() for x in rest]]
+        key = (id(data), json.dumps(step, sort_keys=True))
+        if key in done:  # the same op on the same weight twice (a tied weight): one initializer
+            node.outputs[0].replace_all_uses_with(done[key], replace_graph_outputs=True)
+            continue
+        array = _evaluate(node, data.const_value.numpy(), [x.const_value.numpy() for x in rest])
+        if array is None:
+            continue
+        ops = [*ops, step]
+        name = f"{source}::" + "::".join(op[0] for op in ops)
+        while name in model.graph.initializers:
+            name += "'"
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        model.graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
+        origin[value] = (source, ops)
+        done[key] = value
+        derived[name] = {"source": source, "ops": ops}
+    # Drop chain links nobody reads any more (a weight read only through its transpose, say).
+    return {k: v for k, v in derived.items() if model.graph.initializers[k].uses()}
+
+
+def _attr(attr: Any) -> Any:
+    value = attr.value
+    return list(value) if isinstance(value, (tuple, list)) else (int(value) if hasattr(value, "__index__") else value)
+
+
+def _evaluate(node: Any, x: np.ndarray, rest: list[np.ndarray]) -> np.ndarray | None:
+    """One layout op in numpy (the ONNX reference semantics for these ops); None if unsupported."""
+    op, attrs = node.op_type, {a.name: a.value for a in node.attributes.values()}
+    if op == "Identity":
+        return x
+    if op == "Transpose":
+        perm = attrs.get("perm")
+        return np.ascontiguousarray(np.transpose(x, list(perm) if perm is not None else None))
+    if op == "Cast":
+        import onnx_ir as ir
+
+        return x.astype(ir.DataType(int(attrs["to"])).numpy())
+    if op == "Reshape":
+        if not rest or attrs.get("allowzero", 0):
+            return None
+        shape = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(rest[0].tolist())]
+        return x.reshape(shape)
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = rest[0].tolist() if rest else attrs.get("axes")
+        if op == "Squeeze":
+            return np.squeeze(x, axis=tuple(axes)) if axes is not None else np.squeeze(x)
+        out = x
+        for a in sorted(int(a) % (x.ndim + len(axes)) for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    if op == "Flatten":
+        axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    return None
+
+
+def _count(model: Any) -> int:
+    return sum(1 for _ in model.graph)
+
+
+# ---- ONNX Runtime transformer fusions -------------------------------------------------------------
+
+
+def ort_fusions(proto: Any, *, weights: set[str], model_type: str = "bert", check: bool = True) -> tuple[Any, dict[str, int]]:
+    """Runs ONNX Runtime's python transformer fusions on an ``onnx.ModelProto``.
+
+    Args:
+        proto: the model (after :func:`optimize_model`); not changed.
+        weights: names of its weight initializers (the others are graph constants fusions may read).
+        model_type: ``onnxruntime.transformers.optimizer.MODEL_TYPES`` key; ``bert`` suits encoders,
+            ``gpt2`` decoders.
+        check: also fuse a copy whose weights are generic random values and refuse when the two
+            fused graphs differ (a fusion that read a weight's value).
+
+    Returns:
+        (fused ModelProto, fused op counts).
+
+    Raises:
+        ExportError: onnxruntime's transformer tools are missing, or a fusion depends on weight values.
+    """
+    fused, stats = _fuse(proto, model_type)
+    if check:
+        probe, _ = _fuse(_generic_weights(proto, weights), model_type)
+        difference = _structure_difference(fused, probe)
+        if difference:
+            raise ExportError(f"optimize='ort' refused: ONNX Runtime's fusions for model_type={model_type!r} depend on "
+                              f"weight values, so the folded and base exports could differ in structure ({difference}); "
+                              "use optimize=True (weight-independent onnxscript optimization)")
+    return fused, stats
+
+
+def _fuse(proto: Any, model_type: str) -> tuple[Any, dict[str, int]]:
+    try:
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model as ort_optimize
+    except ImportError as exc:
+        raise ExportError(f"optimize='ort' needs onnxruntime's transformer tools ({exc}); pip install onnxruntime") from exc
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    options = FusionOptions(model_type)
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it logs every fusion it tries at INFO/WARNING
+    try:
+        model = ort_optimize(copy, model_type=model_type, num_heads=0, hidden_size=0,
+                             optimization_options=options, opt_level=0)
+    except Exception as exc:
+        raise ExportError(f"optimize='ort': onnxruntime.transformers.optimizer failed for model_type={model_type!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        logger.setLevel(level)
+    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if isinstance(v, int)}
+    fused = model.model
+    domains = {n.domain for n in fused.graph.node} - {"", "ai.onnx"}
+    for domain in domains - {o.domain for o in fused.opset_import}:  # the fusions add com.microsoft ops
+        fused.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return fused, stats
+
+
+_FLOATS = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _generic_weights(proto: Any, weights: set[str]) -> Any:
+    """A copy whose float weights hold seeded normal values (+3: no zeros, ones or equal tensors), so
+    that a rule reading weight values decides differently than on real weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    gen = np.random.default_rng(0)
+    for t in copy.graph.initializer:
+        if t.name in weights and t.data_type in _FLOATS:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            t.CopyFrom(numpy_helper.from_array((gen.standard_normal(tuple(t.dims)) + 3.0).astype(dtype), t.name))
+    return copy
+
+
+def _structure_difference(a: Any, b: Any) -> str:
+    from .verify_onnx import compare_structure
+
+    result = compare_structure(a, b)
+    return "" if result.ok else str(result).splitlines()[0]
+
+
+def derived_aliases(untied: dict[str, str], names: set[str]) -> dict[str, str]:
+    """Aliases for weights derived from untied copies: ``{copy::Op: base::Op}`` for each
+    ``{copy: base}`` in ``untied`` whose derived name is in ``names`` (see verify_fold's aliases)."""
+    out = {}
+    for name in names:
+        source, sep, ops = name.partition("::")
+        if sep and source in untied:
+            out[name] = f"{untied[source]}::{ops}"
+    return out
+
