@@ -178,7 +178,7 @@ def run(out: str, smoke: bool = False, torch_threads: int = 1, variants: tuple[s
 
 
 def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds: int | None) -> dict[str, Any]:
-    warmup, rounds = (1, 2) if smoke else (1, rounds or 3)
+    warmup, rounds = (1, 2) if smoke else (1, rounds or 2)
     c, env, start = _config(smoke), environment(), time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
     memory = _memory(variants, smoke, threads)
