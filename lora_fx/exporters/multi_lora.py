@@ -94,7 +94,7 @@ class MultiLoraExport:
 
 def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_args: tuple | None = None,
                       example_kwargs: dict | None = None, dynamic: bool = True, opset: int | None = None,
-                      external_data: bool | None = None) -> MultiLoraExport:
+                      external_data: bool | None = None, kv_cache: bool = False) -> MultiLoraExport:
     """Exports the unfolded LoRA graph with A/B as zero-default overridable initializers.
 
     Args:
@@ -104,6 +104,8 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
         example_args, example_kwargs: Default: the inputs given to :func:`lora_fx.trace`.
         dynamic: Batch (and sequence, for token inputs) dynamic.
         opset, external_data: As for :func:`lora_fx.exporters.onnx_io.export_onnx`.
+        kv_cache: a decoder LLM with past/present KV inputs/outputs for :class:`lora_fx.OnnxGenerator`
+            (see :func:`lora_fx.exporters.kv_cache.export_multi_lora_with_cache`).
 
     Returns:
         The mapping from LoRA parameters to initializer names, stored in the file's metadata too.
@@ -113,6 +115,11 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
             consumer node) in the exported graph.
     """
     state = lora_state(lgm, "export_multi_lora")
+    if kv_cache:
+        from .kv_cache import export_multi_lora_with_cache
+
+        return export_multi_lora_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs,
+                                            dynamic=dynamic, opset=opset, external_data=external_data)
     args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
     module = copy_module(lgm, freeze=False)
     for br in state.branches:  # new zero Parameters: the user's A/B are never touched
