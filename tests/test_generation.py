@@ -70,9 +70,9 @@ def test_cache_is_fed_back_as_ort_values(monkeypatch):
     seen: list[type] = []
     original = gen._step
 
-    def spy(binding, ids, mask, past, run_options):
+    def spy(binding, ids, mask, past, *rest):
         seen.append(type(past[0]))
-        return original(binding, ids, mask, past, run_options)
+        return original(binding, ids, mask, past, *rest)
 
     monkeypatch.setattr(gen, "_step", spy)
     gen.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, eos_token_id=[])
