@@ -110,7 +110,8 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
     new = nn.Parameter(rounded, requires_grad=False)
     if not torch.isfinite(new).all():  # one check on the hot path; diagnose only on failure
         _raise_non_finite(gm, site, branches, w, delta, merged, new)
-    report.folded[site.id] = float(delta.abs().max()) if delta.numel() else 0.0
+    lo, hi = torch.aminmax(delta) if delta.numel() else (torch.zeros(()), torch.zeros(()))
+    report.folded[site.id] = max(-float(lo), float(hi))  # max |delta| in one pass, no |delta| copy
     if node.op == "call_module":
         _merge_module(gm, node, new, report)
     elif weight_reads(gm.graph, site.weight) == 1:  # writing W' under its name changes nothing else
