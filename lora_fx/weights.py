@@ -209,16 +209,17 @@ def load_weights(module: nn.Module, folder: str | os.PathLike, *, strict: bool =
     return report
 
 
-def redevice(gm: fx.GraphModule, device: torch.device) -> int:
+def redevice(gm: fx.GraphModule, device: torch.device, old: torch.device | str = "meta") -> int:
     """Rewrites the ``device=meta`` a meta capture baked into the graph (``arange(n, device=meta)``,
-    ``to(x, meta)``, metadata asserts) to ``device``; returns how many nodes changed.
+    ``to(x, meta)``, metadata asserts) to ``device`` (or another ``old`` device: the streamed
+    export moves a CPU capture to meta); returns how many nodes changed.
 
     ``lorafy``'s record of the captured graph is rewritten alike, so ``fold`` still proves that the
     folded graph is the captured one.
     """
     from .graph_module import LORA_KEY
 
-    meta = torch.device("meta")
+    meta = torch.device(old)
 
     def swap(a):
         if isinstance(a, torch.device) and a == meta:

@@ -103,7 +103,7 @@ def test_external_data_and_atomic_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise lora_fx.ExportError("injected failure")
 
-    monkeypatch.setattr(ex, "export_onnx", boom)
+    monkeypatch.setattr(ex, "export_streaming", boom)
     with pytest.raises(lora_fx.ExportError, match="injected"):
         lora_fx.fold_and_export(lgm, tmp_path / "task.onnx")
     assert (tmp_path / "task.onnx").read_bytes() == before

@@ -31,6 +31,7 @@ from .onnx_io import ExportInfo, check_target, install
 from .ort import available_providers, ort_session, run_onnx
 from .quantize import QuantizeConfig, QuantizeReport
 from .quantized_export import check_quantize, quantize_staged
+from .streaming import export_streaming
 from .verify_onnx import StructureReport, compare_structure
 
 # torch.onnx logs a warning per missing torchvision op on every export: noise for our users.
@@ -183,24 +184,26 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
     directory = check_target(final)
     times: dict[str, float] = {}
     t = time.perf_counter()
-    module = fold(lgm) if folded else copy_module(lgm, freeze=False)
+    module = (fold(lgm) if folded else copy_module(lgm, freeze=False)).eval()
     times["fold"] = time.perf_counter() - t
-    module = _deployable(module, dtype)
     x_args, x_kwargs = _cast_inputs((args, kwargs), dtype)
     # Everything is written and verified in a temp folder beside the target; only a file that passed
     # verification replaces what is at ``path`` (a failure anywhere leaves it untouched).
     with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
         staged = os.path.join(tmp, os.path.basename(final))
         fallbacks = Fallbacks()  # past the plain exporter's known failures; the base export reuses its fixes
-        info = fallbacks.export(module, staged, x_args, x_kwargs, dynamic_shapes=shapes, opset=opset,
-                                external_data=external_data, optimize=optimize, model_type=model_type)
+        # Streamed: the exporter sees weightless skeletons; each weight is converted while written.
+        info = export_streaming(module, staged, x_args, x_kwargs, dtype=dtype, exporter=fallbacks.export,
+                                dynamic_shapes=shapes, opset=opset, external_data=external_data,
+                                optimize=optimize, model_type=model_type)
         times["export"] = info.seconds
         report = ExportReport(final, folded, info, None, fold_report_of(module), None, times,
                               notes=fallbacks.notes)
+        del module  # the folded copies of the adapted weights: not needed by the verification
         if verify:
-            base_mod = _deployable(strip(lgm), dtype)
-            report.base = fallbacks.export(base_mod, os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
-                                           dynamic_shapes=shapes, opset=opset, external_data=external_data,
+            report.base = export_streaming(strip(lgm).eval(), os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
+                                           dtype=dtype, exporter=fallbacks.export, dynamic_shapes=shapes,
+                                           opset=opset, external_data=external_data,
                                            optimize=optimize, model_type=model_type)
             times["base_export"] = report.base.seconds
             t = time.perf_counter()
@@ -343,31 +346,6 @@ def _inputs(lgm, example_args, example_kwargs, dynamic: bool) -> tuple[tuple, di
 
         shapes = cap.dynamic_shapes if (cap is not None and example_args is None) else dynamic_shapes_for(args, kwargs)
     return args, kwargs, shapes
-
-
-def _deployable(module: LoraFxModule, dtype: torch.dtype | None) -> LoraFxModule:
-    module = module.eval()
-    old = _float_dtype(module)
-    if dtype is not None and dtype != old:
-        module = _retype(_converted(module, dtype), old, dtype)
-    return module
-
-
-def _converted(module: LoraFxModule, dtype: torch.dtype) -> LoraFxModule:
-    """A copy with float parameters and buffers in ``dtype``; never touches the shared tensors
-    (``Module.to`` would convert them in place, changing the user's LoRA model too)."""
-    module = copy_module(module, freeze=False)
-    new: dict[int, torch.Tensor] = {}
-    for mod in module.modules():
-        for store in (mod._parameters, mod._buffers):
-            for name, t in list(store.items()):
-                if t is None or not t.is_floating_point():
-                    continue
-                if id(t) not in new:
-                    data = t.detach().to(dtype)
-                    new[id(t)] = torch.nn.Parameter(data, requires_grad=False) if store is mod._parameters else data
-                store[name] = new[id(t)]
-    return module
 
 
 def _retype(module: LoraFxModule, old: torch.dtype, new: torch.dtype) -> LoraFxModule:

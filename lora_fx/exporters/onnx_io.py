@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,8 @@ class ExportInfo:
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
                 kwargs: dict[str, Any] | None = None, *, dynamic_shapes: Any = None, opset: int | None = None,
                 external_data: bool | None = None, optimize: bool | str = False, model_type: str = "bert",
-                custom_translation_table: dict | None = None) -> ExportInfo:
+                custom_translation_table: dict | None = None,
+                bind: Callable[[Any], None] | None = None) -> ExportInfo:
     """Export ``module`` to ``path`` with the dynamo exporter, atomically.
 
     The model is exported in memory, written into a temporary folder next to ``path`` and moved into
@@ -105,6 +107,8 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             ONNX Runtime's transformer fusions (``model_type``); ``False``: the exporter's raw graph.
             torch's own optimizer is never run: it reads weight values (see the module docstring).
         model_type: ``onnxruntime.transformers`` model type for ``optimize="ort"``.
+        bind: Called with the ONNXProgram before it is optimized and written (the streamed export
+            binds its lazy weights there: see ``streaming.py``).
 
     Returns:
         An :class:`ExportInfo` read back from the written file.
@@ -120,6 +124,8 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, False,
                             custom_translation_table)
     _stable_axis_names(program)
+    if bind is not None:
+        bind(program)
     optimization = None
     if optimize is not False:
         from .optimize import optimize_model
