@@ -5,6 +5,7 @@ writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``benchmarks/resul
 ``--smoke`` runs tiny sizes in seconds (what tests/test_benchmarks.py checks); its numbers mean nothing.
 """
 
-BENCHMARKS = ("inference", "training", "training_llm", "overhead", "precision", "refold", "generation", "quantize")
+BENCHMARKS = ("inference", "training", "training_llm", "overhead", "precision", "refold", "generation", "quantize",
+              "scale")
 
 __all__ = ["BENCHMARKS"]

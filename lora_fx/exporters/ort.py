@@ -84,7 +84,7 @@ def _usable(provider: str) -> bool:
 
 
 def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = None, threads: int | None = None,
-                spinning: bool = False) -> onnxruntime.InferenceSession:
+                spinning: bool = False, low_memory: bool = False) -> onnxruntime.InferenceSession:
     """Open an ONNX Runtime session on ``path``.
 
     Args:
@@ -93,6 +93,10 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
         threads: ``intra_op_num_threads``; ``None`` lets ORT use all cores.
         spinning: Let idle intra-op threads spin. Off by default: a spinning idle session steals a
             core from the one being timed (identical files measured 0.98-1.08x apart with spinning).
+        low_memory: Hold the weights once: no graph optimizations (constant folding would store an
+            fp32 copy of every fp16 weight the CPU kernels need cast), no pre-packed weight copies,
+            no memory arena (transient buffers go back to the system). For verification runs,
+            never for timing.
 
     Raises:
         ExportError: onnxruntime is missing, the file does not exist or cannot be loaded.
@@ -106,6 +110,10 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
         options.intra_op_num_threads = int(threads)
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if low_memory:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers or available_providers())
     except Exception as exc:

@@ -1,0 +1,273 @@
+"""Scale benchmark: a 1.1B model end to end on one machine, and the passes from 2 to 80 layers on meta.
+
+**End to end** (TinyLlama-1.1B shape: hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000;
+random weights, fp32 and bf16), each in its own subprocess so peak RSS is that pipeline's alone:
+build -> ``trace`` -> ``lorafy`` (q/k/v/o, r=16) -> 2 AdamW steps (ids 2 x 32) ->
+``fold_and_export(external_data=True, dtype=float16)`` (verified) -> a plain ``torch.onnx.export``
+of the same captured graph (``optimize=False``, external data, the model's dtype): the baseline.
+Per phase: seconds and peak RSS (``VmHWM``, reset before each phase through ``/proc/self/clear_refs``).
+Goals: pipeline peak <= 2x the weight bytes (1.6x stretch); fold_and_export <= 1.4x the plain export.
+
+**Linear passes**: Llama-3-70B widths on the meta device (``lora_fx.empty_weights``), 2..80 layers:
+``trace`` and ``lorafy`` seconds and RSS; plus ``fold`` on real weights of a narrow Llama (hidden
+256) at the same depths. And ``lora-fx inspect <70B config.json> --targets q_proj v_proj`` wall time
+(goal < 120 s). Hold ``flock /tmp/lorafx-bigmem.lock`` (the 1.1B children need ~9 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .common import env_line, environment, log, md_table, verdict, write_outputs
+
+NAME = "scale"
+GOAL_PEAK, GOAL_STRETCH, GOAL_EXPORT, GOAL_INSPECT = 2.0, 1.6, 1.4, 120.0
+ATTN = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj"]
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+LLAMA3_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                  vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+# ------------------------------------------------------------------------------------------------
+# child processes (python -m benchmarks.scale e2e|passes ...): print one JSON line
+# ------------------------------------------------------------------------------------------------
+
+
+def _memory() -> dict[str, float]:
+    """Current and peak RSS in bytes (Linux /proc)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _phase(results: dict, name: str, fn):
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    t = time.perf_counter()
+    value = fn()
+    mem = _memory()
+    results[name] = {"seconds": time.perf_counter() - t, "peak_bytes": mem["VmHWM"], "rss_after": mem["VmRSS"]}
+    return value
+
+
+def _llama(config: dict, dtype, meta: bool):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lora_fx
+
+    cfg = LlamaConfig(**config, use_cache=False)
+    with lora_fx.empty_weights():
+        model = LlamaForCausalLM(cfg)
+    if not meta:  # fill one tensor at a time (randn on the full model would allocate it twice)
+        gen = torch.Generator().manual_seed(0)
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    real = torch.empty(p.shape, dtype=dtype).normal_(0, 0.02, generator=gen)
+                    mod._parameters[name] = torch.nn.Parameter(real)
+    return model.to(dtype).eval() if meta else model.eval()
+
+
+def child_e2e(dtype_name: str, smoke: bool) -> dict[str, Any]:
+    import torch
+
+    import lora_fx
+    from lora_fx.capture import dynamic_shapes_for
+
+    dtype = getattr(torch, dtype_name)
+    res: dict[str, Any] = {"dtype": dtype_name, "phases": {}}
+    ph = res["phases"]
+    config = SMOKE if smoke else TINYLLAMA
+    model = _phase(ph, "build", lambda: _llama(config, dtype, meta=False))
+    res["parameters"] = sum(p.numel() for p in model.parameters())
+    res["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    gm = _phase(ph, "trace", lambda: lora_fx.trace(model, (ids,)))
+    lgm = _phase(ph, "lorafy", lambda: lora_fx.lorafy(gm, ATTN, rank=16, alpha=32))
+    res["trainable"] = lgm.lora_report.trainable
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(lgm), lr=1e-3)
+
+    def train():
+        lgm.train()
+        for _ in range(2):
+            loss = lgm(ids).logits.float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        lgm.eval()
+
+    _phase(ph, "train", train)
+    with tempfile.TemporaryDirectory(prefix="lora_fx_scale_", dir=os.environ.get("LORA_FX_SCALE_TMP")) as tmp:
+        rep = _phase(ph, "fold_and_export", lambda: lora_fx.fold_and_export(
+            lgm, os.path.join(tmp, "task.onnx"), external_data=True, dtype=torch.float16))
+        res["verified"] = bool(rep.verification.ok)
+        res["report_seconds"] = dict(rep.seconds)
+        res["numerics"] = [c.max_rel_err for c in rep.verification.numerics]
+        res["file_bytes"] = os.path.getsize(os.path.join(tmp, "task.onnx.data"))
+
+        def plain():
+            program = torch.onnx.export(gm, (ids,), dynamo=True, dynamic_shapes=dynamic_shapes_for((ids,), {}),
+                                        optimize=False, verbose=False)
+            program.save(os.path.join(tmp, "plain.onnx"), external_data=True)
+
+        _phase(ph, "plain_export", plain)
+    res["pipeline_peak_bytes"] = max(p["peak_bytes"] for p in ph.values() if p is not ph["plain_export"])
+    return res
+
+
+def child_passes(layers: int, smoke: bool) -> dict[str, Any]:
+    import torch
+
+    import lora_fx
+
+    res: dict[str, Any] = {"layers": layers, "phases": {}}
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    wide = dict(SMOKE if smoke else LLAMA3_70B, num_hidden_layers=layers)
+    model = _llama(wide, torch.bfloat16, meta=True)
+    gm = _phase(res["phases"], "trace_meta", lambda: lora_fx.trace(model, (ids,)))
+    _phase(res["phases"], "lorafy_meta", lambda: lora_fx.lorafy(gm, ATTN, rank=16))
+    res["sites"] = len(lora_fx.sites(gm))
+    narrow = dict(SMOKE, hidden_size=64 if smoke else 256, intermediate_size=128 if smoke else 512,
+                  num_hidden_layers=layers)
+    small = _llama(narrow, torch.float32, meta=False)
+    sgm = lora_fx.trace(small, (ids,))
+    lgm = lora_fx.lorafy(sgm, ATTN, rank=16)
+    _phase(res["phases"], "fold_real", lambda: lora_fx.fold(lgm))
+    return res
+
+
+def child_inspect(smoke: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dict(SMOKE if smoke else LLAMA3_70B, num_hidden_layers=2 if smoke else 80,
+                   architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "lora_fx", "inspect", tmp, "--targets", "q_proj", "v_proj",
+                               "--rank", "16"], capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - t
+    tail = [line for line in proc.stdout.splitlines() if "adaptable sites" in line or "trainable" in line]
+    return {"seconds": seconds, "summary": tail}
+
+
+def _child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.scale", *args]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------
+
+
+def run(out: str, smoke: bool = False) -> dict[str, str]:
+    env = environment()
+    extra = ["--smoke"] if smoke else []
+    data: dict[str, Any] = {"benchmark": NAME, "smoke": smoke, "env": env, "e2e": [], "passes": []}
+    for dtype in ("float32", "bfloat16"):
+        log(f"scale: end to end, {dtype}")
+        data["e2e"].append(_child(["e2e", dtype, *extra]))
+    for layers in ((2, 4) if smoke else (2, 5, 10, 20, 40, 80)):
+        log(f"scale: passes at {layers} layers")
+        data["passes"].append(_child(["passes", str(layers), *extra]))
+    log("scale: lora-fx inspect on a config.json")
+    data["inspect"] = _child(["inspect", *extra])
+    return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data))
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    lines = ["## Scale: 1.1B end to end, passes linear to 80 layers", ""]
+    for r in data["e2e"]:
+        w = r["weight_bytes"]
+        ph = r["phases"]
+        lines += [f"**TinyLlama-1.1B-shaped, {r['dtype']}** ({r['parameters']:,} parameters, {_gib(w)} GiB of "
+                  f"weights; LoRA r=16 on q/k/v/o: {r['trainable']:,} trainable; fold_and_export writes fp16, "
+                  f"verified: {r['verified']})", ""]
+        rows = [[name, f"{p['seconds']:.1f}", _gib(p["peak_bytes"]), f"{p['peak_bytes'] / w:.2f}x"]
+                for name, p in ph.items()]
+        lines += [md_table(["phase", "seconds", "peak RSS GiB", "peak / weights"], rows), ""]
+        peak = r["pipeline_peak_bytes"] / w
+        ratio = ph["fold_and_export"]["seconds"] / ph["plain_export"]["seconds"]
+        inside = ", ".join(f"{k} {v:.1f}s" for k, v in r["report_seconds"].items())
+        lines += [md_table(["goal", "measured", ""], [
+            [f"pipeline peak <= {GOAL_PEAK}x weights", f"{peak:.2f}x", verdict(peak, None, GOAL_PEAK)],
+            [f"stretch <= {GOAL_STRETCH}x", f"{peak:.2f}x", verdict(peak, None, GOAL_STRETCH)],
+            [f"fold_and_export / plain export <= {GOAL_EXPORT}", f"{ratio:.2f}", verdict(ratio, None, GOAL_EXPORT)],
+        ]), "", f"fold_and_export inside: {inside}.", ""]
+    rows = []
+    for r in data["passes"]:
+        ph = r["phases"]
+        rows.append([r["layers"], r["sites"], f"{ph['trace_meta']['seconds']:.1f}", f"{ph['lorafy_meta']['seconds']:.2f}",
+                     _gib(ph["lorafy_meta"]["peak_bytes"]), f"{ph['fold_real']['seconds']:.2f}"])
+    lines += ["**Passes vs depth** (Llama-3-70B widths on meta; fold on a hidden-256 Llama with real weights):", "",
+              md_table(["layers", "sites", "trace s (meta)", "lorafy s (meta)", "RSS GiB", "fold s (real, narrow)"], rows), ""]
+    ins = data["inspect"]
+    lines += [f"`lora-fx inspect` on the Llama-3-70B config.json alone: {ins['seconds']:.0f} s "
+              f"(goal < {GOAL_INSPECT:.0f} s: {verdict(ins['seconds'], None, GOAL_INSPECT)}); "
+              + "; ".join(ins["summary"]), "", env_line(data["env"])]
+    return "\n".join(lines)
+
+
+def _plot(fig, data: dict[str, Any]) -> None:
+    ax = fig.add_subplot(1, 2, 1)
+    xs = [r["layers"] for r in data["passes"]]
+    for key, label in (("trace_meta", "trace (meta)"), ("lorafy_meta", "lorafy (meta)"), ("fold_real", "fold (real, narrow)")):
+        ax.plot(xs, [r["phases"][key]["seconds"] for r in data["passes"]], "o-", label=label)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("seconds")
+    ax.set_title("passes vs depth")
+    ax.legend()
+    ax = fig.add_subplot(1, 2, 2)
+    for r in data["e2e"]:
+        names = list(r["phases"])
+        ax.plot(names, [r["phases"][n]["peak_bytes"] / r["weight_bytes"] for n in names], "o-", label=r["dtype"])
+    ax.axhline(GOAL_PEAK, color="gray", linestyle="--", label="goal 2x")
+    ax.set_ylabel("peak RSS / weight bytes")
+    ax.set_title("1.1B pipeline memory")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend()
+
+
+def main(argv: list[str]) -> int:
+    from .common import quiet
+
+    quiet()
+    smoke = "--smoke" in argv
+    argv = [a for a in argv if a != "--smoke"]
+    if argv[0] == "e2e":
+        result = child_e2e(argv[1], smoke)
+    elif argv[0] == "passes":
+        result = child_passes(int(argv[1]), smoke)
+    else:
+        result = child_inspect(smoke)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
