@@ -164,3 +164,16 @@ def test_training_llm_smoke(tmp_path):
                                "time lora-fx / peft"}  # the compile goal needs the compile variant
     with open(paths["md"]) as f:
         assert "| lora-fx+ckpt |" in f.read()
+
+
+@pytest.mark.slow  # spawns a child per measurement (tiny Llamas): minutes on a busy 2-core machine
+def test_scale_smoke(tmp_path):
+    r = _run("scale", str(tmp_path))
+    assert [e["dtype"] for e in r["data"]["e2e"]] == ["float32", "bfloat16"]
+    for e in r["data"]["e2e"]:
+        assert e["verified"]
+        assert set(e["phases"]) == {"build", "trace", "lorafy", "train", "fold_and_export", "plain_export"}
+        assert all(p["peak_bytes"] > 0 and p["seconds"] >= 0 for p in e["phases"].values())
+    assert [p["layers"] for p in r["data"]["passes"]] == [2, 4]
+    assert r["data"]["passes"][1]["sites"] > r["data"]["passes"][0]["sites"]
+    assert "adaptable sites" in " ".join(r["data"]["inspect"]["summary"])
