@@ -99,17 +99,19 @@ def test_fold_and_export_int4_is_the_quantized_base_with_new_values(gpt2):
     assert "fold cost 0." in str(report) and "5 MatMulNBits" in str(report)
 
 
-@pytest.mark.parametrize("cfg, op, n_changed", [
-    (QuantizeConfig("int8"), "MatMulInteger", 2 * 2),  # values, scales (symmetric: zero points all 0)
-    (QuantizeConfig("int8", int8_method="weight_only"), "MatMulNBits", 2 * 2),  # Q8 values, scales
-    (QuantizeConfig("int4", symmetric=False, block_size=16, exclude=("*.c_fc.*",)), "MatMulNBits", 1 * 3 + 1),  # + fp32 c_fc
+@pytest.mark.parametrize("cfg, op, count, n_changed", [
+    (QuantizeConfig("int8"), "MatMulInteger", 5, 2 * 2),  # values, scales (symmetric: zero points all 0)
+    (QuantizeConfig("int8", int8_method="weight_only"), "MatMulNBits", 5, 2 * 2),  # Q8 values, scales
+    (QuantizeConfig("int4", symmetric=False, block_size=16, exclude=("*.c_fc.*",)), "MatMulNBits", 4, 1 * 3 + 1),
+    (QuantizeConfig("int4", ops=("MatMul", "Gather")), "GatherBlockQuantized", 2, 2 * 2),  # wte, wpe gathers
+    (QuantizeConfig("int4", algorithm="hqq"), "MatMulNBits", 5, 2 * 3),  # HQQ: asymmetric, zero points
 ])
-def test_quantize_file_schemes(gpt2, tmp_path, cfg, op, n_changed):
+def test_quantize_file_schemes(gpt2, tmp_path, cfg, op, count, n_changed):
     gm, ids, a, _, tmp, _ = gpt2
     fp32_changed = compare_structure(tmp / "base.onnx", tmp / "task.onnx").changed_initializers
     infos = [quantize_file(str(tmp / "base.onnx"), str(tmp_path / "qbase.onnx"), cfg),
              quantize_file(str(tmp / "task.onnx"), str(tmp_path / "qtask.onnx"), cfg)]
-    assert infos[1].quantized[op] == (4 if cfg.exclude else 5) and infos[1].bytes < infos[1].fp32_bytes
+    assert infos[1].quantized[op] == count and infos[1].bytes < infos[1].fp32_bytes
     rep = _prove(str(tmp_path / "qtask.onnx"), str(tmp_path / "qbase.onnx"), cfg, infos[1], fp32_changed)
     assert rep.ok and len(rep.changed) == n_changed
     sess = ort.InferenceSession(str(tmp_path / "qtask.onnx"), providers=["CPUExecutionProvider"])
@@ -171,6 +173,8 @@ def test_bad_settings_name_what_works(gpt2, tmp_path):
         as_config("int4", block_size=48)
     with pytest.raises(ExportError, match="Gather"):
         as_config("int8", ops=("Gather",))
+    with pytest.raises(ExportError, match="hqq"):
+        as_config("int8", algorithm="hqq")
     with pytest.raises(ExportError, match="dtype float32"):
         lora_fx.fold_and_export(a, tmp_path / "t.onnx", quantize="int4", dtype=torch.float16)
     with pytest.raises(ExportError, match="matches no weight"):

@@ -56,6 +56,8 @@ class QuantizeConfig:
         int8_method: ``"dynamic"`` (MatMulInteger, activations quantized at run time) or
             ``"weight_only"`` (MatMulNBits with 8 bits, activations stay fp32).
         accuracy_level: MatMulNBits compute precision (None: ORT's default; 4 = int8 compute).
+        algorithm: ``"rtn"`` (round to nearest) or ``"hqq"`` (ORT's calibration-free Half-Quadratic
+            Quantization: scales and zero points optimized per block; asymmetric, int4 MatMul only).
     """
 
     scheme: str = "int4"
@@ -65,6 +67,7 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()
     int8_method: str = "dynamic"
     accuracy_level: int | None = None
+    algorithm: str = "rtn"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -88,6 +91,8 @@ def as_config(quantize: str | QuantizeConfig, **overrides) -> QuantizeConfig:
     cfg = dataclasses.replace(cfg, ops=tuple(cfg.ops), exclude=tuple(cfg.exclude))
     if cfg.scheme not in SCHEMES:
         raise ExportError(f"QuantizeConfig.scheme={cfg.scheme!r}; use one of {SCHEMES}")
+    if cfg.algorithm not in ("rtn", "hqq") or (cfg.algorithm == "hqq" and (cfg.scheme != "int4" or cfg.ops != ("MatMul",))):
+        raise ExportError(f"algorithm={cfg.algorithm!r}: use 'rtn', or 'hqq' with scheme int4 and ops ('MatMul',)")
     if cfg.int8_method not in ("dynamic", "weight_only"):
         raise ExportError(f"int8_method={cfg.int8_method!r}; use 'dynamic' or 'weight_only'")
     if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
@@ -200,11 +205,15 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
         lg.setLevel(logging.WARNING)
     try:
         if _nbits(cfg):
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                HQQWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
 
+            algo = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4) if cfg.algorithm == "hqq" else None
             q = MatMulNBitsQuantizer(model, bits=4 if cfg.scheme == "int4" else 8, block_size=cfg.block_size,
                                      is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
-                                     nodes_to_exclude=exclude, op_types_to_quantize=cfg.ops)
+                                     nodes_to_exclude=exclude, op_types_to_quantize=cfg.ops, algo_config=algo)
             q.process()
             out = q.model.model
         else:
