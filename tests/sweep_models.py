@@ -251,7 +251,7 @@ def _tv_custom(ctor: Callable[..., torch.nn.Module], size: int = 32) -> Callable
 
 TIMM_ATTN = ("*.attn.qkv", "*.attn.proj")
 VISION_MODELS: list[SweepModel] = [
-    SweepModel("timm", "test_vit", timm_model("test_vit"), TIMM_ATTN, fast=True),
+    SweepModel("timm", "test_vit", timm_model("test_vit"), TIMM_ATTN),
     SweepModel("timm", "test_vit2", timm_model("test_vit2"), TIMM_ATTN),
     SweepModel("timm", "test_vit3", timm_model("test_vit3", 160), TIMM_ATTN),
     SweepModel("timm", "test_vit4", timm_model("test_vit4"), TIMM_ATTN),
