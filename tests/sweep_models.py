@@ -144,11 +144,11 @@ HF_MODELS: list[SweepModel] = [
     _m("encoder-decoder", "marian", QKV),
     _m("encoder-decoder", "m2m_100", QKV),
     # vision
-    _m("vision", "vit", BERT),
-    _m("vision", "deit", BERT),
-    _m("vision", "beit", BERT),
-    _m("vision", "dinov2", BERT),
-    _m("vision", "swin", BERT, num_heads=[2, 2], window_size=2, num_attention_heads=None),
+    _m("vision", "vit", QKV),
+    _m("vision", "deit", QKV),
+    _m("vision", "beit", QKV),
+    _m("vision", "dinov2", QKV),
+    _m("vision", "swin", QKV, num_heads=[2, 2], window_size=2, num_attention_heads=None),
     _m("vision", "convnext", ["pwconv1"]),
     _m("vision", "resnet", ["convolution"], layer_type="basic"),
     # audio
