@@ -36,7 +36,8 @@ AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
              conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
              vocab_size=32, num_mel_bins=16, d_model=32, encoder_layers=1, decoder_layers=1,
              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-             max_source_positions=32, max_target_positions=32, pad_token_id=0, decoder_start_token_id=0)
+             max_source_positions=32, max_target_positions=32, pad_token_id=0, decoder_start_token_id=0,
+             use_cache=False)
 
 
 @dataclass(frozen=True)
