@@ -46,7 +46,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
     """Measures re-export and refold on GPT-2-small-sized (2 layers with ``smoke``)."""
     import lora_fx
     from lora_fx.examples import zoo_models
-    from lora_fx.exporters.refold import refold_onnx
+    from lora_fx.switching import refold_onnx
 
     torch.set_num_threads(1)
     layers, rounds = (2, 2) if smoke else (12, 5)

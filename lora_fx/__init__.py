@@ -22,9 +22,10 @@ from .errors import (
                      VerifyError,
                      WeightsError,
 )
-from .exporters.export import ExportReport, VerifyReport, fold_and_export, verify_fold
+from .exporters.export import ExportReport, fold_and_export
 from .exporters.multi_lora import export_multi_lora, write_ort_adapter
 from .exporters.quantize import QuantizeConfig
+from .exporters.verify import VerifyReport, verify_fold
 from .generation import GenerationError, OnnxGenerator
 from .graph_module import LoraFxModule
 from .passes.checkpoint import CheckpointedModule, checkpoint

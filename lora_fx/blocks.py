@@ -28,11 +28,12 @@ from torch.fx.passes.split_module import split_module
 from .errors import SiteError
 from .graph_module import (
     CAPTURE_KEY,
-    LORA_KEY,
     NODE_LORA,
     LoraFxModule,
     del_attr_path,
     get_attr_path,
+    has_lora,
+    lora_state,
     prune_empty_modules,
     set_attr_path,
     wrap,
@@ -55,7 +56,7 @@ def split_blocks(lgm: fx.GraphModule, prefix: str = "model.layers") -> LoraFxMod
             paths the graph has).
     """
     block = re.compile(rf"^{re.escape(prefix)}\.(\d+)(?:\.|$)")
-    sites = {br.site.id: br.site.path for br in lgm.meta[LORA_KEY].branches} if LORA_KEY in lgm.meta else {}
+    sites = {br.site.id: br.site.path for br in lora_state(lgm, "split_blocks").branches} if has_lora(lgm) else {}
 
     def own(node: fx.Node) -> int | None:
         if NODE_LORA in node.meta:

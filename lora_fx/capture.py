@@ -22,13 +22,14 @@ import inspect
 import operator
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
-from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, wrap
+from .errors import CaptureError, ExportError
+from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, capture_of, wrap
 
 aten = torch.ops.aten
 
@@ -160,6 +161,23 @@ def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
         return dims
 
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
+
+
+def example_inputs(gm: nn.Module, example_args: tuple | None = None, example_kwargs: dict | None = None,
+                   dynamic: bool = True) -> tuple[tuple, dict, Any]:
+    """(args, kwargs, dynamic_shapes) to run or export ``gm``: the given example, else trace()'s.
+
+    Raises:
+        ExportError: no example given and ``gm`` was not captured by :func:`trace`.
+    """
+    cap = capture_of(gm)
+    if example_args is None and cap is None:
+        raise ExportError("no example inputs: pass example_args=..., or capture the model with "
+                          "lora_fx.trace(model, args) so they are remembered")
+    if example_args is None:
+        return cap.args, dict(cap.kwargs), (cap.dynamic_shapes if dynamic else None)
+    args, kwargs = tuple(example_args), dict(example_kwargs or {})
+    return args, kwargs, (dynamic_shapes_for(args, kwargs) if dynamic else None)
 
 
 def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:

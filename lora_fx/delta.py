@@ -4,8 +4,8 @@ A :class:`Branch` is one A/B pair and what it means. The delta of the branches o
 weight's own layout and shape, is::
 
     D[out, in]        = sum_i  scale_i · B_i @ A_i    (B_i @ A_i lands in rows slice_i; all rows if None)
-    delta             = to_layout(D, layout, shape)    ("out,in": D, "in,out"/"embedding": D.T,
-                                                        "conv": D.reshape(shape), one per op kind)
+    delta             = to_layout(D, layout, shape)    (per op kind, lora_fx/kinds: "out,in": D,
+                                                        "in,out"/"embedding": D.T, "conv": D.reshape(shape))
 
 computed in the *compute dtype* (fp32, fp64 for fp64 weights) and rounded once::
 
@@ -26,18 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kinds import LAYOUTS
+
 if TYPE_CHECKING:
     from .sites import Site
-
-# How a delta D (out, in*) becomes a weight-shaped tensor, per layout name (a site's ``layout``).
-# Op kinds register theirs (lora_fx/kinds); the four built-in layouts are here so this stays pure.
-LAYOUTS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
-    "out,in": lambda d, shape: d,
-    "in,out": lambda d, shape: d.T,
-    "embedding": lambda d, shape: d.T,
-    "conv": lambda d, shape: d.reshape(shape),
-}
-
 
 @dataclass(frozen=True)
 class Branch:
@@ -92,7 +84,7 @@ def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, 
 
 
 def to_layout(d: torch.Tensor, layout: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``D`` (out, in*) in the weight's layout and shape (see :data:`LAYOUTS`)."""
+    """``D`` (out, in*) in the weight's layout and shape (each op kind registers its layouts)."""
     try:
         convert = LAYOUTS[layout]
     except KeyError:

@@ -2,6 +2,7 @@
 
 One home for each (they were answered in four slightly different ways before):
 
+* :func:`param_source`: the parameter (get_attr node, name) behind an op's weight argument.
 * :func:`is_transpose`: an op between a weight and its matmul that only swaps its two dims
   (``aten.t``, ``numpy_T``, ``transpose``, ``permute``, ``w.T`` / ``w.mT``, ``w.t()``). Matched on the
   op itself, never on a substring of its name (``"aten.t"`` is also a prefix of ``aten.tanh``).
@@ -41,6 +42,25 @@ def is_transpose(node: object) -> bool:
     if node.target is getattr:
         return len(node.args) > 1 and node.args[1] in _ATTR_TRANSPOSES
     return node.target in TRANSPOSES
+
+
+def param_source(gm: fx.GraphModule, arg: object) -> tuple[fx.Node | None, str | None, bool]:
+    """The get_attr node of a parameter feeding ``arg`` (through at most one transpose of a 2-D
+    weight), its qualified name, and whether it is transposed; (None, None, False) otherwise."""
+    if not isinstance(arg, fx.Node):
+        return None, None, False
+    transposed = False
+    if is_transpose(arg) and isinstance(arg.args[0], fx.Node):
+        transposed, arg = True, arg.args[0]
+    if arg.op != "get_attr":
+        return None, None, False
+    try:
+        value = gm.get_parameter(str(arg.target))
+    except AttributeError:
+        return None, None, False
+    if value.dim() != 2 and transposed:
+        return None, None, False
+    return arg, str(arg.target), transposed
 
 
 def weight_reads(graph: fx.Graph, name: str) -> int:

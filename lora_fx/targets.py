@@ -17,11 +17,11 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from . import kinds
 from .errors import PatternError, SiteError
 from .sites import Site
-
-KINDS = ("linear", "conv", "embedding", "einsum")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def as_targets(patterns) -> list[Target]:
         if isinstance(t.pattern, str) and not t.pattern.strip():
             raise PatternError("empty pattern: use '*' to select every site")
         if t.ops is not None:
-            known = set(KINDS) | _op_names()
+            known = set(kinds.KINDS) | kinds.op_names()
             bad = [o for o in t.ops if o not in known]
             if bad:
                 raise PatternError(f"Target({_show(t.pattern)}): unknown op(s) {bad}; supported: "
@@ -152,11 +152,6 @@ def select(all_sites: Sequence[Site], patterns, *, rank: int, alpha: float | Non
                            f"by {[_show(e.pattern) for e in excluded]}")
     order = {s.id: i for i, s in enumerate(all_sites)}
     return sorted(chosen.values(), key=lambda sel: order[sel.site.id])
-
-
-def _op_names() -> set[str]:
-    return {"linear", "addmm", "mm", "matmul", "einsum", "conv1d", "conv2d", "embedding", "Linear",
-            "Conv1d", "Conv2d", "Embedding"}
 
 
 def _show(p) -> str:
@@ -212,10 +207,7 @@ def max_rank(s: Site, slices: tuple[tuple[int, int], ...] | None = None) -> int:
 
     A conv's A sees ``in x kh x kw`` inputs, so a 3-channel 16x16 patch embedding has fan-in 768.
     """
-    fan_in = s.in_features
-    if s.kind == "conv":
-        for k in s.shape[2:]:
-            fan_in *= k
+    fan_in = kinds.get(s.kind).lora_in(s)  # elements of one row of A
     widths = [b - a for a, b in slices] if slices else [s.out_features]
     return min(fan_in, *widths)
 
@@ -234,9 +226,10 @@ def _slices(t: Target, s: Site) -> tuple[tuple[int, int], ...] | None:
         if t.chunks is not None:
             raise SiteError(f"site {s.id}: chunks={t.chunks} needs slices=[chunk indices]")
         return None
-    if s.kind != "linear":
-        raise SiteError(f"site {s.id}: slices work on linear-like ops (linear/addmm/mm/matmul), "
-                        f"not {s.op}")
+    if not kinds.get(s.kind).slices:
+        with_slices = sorted(k for k, kind in kinds.KINDS.items() if kind.slices)
+        raise SiteError(f"site {s.id}: slices work on linear-like ops (kinds {with_slices}: "
+                        f"linear/addmm/mm/matmul), not {s.op}")
     out = s.out_features
     ranges = []
     for item in t.slices:
@@ -266,3 +259,25 @@ def _slices(t: Target, s: Site) -> tuple[tuple[int, int], ...] | None:
     if not ranges:
         raise SiteError(f"site {s.id}: slices is empty")
     return tuple(ranges)
+
+
+def parse_patterns(patterns: Sequence[str]) -> list[Any]:
+    """Patterns written as text (the command line) -> lorafy patterns.
+
+    ``re:REGEX`` is a compiled regex, ``PATTERN@R`` a :class:`Target` with rank R, anything else a
+    glob / plain name as is: ``["*.query", "head@4", "re:.*\\.(query|value)"]``.
+    """
+    out: list[Any] = []
+    for text in patterns:
+        rank = None
+        m = re.fullmatch(r"(.+)@(\d+)", text)
+        if m:
+            text, rank = m.group(1), int(m.group(2))
+        pattern: Any = text
+        if text.startswith("re:"):
+            try:
+                pattern = re.compile(text[3:])
+            except re.error as e:
+                raise PatternError(f"pattern {text!r}: invalid regular expression ({e})") from e
+        out.append(Target(pattern, rank=rank) if rank is not None else pattern)
+    return out

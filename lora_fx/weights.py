@@ -217,7 +217,7 @@ def redevice(gm: fx.GraphModule, device: torch.device, old: torch.device | str =
     ``lorafy``'s record of the captured graph is rewritten alike, so ``fold`` still proves that the
     folded graph is the captured one.
     """
-    from .graph_module import LORA_KEY
+    from .graph_module import has_lora, lora_state
 
     meta = torch.device(old)
 
@@ -238,8 +238,8 @@ def redevice(gm: fx.GraphModule, device: torch.device, old: torch.device | str =
             changed += 1
     if changed:
         gm.recompile()
-        state = gm.meta.get(LORA_KEY)
-        if state is not None:
+        if has_lora(gm):
+            state = lora_state(gm, "materialize")
             old, new = repr(meta), repr(device)
             state.base_signature[:] = [line.replace(old, new) for line in state.base_signature]
     return changed
@@ -272,10 +272,11 @@ def _slots(module: nn.Module) -> dict[str, tuple[nn.Module, str, bool, torch.Ten
 
 
 def _lora_names(module: nn.Module) -> set[str]:
-    from .graph_module import LORA_KEY
+    from .graph_module import has_lora, lora_state
 
-    state = getattr(module, "meta", {}).get(LORA_KEY) if isinstance(getattr(module, "meta", None), dict) else None
-    return set() if state is None else {n for br in state.branches for n in (br.a, br.b)}
+    if not has_lora(module):
+        return set()
+    return {n for br in lora_state(module, "load weights").branches for n in (br.a, br.b)}
 
 
 def _check_plan(module, slots, groups, plan, files, lora, report, strict, folder) -> None:
@@ -324,20 +325,20 @@ def _replace(slots, names: list[str], value: torch.Tensor) -> None:
 
 
 def _init_lora(module, slots, groups, lora: set[str], init: str) -> int:
-    from .graph_module import LORA_KEY
-    from .passes.branches import init_pair
+    from . import kinds
+    from .graph_module import lora_state
 
     if not lora:
         return 0
     count = 0
-    for br in module.meta[LORA_KEY].branches:
+    for br in lora_state(module, "load weights").branches:
         a, b = slots[br.a][3], slots[br.b][3]
         if not (a.is_meta or b.is_meta):
             continue
         device = slots[br.site.weight][3].device if br.site.weight in slots else torch.device("cpu")
         new_a = torch.empty(a.shape, dtype=a.dtype, device=device)
         new_b = torch.empty(b.shape, dtype=b.dtype, device=device)
-        init_pair(new_a, new_b, init, br.site.kind)
+        kinds.get(br.site.kind).init_pair(new_a, new_b, init)
         _replace(slots, groups[id(a)], new_a)
         _replace(slots, groups[id(b)], new_b)
         count += 2

@@ -14,35 +14,20 @@ from safetensors.torch import load_file, save_file
 
 import lora_fx
 from lora_fx.adapters import CONFIG, TENSORS, adapter_of, load_adapter, read_adapter, save_adapter
+from lora_fx.examples import zoo_models
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5
 
 
-def gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
-                                  use_cache=False, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-MODELS = {"gpt2": (gpt2, ["c_attn"]), "llama": (llama, ["q_proj", "v_proj"])}
+MODELS = {"gpt2": (zoo_models.gpt2, ["c_attn"]), "llama": (zoo_models.llama, ["q_proj", "v_proj"])}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
-    torch.manual_seed(0)
     build, targets = MODELS[request.param]
-    model = build()
-    ids = torch.randint(0, 100, (2, 8))
+    model, (ids,), _ = build()
     return request.param, model, ids, lora_fx.trace(model, (ids,)), targets
 
 
@@ -106,9 +91,7 @@ def test_lora_fx_adapter_loads_in_peft(case, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpt2_case():
-    torch.manual_seed(0)
-    model = gpt2()
-    ids = torch.randint(0, 100, (2, 8))
+    model, (ids,), _ = zoo_models.gpt2()
     return model, ids, lora_fx.trace(model, (ids,))
 
 
@@ -120,14 +103,14 @@ def test_lora_fx_only_branches_round_trip(gpt2_case, tmp_path):
     save_adapter(lgm, tmp_path)
     config = json.loads((tmp_path / CONFIG).read_text())
     keys = load_file(tmp_path / TENSORS).keys()
-    assert "lora_fx.transformer.h.0.attn.c_attn.weight_slice0_32.lora_A.weight" in keys
+    assert "lora_fx.transformer.h.0.attn.c_attn.weight_slice0_64.lora_A.weight" in keys  # hidden 64: q is 0:64
     assert "base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight" in keys
     assert "base_model.model.transformer.wte.lora_embedding_A" in keys
     assert config["target_modules"] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc", "transformer.wte"]
     assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 16, {})
     assert config["alpha_pattern"] == {"transformer.wte": 8}  # the most common alpha is the default
     fx_section = {b["key"]: b for b in config["lora_fx"]["branches"]}
-    assert fx_section["transformer.h.1.attn.c_attn.weight_slice64_96"]["slice"] == [64, 96]
+    assert fx_section["transformer.h.1.attn.c_attn.weight_slice128_192"]["slice"] == [128, 192]
     assert len(fx_section) == len(keys) // 2 == 7
 
     fresh = load_adapter(lora_fx.lorafy(gm, targets, rank=4, alpha=8), tmp_path)
@@ -189,7 +172,7 @@ def test_mismatches_are_named_and_change_nothing(saved):
         load_adapter(lgm, path)
     lgm = lora_fx.lorafy(gm, ["*.c_attn", "*.attn.c_proj"], rank=8, alpha=16)
     before = snapshot(lgm)
-    with pytest.raises(lora_fx.AdapterError, match=r"shape transformer\.h\.0\.attn\.c_attn\.lora_A: file \(4, 32\) vs module \(8, 32\)"):
+    with pytest.raises(lora_fx.AdapterError, match=r"shape transformer\.h\.0\.attn\.c_attn\.lora_A: file \(4, 64\) vs module \(8, 64\)"):
         load_adapter(lgm, path)
     assert unchanged(lgm, before)
     with pytest.raises(lora_fx.AdapterError, match=r"scale .*lorafy with alpha=8"):
@@ -282,7 +265,7 @@ def test_save_is_atomic(saved, monkeypatch):
     assert {n: (path / n).read_bytes() for n in (CONFIG, TENSORS)} == old
     assert sorted(os.listdir(path)) == [CONFIG, TENSORS]  # no stray temp or backup files
 
-    import lora_fx.adapters as mod
+    import lora_fx.adapters.peft_format as mod
 
     monkeypatch.setattr(mod, "st_save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
     with pytest.raises(RuntimeError):

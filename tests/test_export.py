@@ -39,7 +39,10 @@ def test_zoo_folded_export_is_the_base_export(case, tmp_path):
     assert report.export.nodes == report.base.nodes
     assert len(v.numerics) == 2 and all(c.max_rel_err <= 1e-4 for c in v.numerics)
     assert len(v.structure.changed_initializers) >= case.n_sites - len(v.structure.added_initializers)
-    assert "PASSED" in str(report)
+    lines = str(report).splitlines()
+    assert lines[0].startswith(f"wrote {report.path} (folded LoRA): {report.export.nodes} nodes")
+    assert f"  base export: {report.base.nodes} nodes; LoRA added 0 nodes" in lines
+    assert "verification: PASSED" in lines and "  FX graph == captured graph: True" in lines
 
 
 def test_unfolded_export_fails_structure_negative_control(tmp_path):

@@ -79,8 +79,14 @@ def test_per_target_settings_rslora_and_report():
     by_op = {br.site.id.rsplit(".", 1)[1]: br for br in lgm.lora_report.branches}
     assert by_op["q_proj"].rank == 4 and by_op["q_proj"].scale == pytest.approx(8 / 2.0)
     assert by_op["v_proj"].rank == 2 and by_op["v_proj"].scale == pytest.approx(2 / 2 ** 0.5)
-    text = str(lgm.lora_report)
-    assert "q_proj" in text and "trainable" in text
+    lines = str(lgm.lora_report).splitlines()
+    assert lines[0].split() == ["site", "op", "weight", "shape", "rank", "scale", "slice"]
+    assert len(lines) == 2 + 4  # header, 2 layers x (q, v), summary
+    q0 = next(line for line in lines if line.startswith("model.layers.0.self_attn.q_proj "))
+    assert q0.split()[1:] == ["linear", "64x64", "4", "4"]
+    r = lgm.lora_report
+    assert lines[-1] == (f"4 sites, 4 LoRA pairs; trainable {r.trainable:,} / {r.total:,} parameters "
+                         f"({100 * r.trainable / r.total:.3f}%)")
 
 
 def test_fused_qkv_slices_adapt_only_q_and_v():

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import traced
 from helpers import randomize_lora
 from torch.utils import _pytree as pytree
 
 import lora_fx
 from lora_fx.errors import AdapterError, ExportError
-from lora_fx.examples.zoo_models import gpt2, mlp
 from lora_fx.exporters.multi_lora import (
     MultiLoraExport,
     export_multi_lora,
@@ -49,8 +49,7 @@ def _trained(gm, seed: int, rank: int = 4):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi_lora")
-    model, args, _ = gpt2()
-    gm = lora_fx.trace(model, args)
+    _, args, _, gm = traced("gpt2")
     lgm = _trained(gm, seed=0)
     b_before = [p.detach().clone() for p in lora_fx.lora_parameters(lgm)]
     exp = export_multi_lora(lgm, tmp / "served.onnx")
@@ -127,8 +126,7 @@ def test_adapter_for_another_model_is_a_clear_error(served, tmp_path):
     with pytest.raises(AdapterError, match="cannot read ONNX Runtime adapter"):
         (tmp_path / "junk.onnx_adapter").write_bytes(b"not an adapter")
         load_ort_adapter(tmp_path / "junk.onnx_adapter", exp)
-    mlp_model, mlp_args, _ = mlp()
-    small = lora_fx.lorafy(lora_fx.trace(mlp_model, mlp_args), "fc1", rank=4)
+    small = lora_fx.lorafy(traced("mlp")[3], "fc1", rank=4)
     with pytest.raises(AdapterError, match="branches missing"):
         write_ort_adapter(small, tmp_path / "mlp.onnx_adapter", exp)
     with pytest.raises(ExportError, match="carries no LoRA"):

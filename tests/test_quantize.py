@@ -15,13 +15,13 @@ from onnx import numpy_helper
 import lora_fx
 from lora_fx.adapters import save_adapter
 from lora_fx.errors import AdapterError, ExportError
-from lora_fx.exporters.export import _variants
 from lora_fx.exporters.onnx_io import export_onnx
 from lora_fx.exporters.quantize import QuantizeConfig, as_config, prepare, quantize_file, read_config
 from lora_fx.exporters.quantized_export import _prove, quantize_step, refold_quantized
-from lora_fx.exporters.refold import refold_onnx
+from lora_fx.exporters.verify import variants as _variants
 from lora_fx.exporters.verify_onnx import compare_structure
 from lora_fx.graph_module import capture_of
+from lora_fx.switching import refold_onnx
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")

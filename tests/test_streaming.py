@@ -18,8 +18,9 @@ from lora_fx.exporters.streaming import export_streaming, skeleton
 
 def _plain(module, dtype):
     """What fold_and_export exported before streaming: a converted copy, then a plain export."""
-    from lora_fx.exporters.export import _float_dtype, _retype
     from lora_fx.graph_module import copy_module
+    from lora_fx.passes.dtype import float_dtype as _float_dtype
+    from lora_fx.passes.dtype import retype as _retype
 
     module = copy_module(module, freeze=False)
     old = _float_dtype(module)

@@ -1,7 +1,20 @@
-"""The pattern language (targets.py): owner-module names, globs, rank limits, and which pattern is blamed."""
+"""The pattern language, as a specification (pure: hand-made Sites, no tracing).
+
+* a pattern is tried against a site's id, module path and weight name;
+* a plain name matches exactly or as a dotted suffix (PEFT's rule), never a partial word;
+* a glob (``*``, ``?``, ``[``) must match a whole name; a compiled regex must full-match;
+* patterns are applied in order and the first one that selects a site sets its settings;
+* ``exclude`` removes sites; every pattern must select something (else PatternError naming it);
+* ``path:weight#k`` ids address one call of a module that reads a weight several times;
+* ``Target(ops=...)`` restricts to op names or kinds; settings are validated per site (a rank above
+  min(fan-in, out) is a note, as PEFT accepts it);
+* on traced models: a child's weight used functionally matches the child's path, ``"*.fc"`` also
+  matches a top-level ``fc``, and the pattern that matches nothing is the one blamed.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -11,7 +24,140 @@ from conftest import traced
 from torch import nn
 
 import lora_fx
+from lora_fx.sites import Site
+from lora_fx.targets import Target, as_targets, matches, parse_patterns, select
 
+
+def _site(sid: str, *, path: str | None = None, weight: str | None = None, op: str = "linear",
+          kind: str = "linear", in_f: int = 16, out_f: int = 48) -> Site:
+    path = sid.split(":")[0].split("#")[0] if path is None else path
+    weight = f"{path}.weight" if weight is None else weight
+    return Site(sid, path, op, kind, weight, "out,in", (out_f, in_f), in_f, out_f, f"n_{len(sid)}")
+
+
+SITES = [
+    _site("model.layers.0.attn.q_proj"),
+    _site("model.layers.0.attn.v_proj"),
+    _site("model.layers.1.attn.q_proj"),
+    _site("model.layers.1.attn.v_proj"),
+    _site("model.layers.1.xq_proj"),  # "q_proj" is not a dotted suffix of this one
+    _site("blocks.0.w_in", path="blocks.0", weight="blocks.0.w_in", op="matmul"),  # a raw parameter
+    _site("conv", op="conv2d", kind="conv"),
+    _site("fc:fc.weight#0", path="fc", weight="fc.weight"),
+    _site("fc:fc.weight#1", path="fc", weight="fc.weight"),
+]
+
+
+def _ids(patterns, **kw) -> list[str]:
+    return [sel.site.id for sel in select(SITES, patterns, rank=kw.pop("rank", 4), alpha=None, dropout=0.0, **kw)]
+
+
+def test_plain_name_is_a_dotted_suffix():
+    assert _ids("q_proj") == ["model.layers.0.attn.q_proj", "model.layers.1.attn.q_proj"]
+    assert _ids("attn.v_proj") == ["model.layers.0.attn.v_proj", "model.layers.1.attn.v_proj"]
+    assert _ids("model.layers.1.xq_proj") == ["model.layers.1.xq_proj"]  # exact name
+    assert not matches("proj", SITES[0])  # a partial word is not a suffix
+
+
+def test_glob_matches_whole_names():
+    assert _ids("*.q_proj") == ["model.layers.0.attn.q_proj", "model.layers.1.attn.q_proj"]
+    assert _ids("model.layers.1.*") == ["model.layers.1.attn.q_proj", "model.layers.1.attn.v_proj",
+                                        "model.layers.1.xq_proj"]
+    assert not matches("layers.1.*", SITES[2])  # a glob is anchored at both ends
+    assert _ids("model.layers.[01].attn.v_proj") == ["model.layers.0.attn.v_proj", "model.layers.1.attn.v_proj"]
+
+
+def test_regex_must_full_match():
+    with pytest.raises(lora_fx.PatternError, match="matches no adaptable site"):
+        _ids(re.compile("q_proj"))  # a search would match; a full match does not
+    assert _ids(re.compile(r".*\.layers\.0\..*")) == ["model.layers.0.attn.q_proj", "model.layers.0.attn.v_proj"]
+
+
+def test_patterns_match_the_weight_name_of_raw_parameters():
+    assert _ids("blocks.0.w_in") == ["blocks.0.w_in"]
+    assert _ids("w_in") == ["blocks.0.w_in"]
+
+
+def test_first_matching_pattern_sets_the_settings():
+    sels = select(SITES, [Target("*.layers.0.*", rank=2, alpha=8), Target("*.q_proj", rank=8)],
+                  rank=4, alpha=None, dropout=0.1)
+    got = {s.site.id: (s.rank, s.alpha, s.dropout) for s in sels}
+    assert got == {"model.layers.0.attn.q_proj": (2, 8.0, 0.1), "model.layers.0.attn.v_proj": (2, 8.0, 0.1),
+                   "model.layers.1.attn.q_proj": (8, 8.0, 0.1)}  # alpha defaults to the rank
+    assert [s.site.id for s in sels] == [s.id for s in SITES if s.id in got]  # graph order, not pattern order
+
+
+def test_exclude_removes_sites_and_cannot_remove_all():
+    assert _ids("*_proj", exclude="*.layers.1.*") == ["model.layers.0.attn.q_proj", "model.layers.0.attn.v_proj"]
+    with pytest.raises(lora_fx.PatternError, match="excluded"):
+        _ids("*.q_proj", exclude="*.attn.*")
+
+
+def test_a_pattern_selecting_nothing_is_an_error_naming_it():
+    with pytest.raises(lora_fx.PatternError) as err:
+        _ids(["*.q_proj", "*.k_proj"])
+    msg = str(err.value)
+    assert "'*.k_proj' matches no adaptable site among 9" in msg
+    assert "model.layers.0.attn.q_proj" in msg.split("closest:")[1]  # the nearest names are listed
+
+
+def test_call_ids_address_one_call():
+    assert _ids("fc:fc.weight#1") == ["fc:fc.weight#1"]
+    assert _ids("fc") == ["fc:fc.weight#0", "fc:fc.weight#1"]  # the module path selects both calls
+    assert _ids("fc:*#0") == ["fc:fc.weight#0"]
+
+
+def test_ops_restrict_by_op_name_or_kind():
+    assert _ids(Target("*", ops=("conv",))) == ["conv"]
+    assert _ids(Target("*", ops=("matmul",))) == ["blocks.0.w_in"]
+    with pytest.raises(lora_fx.PatternError, match=r"unknown op\(s\) \['gemm'\]"):
+        as_targets(Target("*", ops=("gemm",)))
+
+
+@pytest.mark.parametrize("target, message", [
+    (Target("*.layers.0.attn.q_proj", rank=0), "rank must be a positive int"),
+    (Target("*.layers.0.attn.q_proj", alpha=-1.0), "alpha must be a finite number"),
+    (Target("*.layers.0.attn.q_proj", dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (Target("conv", slices=[(0, 8)]), "slices work on linear-like ops"),
+    (Target("*.layers.0.attn.q_proj", chunks=3), "needs slices"),
+    (Target("*.layers.0.attn.q_proj", slices=[(0, 20), (10, 30)]), "overlap"),
+    (Target("*.layers.0.attn.q_proj", slices=[0], chunks=5), "not divisible into 5 chunks"),
+])
+def test_settings_are_validated_per_site(target, message):
+    with pytest.raises(lora_fx.SiteError, match=message):
+        _ids(target)
+
+
+def test_rank_above_min_in_out_is_a_note_not_an_error():
+    (sel,) = select(SITES, Target("*.layers.0.attn.q_proj", rank=17), rank=4, alpha=None, dropout=0.0)
+    assert sel.rank == 17 and "rank 17 exceeds min(fan-in, out) = 16" in sel.note
+    (sel,) = select(SITES, "*.layers.0.attn.q_proj", rank=16, alpha=None, dropout=0.0)
+    assert sel.note is None
+
+
+def test_chunks_pick_equal_parts_of_a_fused_weight():
+    (sel,) = select(SITES, Target("*.layers.0.attn.q_proj", slices=[0, 2], chunks=3), rank=4, alpha=None,
+                    dropout=0.0)
+    assert sel.slices == ((0, 16), (32, 48))
+
+
+def test_bad_pattern_types_are_errors():
+    for bad, message in ((3, "got int"), ([], "no patterns given"), ([""], "empty pattern"),
+                         ([3], "is a int")):
+        with pytest.raises(lora_fx.PatternError, match=message):
+            as_targets(bad)
+
+
+def test_text_patterns():
+    glob, target, regex = parse_patterns(["*.query", "head@4", r"re:.*\.(query|value)"])
+    assert glob == "*.query"
+    assert target == Target("head", rank=4)
+    assert isinstance(regex, re.Pattern) and regex.fullmatch("a.value")
+    with pytest.raises(lora_fx.PatternError, match="invalid regular expression"):
+        parse_patterns(["re:("])
+
+
+# -- on traced models ---------------------------------------------------------------------------------
 
 class _FunctionalAttention(nn.Module):
     """timm-style: the attention module calls F.linear with its children's weights (qkv, proj)."""

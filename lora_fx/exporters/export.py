@@ -1,79 +1,57 @@
-"""fold_and_export and verify_fold: ship the folded graph, and prove it is the original graph.
+"""fold_and_export: ship the folded graph as ONNX, verified to be the base export with new weights.
 
-``fold_and_export(lgm, "task.onnx")`` folds LoRA into the weights, exports with torch's dynamo
-exporter (batch and sequence dynamic, inputs remembered from ``trace``), writes atomically, then
-verifies: (a) the folded FX graph equals the captured one (fold checks it), (b) the ONNX file has the
-base export's exact structure (ops, topology, attributes, initializer names/shapes/dtypes, inputs,
-outputs) with only adapted initializers' values changed, and (c) ONNX Runtime on the file matches
-torch on the unfolded LoRA model on two input shapes.
+It is a pipeline of named steps over one :class:`ExportJob`, run in a staging folder beside the
+target; only a file that passed every step is installed at ``path``::
+
+    fold         fold(lgm) (or the unfolded copy with folded=False), eval mode
+    export       exporters.streaming: a weightless skeleton in the export dtype (passes/dtype.py
+                 rewrites its graph's casts), each weight converted while written (fold in fp32, round
+                 once to dtype=...); through exporters.fallback and exporters/optimize.py (optimize=...)
+    base_export  the base model (LoRA stripped) exported beside it                    (verify=True)
+    verify       exporters.verify.verify_fold(base, staged): structure + numerics     (verify=True)
+    quantize     exporters.quantized_export: int4/int8 task and base, proved alike    (quantize=...)
+
+``kv_cache=True`` wraps the whole pipeline (exporters/kv_cache.py: re-capture with past/present,
+canonical I/O names, prefill/decode checks).
+
+To add a step (a new option, as quantize=... was added): add its option to :class:`ExportOptions`
+and a keyword to :func:`fold_and_export`, write ``def _mystep(job: ExportJob) -> None`` that reads
+and updates the job (``job.module``, ``job.staged``, ``job.report``...), and insert
+``Step("mystep", _mystep, when=lambda job: job.options.mystep)`` into :data:`PIPELINE` where it
+belongs. Each step's wall time lands in ``report.seconds[name]``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
-from ..errors import ExportError, VerifyError
-from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of, lora_state
+from ..capture import example_inputs
+from ..errors import VerifyError
+from ..graph_module import LoraFxModule, copy_module, fold_report_of, lora_state
+from ..passes.dtype import cast_inputs
 from ..passes.fold import FoldReport, fold, strip
 from ..weights import check_materialized
+from . import onnx_files
 from .fallback import Fallbacks
-from .onnx_io import ExportInfo, check_target, install
-from .ort import available_providers, ort_session, run_onnx
+from .onnx_io import ExportInfo
 from .quantize import QuantizeConfig, QuantizeReport
 from .quantized_export import check_quantize, quantize_staged
 from .streaming import export_streaming
-from .verify_onnx import StructureReport, compare_structure
+from .verify import NumericCheck, VerifyReport, variants, verify_fold
+
+__all__ = ["PIPELINE", "ExportJob", "ExportOptions", "ExportReport", "NumericCheck", "Step", "VerifyReport",
+           "fold_and_export", "verify_fold"]
 
 # torch.onnx logs a warning per missing torchvision op on every export: noise for our users.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-
-RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-@dataclass
-class NumericCheck:
-    """ORT on the file vs torch on the LoRA model, for one input shape."""
-
-    shapes: str
-    max_abs_err: float
-    max_rel_err: float  # max |ort - torch| / max |torch|
-    ok: bool
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify_fold`; ``ok`` only when every check that ran passed."""
-
-    structure: StructureReport
-    numerics: list[NumericCheck] = field(default_factory=list)
-    provider: str | None = None
-    graph_ok: bool | None = None  # (a) folded FX graph == captured graph; None when not checked
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return (self.structure.ok and self.graph_ok is not False and all(c.ok for c in self.numerics))
-
-    def __str__(self) -> str:
-        lines = [f"verification: {'PASSED' if self.ok else 'FAILED'}"]
-        if self.graph_ok is not None:
-            lines.append(f"  FX graph == captured graph: {self.graph_ok}")
-        lines += ["  " + line for line in str(self.structure).splitlines()]
-        for c in self.numerics:
-            lines.append(f"  ORT ({self.provider}) vs torch LoRA model at {c.shapes}: max rel err "
-                         f"{c.max_rel_err:.2e} ({'ok' if c.ok else 'TOO LARGE'})")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -126,6 +104,55 @@ def _file_mib(path: str) -> float:
     return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p)) / 2**20
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """fold_and_export's settings (see its docstring); steps read them as ``job.options``."""
+
+    opset: int | None = None
+    dynamic: bool = True
+    external_data: bool | None = None
+    verify: bool = True
+    folded: bool = True
+    dtype: torch.dtype | None = None
+    providers: list[str] | None = None
+    quantize: QuantizeConfig | None = None
+    optimize: bool | str = True
+    model_type: str = "bert"
+
+
+@dataclass
+class ExportJob:
+    """What the steps of one fold_and_export share; each step reads and updates it."""
+
+    lgm: fx.GraphModule
+    path: str  # the final target
+    staged: str  # the file being written, under its final name in a staging folder beside ``path``
+    options: ExportOptions
+    args: tuple  # example inputs (trace()'s unless given), for torch
+    kwargs: dict
+    shapes: Any  # dynamic_shapes for the exporter
+    module: LoraFxModule | None = None  # what the export step writes
+    export_args: tuple = ()  # the example inputs in the export dtype
+    export_kwargs: dict = field(default_factory=dict)
+    report: ExportReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    fallbacks: Fallbacks = field(default_factory=Fallbacks)  # fixes the exporter needed; reused for the base
+
+    @property
+    def folder(self) -> str:
+        """The staging folder (removed after the pipeline, whatever happens)."""
+        return os.path.dirname(self.staged)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One named step of :data:`PIPELINE`, run when ``when(job)`` is true."""
+
+    name: str
+    run: Callable[[ExportJob], None]
+    when: Callable[[ExportJob], bool] = lambda job: True
+
+
 def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_args: tuple | None = None,
                     example_kwargs: dict | None = None, opset: int | None = None, dynamic: bool = True,
                     external_data: bool | None = None, verify: bool = True, folded: bool = True,
@@ -169,236 +196,87 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
     """
     lora_state(lgm, "fold_and_export")  # export a plain model with torch.onnx.export
     check_materialized(lgm, "fold_and_export")
-    if kv_cache:
+    if kv_cache:  # a decoder with past/present: its own wrapper around this pipeline
         from .kv_cache import export_with_cache
 
         return export_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs, opset=opset,
                                  dynamic=dynamic, external_data=external_data, verify=verify, folded=folded,
                                  dtype=dtype, providers=providers, quantize=quantize)
-    args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
-    qcfg = check_quantize(quantize, folded, dtype)
     from .optimize import check_mode
 
-    optimize = check_mode(optimize)
+    options = ExportOptions(opset, dynamic, external_data, verify, folded, dtype, providers,
+                            check_quantize(quantize, folded, dtype), check_mode(optimize), model_type)
+    args, kwargs, shapes = example_inputs(lgm, example_args, example_kwargs, dynamic)
     final = os.path.abspath(os.fspath(path))
-    directory = check_target(final)
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    module = (fold(lgm) if folded else copy_module(lgm, freeze=False)).eval()
-    times["fold"] = time.perf_counter() - t
-    x_args, x_kwargs = _cast_inputs((args, kwargs), dtype)
-    # Everything is written and verified in a temp folder beside the target; only a file that passed
-    # verification replaces what is at ``path`` (a failure anywhere leaves it untouched).
-    with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
-        staged = os.path.join(tmp, os.path.basename(final))
-        fallbacks = Fallbacks()  # past the plain exporter's known failures; the base export reuses its fixes
-        # Streamed: the exporter sees weightless skeletons; each weight is converted while written.
-        info = export_streaming(module, staged, x_args, x_kwargs, dtype=dtype, exporter=fallbacks.export,
-                                dynamic_shapes=shapes, opset=opset, external_data=external_data,
-                                optimize=optimize, model_type=model_type)
-        times["export"] = info.seconds
-        report = ExportReport(final, folded, info, None, fold_report_of(module), None, times,
-                              notes=fallbacks.notes)
-        del module  # the folded copies of the adapted weights: not needed by the verification
-        if verify:
-            report.base = export_streaming(strip(lgm).eval(), os.path.join(tmp, "base.onnx"), x_args, x_kwargs,
-                                           dtype=dtype, exporter=fallbacks.export, dynamic_shapes=shapes,
-                                           opset=opset, external_data=external_data,
-                                           optimize=optimize, model_type=model_type)
-            times["base_export"] = report.base.seconds
-            t = time.perf_counter()
-            report.verification = verify_fold(report.base.path, staged, lgm=lgm, fold_report=report.fold,
-                                              example_args=args, example_kwargs=kwargs,
-                                              dtype=dtype, providers=providers, numerics_only=not folded)
-            times["verify"] = time.perf_counter() - t
-            if not report.verification.ok:
-                hint = (f"\n(optimize={optimize!r}: if only the optimized graphs differ, export with optimize=False)"
-                        if optimize is not False and not report.verification.structure.ok else "")
-                raise VerifyError(f"the export for {final} FAILED verification, so nothing was written:"
-                                  f"\n{report.verification}{hint}")
-        if qcfg is not None:
-            staged = quantize_staged(report, staged, qcfg, lgm, _variants(args, kwargs), providers)
-        install(staged, final)
-    info.path = final
-    return report
+    with onnx_files.staging(final) as staged:
+        job = ExportJob(lgm, final, staged, options, args, kwargs, shapes, export_args=args, export_kwargs=kwargs)
+        run_pipeline(job)
+        onnx_files.install(job.staged, final)  # a step may have replaced the staged file (quantize)
+    job.report.export.path = final
+    return job.report
 
 
-def verify_fold(base: str | os.PathLike, task: str | os.PathLike, *, lgm: fx.GraphModule | None = None,
-                fold_report: FoldReport | None = None, example_args: tuple | None = None,
-                example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
-                providers: list[str] | None = None, numerics_only: bool = False) -> VerifyReport:
-    """Proves ``task`` (folded export) is ``base`` (base export) with new weights.
-
-    (b) structure is always compared; with ``lgm`` (the unfolded LoRA model) also (a) its fold
-    equals the captured graph and (c) ORT on ``task`` matches torch on ``lgm`` at two input shapes
-    (the example's and a larger batch/sequence), max relative error <= 1e-4 in fp32.
-
-    Raises:
-        VerifyError: ``base`` or ``task`` is missing or not a valid ONNX model (``onnx.checker``
-            runs on both first); the message names the file.
-    """
-    _check_onnx(base, "base")
-    _check_onnx(task, "task")
-    untied = dict(fold_report.untied) if fold_report else {}
-    report = VerifyReport(structure=compare_structure(base, task, aliases=_aliases(base, task, untied)))
-    if numerics_only:
-        report.notes.append("unfolded export: structure is expected to differ from the base")
-        report.structure.ok = True  # the negative control is reported, not failed, for unfolded exports
-    if lgm is None:
-        return report
-    if fold_report is None:
-        try:
-            fold(lgm)  # raises FoldError when the folded graph differs from the captured one
-            report.graph_ok = True
-        except Exception as e:  # report, don't raise: this is the proof step
-            report.graph_ok = False
-            report.notes.append(f"fold failed: {e}")
-    else:
-        report.graph_ok = True  # fold() returned, and it checks the graph before returning
-    args, kwargs, _ = _inputs(lgm, example_args, example_kwargs, dynamic=False)
-    report.provider, report.numerics = _numerics(lgm, task, args, kwargs, dtype, providers, report.notes)
-    return report
+def run_pipeline(job: ExportJob, steps: list[Step] | None = None) -> ExportJob:
+    """Runs the steps (default :data:`PIPELINE`) whose ``when`` holds, timing each."""
+    for step in PIPELINE if steps is None else steps:
+        if step.when(job):
+            start = time.perf_counter()
+            step.run(job)
+            job.seconds[step.name] = time.perf_counter() - start
+    return job
 
 
-def _check_onnx(source: str | os.PathLike | Any, role: str) -> None:
-    """Raises VerifyError naming the file unless ``onnx.checker`` accepts it: a file that is not
-    ONNX (random bytes, an empty or truncated file) would otherwise reach the comparison as an empty
-    ModelProto (protobuf parses b"" without error) or fail there with a bare protobuf error."""
-    import onnx
-
-    if isinstance(source, onnx.ModelProto):
-        what, target = f"{role} ModelProto", source
-    else:
-        what = target = os.fspath(source)
-        if not os.path.isfile(target):
-            raise VerifyError(f"{role} ONNX file {target!r} does not exist")
-    try:
-        onnx.checker.check_model(target)
-    except Exception as e:  # ValidationError, protobuf DecodeError, OSError on external data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        from .optimize import ORT_ONNX_DOMAIN_OPS
-
-        if any(first.startswith(f"No Op registered for {op} ") for op in ORT_ONNX_DOMAIN_OPS):
-            return  # an optimize="ort" file: ONNX Runtime registers this fused op in the ONNX domain
-        raise VerifyError(f"{role} file {what!r} is not a valid ONNX model ({type(e).__name__}: {first}); "
-                          "pass the .onnx files written by fold_and_export / torch.onnx.export") from e
+def _fold(job: ExportJob) -> None:
+    """The module to export: the fold (checked equal to the captured graph), or an unfolded copy."""
+    job.module = (fold(job.lgm) if job.options.folded else copy_module(job.lgm, freeze=False)).eval()
 
 
-def _aliases(base, task, untied: dict[str, str]) -> dict[str, str]:
-    """Maps untied parameter names to ONNX initializer names present in the files."""
-    if not untied:
-        return {}
-    import onnx
-
-    names_b = {t.name for t in onnx.load(os.fspath(base), load_external_data=False).graph.initializer}
-    names_t = {t.name for t in onnx.load(os.fspath(task), load_external_data=False).graph.initializer}
-    from .optimize import derived_aliases
-
-    untied = {**untied, **derived_aliases(untied, names_t)}  # an optimized file folds W's layout ops: W::Transpose
-    return {new: old for new, old in untied.items() if new in names_t and old in names_b}
-
-
-def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | None, list[NumericCheck]]:
-    providers = providers or available_providers()
-    ref_model = copy_module(lgm, freeze=False).eval()
-    # torch first, then ORT: the session is the only other holder of the weights while it runs,
-    # and it holds them once (low_memory: no constant-folded casts, no pre-packed copies).
-    cases = []
-    for a, k in _variants(args, kwargs):
-        with torch.no_grad():
-            cases.append((a, k, [t for t in pytree.tree_leaves(ref_model(*a, **k)) if isinstance(t, torch.Tensor)]))
-    del ref_model
-    checks = []
-    try:
-        session = ort_session(task, providers=providers, low_memory=True)
-    except ExportError as e:
-        notes.append(f"numeric check skipped: {e}")
-        return None, []
-    provider = session.get_providers()[0]
-    rtol = RTOL.get(dtype or _float_dtype(lgm), 1e-4)
-    for a, k, expected in cases:
-        ca, ck = _cast_inputs((a, k), dtype)
-        try:
-            got = run_onnx(session, ca, ck)
-        except ExportError as e:
-            notes.append(f"numeric check on {provider} skipped: {e}")
-            return provider, checks
-        err, scale = 0.0, 0.0
-        for g, e in zip(got, expected, strict=False):
-            e = e.detach().double().numpy()
-            err = max(err, float(np.abs(g.astype(np.float64) - e).max(initial=0.0)))
-            scale = max(scale, float(np.abs(e).max(initial=0.0)))
-        rel = err / max(scale, 1e-12)
-        shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves((a, k)) if isinstance(t, torch.Tensor))
-        checks.append(NumericCheck(shapes, err, rel, rel <= rtol and len(got) == len(expected)))
-    return provider, checks
+def _export(job: ExportJob) -> None:
+    """Streamed export (exporters/streaming.py): a weightless skeleton in ``options.dtype`` (the dtype
+    pass rewrites its graph), each weight converted while written; through the exporter fallbacks."""
+    o = job.options
+    job.export_args, job.export_kwargs = cast_inputs((job.args, job.kwargs), o.dtype)
+    info = export_streaming(job.module, job.staged, job.export_args, job.export_kwargs, dtype=o.dtype,
+                            exporter=job.fallbacks.export, dynamic_shapes=job.shapes, opset=o.opset,
+                            external_data=o.external_data, optimize=o.optimize, model_type=o.model_type)
+    job.report = ExportReport(job.path, o.folded, info, None, fold_report_of(job.module), None, job.seconds,
+                              notes=job.fallbacks.notes)
+    job.module = None  # the folded copies of the adapted weights: not needed by the verification
 
 
-def _float_dtype(gm: fx.GraphModule) -> torch.dtype:
-    return next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+def _base_export(job: ExportJob) -> None:
+    """The base model (LoRA stripped), exported like the task (same dtype, fixes and optimization)."""
+    o = job.options
+    job.report.base = export_streaming(strip(job.lgm).eval(), os.path.join(job.folder, "base.onnx"), job.export_args,
+                                       job.export_kwargs, dtype=o.dtype, exporter=job.fallbacks.export,
+                                       dynamic_shapes=job.shapes, opset=o.opset, external_data=o.external_data,
+                                       optimize=o.optimize, model_type=o.model_type)
 
 
-def _inputs(lgm, example_args, example_kwargs, dynamic: bool) -> tuple[tuple, dict, Any]:
-    cap = capture_of(lgm)
-    if example_args is None and cap is None:
-        raise ExportError("no example inputs: pass example_args=..., or capture the model with "
-                          "lora_fx.trace(model, args) so they are remembered")
-    args = tuple(example_args) if example_args is not None else cap.args
-    kwargs = dict(example_kwargs or {}) if example_args is not None else dict(cap.kwargs)
-    shapes = None
-    if dynamic:
-        from ..capture import dynamic_shapes_for
-
-        shapes = cap.dynamic_shapes if (cap is not None and example_args is None) else dynamic_shapes_for(args, kwargs)
-    return args, kwargs, shapes
+def _verify(job: ExportJob) -> None:
+    """verify_fold on the staged file; a failure raises, so nothing is installed."""
+    o = job.options
+    job.report.verification = verify_fold(job.report.base.path, job.staged, lgm=job.lgm, fold_report=job.report.fold,
+                                          example_args=job.args, example_kwargs=job.kwargs, dtype=o.dtype,
+                                          providers=o.providers, numerics_only=not o.folded)
+    if not job.report.verification.ok:
+        hint = (f"\n(optimize={o.optimize!r}: if only the optimized graphs differ, export with optimize=False)"
+                if o.optimize is not False and not job.report.verification.structure.ok else "")
+        raise VerifyError(f"the export for {job.path} FAILED verification, so nothing was written:"
+                          f"\n{job.report.verification}{hint}")
 
 
-def _retype(module: LoraFxModule, old: torch.dtype, new: torch.dtype) -> LoraFxModule:
-    """Moves a captured graph to another float dtype: the capture baked its dtype into casts
-    (``aten.to(x, float32)``, ``full(..., dtype=float32)``) and metadata asserts; rewrite those."""
-
-    def swap(a):
-        if a is old:
-            return new
-        if isinstance(a, (list, tuple)):
-            return type(a)(swap(x) for x in a)
-        return a
-
-    graph = module.graph
-    for node in list(graph.nodes):
-        if node.target is torch.ops.aten._assert_tensor_metadata.default:
-            graph.erase_node(node)
-            continue
-        node.args = swap(node.args)
-        node.kwargs = {k: swap(v) for k, v in node.kwargs.items()}
-    graph.lint()
-    module.recompile()
-    return module
+def _quantize(job: ExportJob) -> None:
+    """Quantizes the verified fp32 task (and base) files; proves and measures (exporters/quantized_export)."""
+    o = job.options
+    job.staged = quantize_staged(job.report, job.staged, o.quantize, job.lgm, variants(job.args, job.kwargs),
+                                 o.providers)
 
 
-def _cast_inputs(tree, dtype: torch.dtype | None):
-    if dtype is None:
-        return tree
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, tree)
-
-
-def _variants(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-    """The example inputs, and the same with batch + 1 and (token inputs) sequence + 3."""
-    gen = torch.Generator().manual_seed(0)
-
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        shape = list(t.shape)
-        shape[0] += 1
-        token = not t.is_floating_point()
-        if token and t.dim() >= 2:
-            shape[1] += 3
-        if t.is_floating_point():
-            return torch.randn(shape, generator=gen, dtype=t.dtype)
-        hi = int(t.max()) + 1 if t.numel() else 2
-        if hi <= 2:  # a mask
-            return torch.ones(shape, dtype=t.dtype)
-        return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype)
-
-    return [(args, kwargs), pytree.tree_map(grow, (args, kwargs))]
+PIPELINE: list[Step] = [
+    Step("fold", _fold),
+    Step("export", _export),
+    Step("base_export", _base_export, when=lambda job: job.options.verify),
+    Step("verify", _verify, when=lambda job: job.options.verify),
+    Step("quantize", _quantize, when=lambda job: job.options.quantize is not None),
+]

@@ -26,7 +26,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, VerifyError
-from ..graph_module import LORA_KEY, LoraFxModule, capture_of, copy_module, lora_state
-from .onnx_io import check_target, install
+from ..graph_module import LoraFxModule, capture_of, copy_module, lora_state
+from . import onnx_files
 from .ort import available_providers, ort_session
 
 __all__ = ["DecoderWithCache", "DecoderLayout", "METADATA_KEY", "recapture", "export_with_cache",
@@ -199,7 +198,7 @@ def recapture(lgm: LoraFxModule) -> LoraFxModule:
     except Exception as e:
         raise ExportError(f"kv_cache=True: the LoRA sites of lgm do not all exist in the KV-cache capture "
                           f"of {type(model).__name__}: {e}") from e
-    new = {br.site.id for br in kv.meta[LORA_KEY].branches}
+    new = {br.site.id for br in lora_state(kv, 'kv_cache').branches}
     if new != set(by_site):
         raise ExportError(f"kv_cache=True: sites {sorted(set(by_site) ^ new)} differ between the capture and "
                           "the KV-cache capture; export without kv_cache")
@@ -228,9 +227,9 @@ def export_with_cache(lgm: LoraFxModule, path, *, verify: bool = True, dtype: to
     kv = recapture(lgm)
     layout: DecoderLayout = kv.meta[METADATA_KEY]
     final = os.path.abspath(os.fspath(path))
-    directory = check_target(final)
     name = os.path.basename(final)
-    with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
+    with onnx_files.staging(final) as staged:
+        tmp = os.path.dirname(staged)
         raw, named = (os.path.join(tmp, d, name) for d in ("raw", "named"))
         for d in ("raw", "named"):
             os.makedirs(os.path.join(tmp, d))
@@ -247,7 +246,7 @@ def export_with_cache(lgm: LoraFxModule, path, *, verify: bool = True, dtype: to
             if not all(c.ok for c in checks):
                 raise VerifyError(f"the KV-cache export for {final} FAILED verification, so nothing was "
                                   f"written:\n{report.verification}")
-        install(named, final)
+        onnx_files.install(named, final)
     report.path = report.export.path = final
     return report
 
@@ -290,15 +289,15 @@ def export_multi_lora_with_cache(lgm: LoraFxModule, path, **kwargs):
     kv = recapture(lgm)
     layout: DecoderLayout = kv.meta[METADATA_KEY]
     final = os.path.abspath(os.fspath(path))
-    directory = check_target(final)
     name = os.path.basename(final)
-    with tempfile.TemporaryDirectory(prefix=".lora_fx.", dir=directory) as tmp:
+    with onnx_files.staging(final) as staged:
+        tmp = os.path.dirname(staged)
         raw, named = (os.path.join(tmp, d, name) for d in ("raw", "named"))
         for d in ("raw", "named"):
             os.makedirs(os.path.join(tmp, d))
         exp = export_multi_lora(kv, raw, **kwargs)
         _name_io(raw, named, layout)
-        install(named, final)
+        onnx_files.install(named, final)
     out = MultiLoraExport.read(final)
     out.info = exp.info
     out.info.path = final
@@ -313,7 +312,7 @@ def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=N
     Positions the mask hides (padding) are excluded: their values are never read later, and fully
     masked attention rows are undefined (torch and ORT fill them differently).
     """
-    from .export import RTOL, NumericCheck
+    from .verify import RTOL, NumericCheck
 
     session = ort_session(path, providers=providers or available_providers())
     ref = copy_module(kv, freeze=False).eval()
@@ -360,11 +359,11 @@ def merged_model(lgm: LoraFxModule) -> nn.Module:
     """
     import copy
 
-    from ..passes.fold import FOLD_KEY, fold
+    from ..passes.fold import fold
 
     model = _source(lgm)
     folded = fold(lgm)
-    report = folded.meta.get(FOLD_KEY)
+    report = folded.fold_report
     untied = dict(report.untied) if report else {}
     state = dict(folded.named_parameters())
     out = copy.deepcopy(model)

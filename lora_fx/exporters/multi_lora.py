@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,10 +36,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .._atomic import write_file_atomically
 from ..adapters import Adapter, adapter_of
+from ..capture import example_inputs
 from ..errors import AdapterError, ExportError
-from ..graph_module import capture_of, copy_module, lora_state, set_attr_path
+from ..graph_module import copy_module, lora_state, set_attr_path
+from . import onnx_files
 from .onnx_io import ExportInfo, export_onnx
+from .ort import ort_session
 
 __all__ = ["MultiLoraExport", "export_multi_lora", "load_ort_adapter", "run_multi_lora",
            "session_for", "write_ort_adapter"]
@@ -80,10 +82,7 @@ class MultiLoraExport:
     def read(cls, path: str | os.PathLike) -> MultiLoraExport:
         """The mapping stored in a file written by :func:`export_multi_lora`."""
         path = os.fspath(path)
-        try:
-            proto = onnx.load(path, load_external_data=False)
-        except Exception as e:
-            raise ExportError(f"cannot read ONNX file {path!r}: {type(e).__name__}: {e}") from e
+        proto, _ = onnx_files.load(path)
         meta = {p.key: p.value for p in proto.metadata_props}
         if META_KEY not in meta:
             raise ExportError(f"{path!r} was not written by export_multi_lora (no {META_KEY!r} metadata)")
@@ -120,31 +119,22 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
 
         return export_multi_lora_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs,
                                             dynamic=dynamic, opset=opset, external_data=external_data)
-    args, kwargs, shapes = _inputs(lgm, example_args, example_kwargs, dynamic)
+    args, kwargs, shapes = example_inputs(lgm, example_args, example_kwargs, dynamic)
     module = copy_module(lgm, freeze=False)
     for br in state.branches:  # new zero Parameters: the user's A/B are never touched
         for name in (br.a, br.b):
             set_attr_path(module, name, nn.Parameter(torch.zeros_like(lgm.get_parameter(name)), requires_grad=False))
     module = module.eval()
     path = os.path.abspath(os.fspath(path))
-    directory, base = os.path.dirname(path), os.path.basename(path)
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {path!r}: directory {directory!r} does not exist")
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-    try:
-        tmp = os.path.join(tmp_dir, base)
-        info = export_onnx(module, tmp, args, kwargs, dynamic_shapes=shapes, opset=opset,
+    with onnx_files.staging(path) as staged:
+        info = export_onnx(module, staged, args, kwargs, dynamic_shapes=shapes, opset=opset,
                            external_data=external_data, optimize=False)  # optimize would fold B=0 away
-        proto = onnx.load(tmp, load_external_data=False)
+        proto, _ = onnx_files.load(staged)
         result = _make_overridable(proto, state.branches, path)
         result.info = info
         proto.metadata_props.add(key=META_KEY, value=result.to_json())
-        onnx.save(proto, tmp)
-        if os.path.isfile(tmp + ".data"):
-            os.replace(tmp + ".data", path + ".data")
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        onnx.save(proto, staged)
+        onnx_files.install(staged, path)
     info.path = path
     return result
 
@@ -219,14 +209,7 @@ def write_ort_adapter(source: fx.GraphModule | Adapter, path: str | os.PathLike,
     fmt.set_model_version(int(model_version))
     fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in values.items()})
     path = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        fmt.export_adapter(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_file_atomically(path, fmt.export_adapter)
     return path
 
 
@@ -264,15 +247,9 @@ def load_ort_adapter(path: str | os.PathLike, mapping: MultiLoraExport | str | o
 
 
 def session_for(path: str | os.PathLike, *, providers: list[str] | None = None, threads: int | None = None) -> Any:
-    """An ``ort.InferenceSession`` on a multi-LoRA export, without ORT's per-input warnings."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # "initializer appears in graph inputs" is the point here
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(os.fspath(path), options, providers=providers or ["CPUExecutionProvider"])
+    """An ONNX Runtime session on a multi-LoRA export (CPU by default), without ORT's per-input
+    warnings ("initializer appears in graph inputs" is the point here)."""
+    return ort_session(path, providers=providers or ["CPUExecutionProvider"], threads=threads, log_severity=3)
 
 
 def run_multi_lora(session: Any, exp: MultiLoraExport, args: tuple, kwargs: dict | None = None, *,
@@ -292,15 +269,3 @@ def run_multi_lora(session: Any, exp: MultiLoraExport, args: tuple, kwargs: dict
     if adapter is not None:
         options.add_active_adapter(adapter)
     return [np.asarray(o) for o in session.run(None, feeds, options)]
-
-
-def _inputs(lgm: fx.GraphModule, example_args, example_kwargs, dynamic: bool) -> tuple[tuple, dict, Any]:
-    cap = capture_of(lgm)
-    if example_args is None and cap is None:
-        raise ExportError("no example inputs: pass example_args=..., or capture with lora_fx.trace(model, args)")
-    if example_args is None:
-        return cap.args, dict(cap.kwargs), (cap.dynamic_shapes if dynamic else None)
-    from ..capture import dynamic_shapes_for
-
-    args, kwargs = tuple(example_args), dict(example_kwargs or {})
-    return args, kwargs, (dynamic_shapes_for(args, kwargs) if dynamic else None)

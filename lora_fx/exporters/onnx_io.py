@@ -27,8 +27,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lora_fx.errors import ExportError
+
+from . import onnx_files
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             failed, or the file could not be written.
     """
     path = os.path.abspath(os.fspath(path))
-    directory = check_target(path)
+    onnx_files.check_target(path)
     start = time.perf_counter()
     _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
     program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, False,
@@ -133,22 +133,10 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         program.model, optimization = optimize_model(program.model, optimize, model_type=model_type)
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
-    _atomic_save(program.model, path, directory, external_data)
+    _save(program.model, path, external_data)
     info = _describe(program.model, path, external_data, time.perf_counter() - start)
     info.optimization = optimization
     return info
-
-
-def check_target(path: str) -> str:
-    """Return the directory of ``path`` after checking that a file can be created there."""
-    directory = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise ExportError(f"cannot write ONNX to {path!r}: it is a directory; pass a file path such as {os.path.join(path, 'model.onnx')!r}")
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {path!r}: directory {directory!r} does not exist; create it first (os.makedirs(..., exist_ok=True)) or choose another path")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {path!r}: directory {directory!r} is not writable; fix its permissions or choose another directory")
-    return directory
 
 
 def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any, path: str) -> None:
@@ -211,66 +199,12 @@ def _initializer_nbytes(model: Any) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def _atomic_save(model: Any, path: str, directory: str, external_data: bool) -> None:
-    """Write ``model`` to ``path`` (and ``path + '.data'``) through a temporary sibling folder.
-
-    Inside the temporary folder the files already carry their final names, so the model's relative
-    external-data reference needs no fix-up after the move.
-    """
+def _save(model: Any, path: str, external_data: bool) -> None:
+    """Writes the exporter's model to ``path`` (and ``path + '.data'``), atomically."""
     import onnx_ir as ir
 
-    name = os.path.basename(path)
-    data_name = name + ".data"
-    try:
-        tmp_dir = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise ExportError(f"cannot create a temporary folder in {directory!r} to write {path!r}: {exc}") from exc
-    try:
-        tmp_model = os.path.join(tmp_dir, name)
-        try:
-            ir.save(model, tmp_model, external_data=data_name if external_data else None)
-        except Exception as exc:
-            raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
-        install(tmp_model, path)
-    except OSError as exc:
-        raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def install(staged: str, path: str) -> None:
-    """Moves a written model (and its ``.data`` file, if any) from ``staged`` onto ``path``.
-
-    Data first: a reader that opens the new model must find the new data beside it. A hard-link
-    backup of the old data puts it back if the model rename fails (else the old model would silently
-    read the new weights). A stale ``path.data`` is removed when the new model has none.
-    """
-    staged_data, data_path, backup = staged + ".data", path + ".data", None
-    external = os.path.exists(staged_data)
-    try:
-        if external:
-            if os.path.exists(data_path):
-                backup = staged_data + ".previous"
-                try:
-                    os.link(data_path, backup)
-                except OSError:
-                    shutil.copy2(data_path, backup)
-            os.replace(staged_data, data_path)
-        try:
-            os.replace(staged, path)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, data_path)
-            elif external:
-                os.remove(data_path)
-            raise
-        if not external and os.path.isfile(data_path):
-            os.remove(data_path)
-    except OSError as exc:
-        raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
-    finally:
-        if backup is not None and os.path.exists(backup):
-            os.remove(backup)
+    data_name = os.path.basename(path) + ".data"
+    onnx_files.write_model(path, lambda staged: ir.save(model, staged, external_data=data_name if external_data else None))
 
 
 def _describe(model: Any, path: str, external: bool, seconds: float) -> ExportInfo:

@@ -84,7 +84,8 @@ def _usable(provider: str) -> bool:
 
 
 def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = None, threads: int | None = None,
-                spinning: bool = False, low_memory: bool = False) -> onnxruntime.InferenceSession:
+                spinning: bool = False, low_memory: bool = False,
+                log_severity: int | None = None) -> onnxruntime.InferenceSession:
     """Open an ONNX Runtime session on ``path``.
 
     Args:
@@ -97,6 +98,7 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
             fp32 copy of every fp16 weight the CPU kernels need cast), no pre-packed weight copies,
             no memory arena (transient buffers go back to the system). For verification runs,
             never for timing.
+        log_severity: ORT's ``log_severity_level`` (3: errors only); None keeps ORT's default.
 
     Raises:
         ExportError: onnxruntime is missing, the file does not exist or cannot be loaded.
@@ -106,6 +108,8 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
     if not os.path.isfile(path):
         raise ExportError(f"ONNX file {path!r} does not exist; write it first with export_onnx()")
     options = ort.SessionOptions()
+    if log_severity is not None:
+        options.log_severity_level = int(log_severity)
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     if not spinning:

@@ -14,17 +14,14 @@ the settings stored in the file gives the new file, which must be structurally t
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
-import onnx
 import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import AdapterError, ExportError, VerifyError
-from .onnx_io import install
+from . import onnx_files
 from .ort import ort_session, run_onnx
 from .quantize import QuantizeConfig, QuantizeReport, as_config, quantize_file, read_config
 from .verify_onnx import compare_structure
@@ -111,8 +108,7 @@ def _quantized_aliases(task_q: str, base_q: str, untied: dict[str, str]) -> dict
     (``W_folded_T_Q4`` for ``W_T_Q4``): map each task-only one to its base counterpart."""
     if not untied:
         return {}
-    names_t = {t.name for t in onnx.load(task_q, load_external_data=False).graph.initializer}
-    names_b = {t.name for t in onnx.load(base_q, load_external_data=False).graph.initializer}
+    names_t, names_b = onnx_files.initializer_names(task_q), onnx_files.initializer_names(base_q)
     out = {}
     for name in names_t - names_b:
         for new, old in untied.items():
@@ -153,29 +149,25 @@ def refold_quantized(task_onnx: str | os.PathLike, adapter, out_path: str | os.P
         AdapterError: ``task_onnx`` is not a lora-fx quantized file, or ``base_onnx`` is quantized.
         VerifyError: the result is not structurally ``task_onnx`` (another model's base export?).
     """
-    from .refold import refold_onnx
+    from ..switching.refold import refold_onnx
 
     task_onnx, out_path = os.fspath(task_onnx), os.path.abspath(os.fspath(out_path))
-    cfg = read_config(onnx.load(task_onnx, load_external_data=False))
+    cfg = read_config(onnx_files.load(task_onnx, error=AdapterError)[0])
     if cfg is None:
         raise AdapterError(f"refold_quantized: {task_onnx} carries no lora-fx quantization settings; "
                            "pass a file written by fold_and_export(..., quantize=...)")
-    if read_config(onnx.load(os.fspath(base_onnx), load_external_data=False)) is not None:
+    if read_config(onnx_files.load(base_onnx, error=AdapterError)[0]) is not None:
         raise AdapterError(f"refold_quantized: base {base_onnx} is quantized; pass the fp32 base export "
                            "(lora-fx export MODEL --targets ... -o base.onnx, without --quantize)")
     external = os.path.exists(task_onnx + ".data")
-    tmp = tempfile.mkdtemp(prefix=".lora_fx.", dir=os.path.dirname(out_path))
-    try:
-        fp32 = os.path.join(tmp, "task.onnx")
+    with onnx_files.staging(out_path) as staged:
+        fp32 = os.path.join(os.path.dirname(staged), "fp32_task.onnx")
         ref = refold_onnx(base_onnx, adapter, fp32, base_onnx=base_onnx)
-        staged = os.path.join(tmp, os.path.basename(out_path))
         info = quantize_file(fp32, staged, cfg, external_data=external)
         report = _prove(staged, task_onnx, cfg, info, list(ref.rewritten))
         report.underived = []  # the old adapter's weights differ too: only structure is the claim here
         if not report.structure_ok:
             raise VerifyError(f"refold of {task_onnx}: the new file is not structurally the old one "
                               f"({report.first_difference}); is {base_onnx} the base export of this model?")
-        install(staged, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        onnx_files.install(staged, out_path)
     return report

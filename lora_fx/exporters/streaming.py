@@ -43,7 +43,8 @@ def skeleton(module: fx.GraphModule, dtype: torch.dtype | None = None) -> tuple[
     ``full(..., dtype=)``) is rewritten to match. Returns the skeleton and, per qualified name, the
     real tensor it stands for (the source's own tensor: nothing is copied).
     """
-    from .export import _float_dtype, _retype
+    from ..passes.dtype import float_dtype as _float_dtype
+    from ..passes.dtype import retype as _retype
 
     sources: dict[str, torch.Tensor] = {}
     old = _float_dtype(module)

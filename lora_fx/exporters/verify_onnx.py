@@ -20,18 +20,18 @@ import math
 import os
 from collections import ChainMap
 from collections.abc import Iterator, MutableMapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
 from lora_fx.errors import VerifyError
 
+from . import onnx_files
+
 __all__ = ["StructureReport", "compare_structure"]
 
-_CHUNK = 64 << 20  # external data is compared 64 MiB at a time to bound memory
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 Canon = tuple[Any, ...]
 
@@ -121,8 +121,9 @@ def compare_structure(
         ok=True, base_nodes=len(base_proto.graph.node), task_nodes=len(task_proto.graph.node),
         added_initializers=[n for n in task_inits if n in aliases],
     )
-    with ExitStack() as files:
-        walker = _Walker(_Bytes(base_dir, files), _Bytes(task_dir, files), aliases)
+    with onnx_files.DataFiles(base_dir, error=VerifyError) as base_data, \
+            onnx_files.DataFiles(task_dir, error=VerifyError) as task_data:
+        walker = _Walker(base_data, task_data, aliases)
         try:
             walker.opsets(base_proto, task_proto)
             walker.graph(base_proto.graph, task_proto.graph, {}, {}, "graph", top=True)
@@ -138,62 +139,7 @@ def _load(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelP
     """The ModelProto without external weights loaded, and the folder its data files live in."""
     if isinstance(source, onnx.ModelProto):
         return source, None
-    path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise VerifyError(f"ONNX file {path!r} does not exist")
-    try:
-        proto = onnx.load(path, load_external_data=False)
-    except Exception as exc:
-        raise VerifyError(f"cannot read ONNX file {path!r}: {type(exc).__name__}: {exc}") from exc
-    if not proto.ir_version or not proto.HasField("graph"):
-        # protobuf parses an empty (or foreign) file as an empty ModelProto without complaint
-        raise VerifyError(f"{path!r} is not an ONNX model (no IR version or graph); pass a .onnx file")
-    return proto, os.path.dirname(os.path.abspath(path))
-
-
-class _Bytes:
-    """Reads the stored bytes of a TensorProto, from the proto or its external data file."""
-
-    def __init__(self, directory: str | None, files: ExitStack) -> None:
-        self.directory = directory
-        self.files = files
-        self.open: dict[str, IO[bytes]] = {}
-
-    def read(self, tensor: TensorProto) -> bytes | Iterator[bytes]:
-        """Inline values as one bytes object, external ones as a stream of chunks."""
-        if tensor.data_location != TensorProto.EXTERNAL:
-            return self._inline(tensor)
-        return self._external(tensor)
-
-    def _external(self, tensor: TensorProto) -> Iterator[bytes]:
-        if self.directory is None:
-            raise VerifyError(f"initializer {tensor.name!r} is in external data but the model was given as a ModelProto; pass the .onnx path instead")
-        info = {e.key: e.value for e in tensor.external_data}
-        path = os.path.join(self.directory, info.get("location", ""))
-        if path not in self.open:
-            try:
-                self.open[path] = self.files.enter_context(open(path, "rb"))
-            except OSError as exc:
-                raise VerifyError(f"cannot read external data {path!r} of initializer {tensor.name!r}: {exc}") from exc
-        handle = self.open[path]
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else os.fstat(handle.fileno()).st_size - offset
-        handle.seek(offset)
-        while length > 0:
-            block = handle.read(min(length, _CHUNK))
-            if not block:
-                raise VerifyError(f"external data {path!r} ends before initializer {tensor.name!r} does")
-            length -= len(block)
-            yield block
-
-    @staticmethod
-    def _inline(tensor: TensorProto) -> bytes:
-        if tensor.HasField("raw_data"):
-            return tensor.raw_data  # one copy out of protobuf; the bulk of compare time on big models
-        if tensor.data_type == TensorProto.STRING:
-            return b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data)
-        # Typed fields (float_data, int32_data...): decode so equal values compare equal to raw_data.
-        return numpy_helper.to_array(tensor).tobytes()
+    return onnx_files.load(source, error=VerifyError)
 
 
 def _same_bytes(a: bytes | Iterator[bytes], b: bytes | Iterator[bytes]) -> bool:
@@ -244,7 +190,7 @@ def _same_float(a: float, b: float) -> bool:
 class _Walker:
     """Walks both models in lockstep; raises _Differ at the first difference."""
 
-    def __init__(self, base_bytes: _Bytes, task_bytes: _Bytes, aliases: dict[str, str]) -> None:
+    def __init__(self, base_bytes: onnx_files.DataFiles, task_bytes: onnx_files.DataFiles, aliases: dict[str, str]) -> None:
         self.base_bytes = base_bytes
         self.task_bytes = task_bytes
         self.aliases = aliases
@@ -355,7 +301,7 @@ class _Walker:
         return onnx.helper.get_attribute_value(b) == onnx.helper.get_attribute_value(t)
 
     def _same_tensor(self, b: TensorProto, t: TensorProto) -> bool:
-        return _spec(b) == _spec(t) and _same_bytes(self.base_bytes.read(b), self.task_bytes.read(t))
+        return _spec(b) == _spec(t) and _same_bytes(self.base_bytes.chunks(b), self.task_bytes.chunks(t))
 
     def _initializers(self, base: onnx.GraphProto, task: onnx.GraphProto, aliases: dict[str, str], where: str) -> None:
         """Check the initializer tables and record which values changed."""
@@ -366,7 +312,7 @@ class _Walker:
                 raise _Differ(f"{where}: task has extra initializer {t.name!r} {_spec(t)}; if it is a split tied weight pass aliases={{{t.name!r}: <base name>}}")
             if _spec(b) != _spec(t):
                 raise _Differ(f"{where}: initializer {t.name!r} is {_spec(b)} in base but {_spec(t)} in task")
-            if not _same_bytes(self.base_bytes.read(b), self.task_bytes.read(t)):
+            if not _same_bytes(self.base_bytes.chunks(b), self.task_bytes.chunks(t)):
                 self.changed.append(t.name)
         # A base weight whose every use moved to its alias is renamed, not missing.
         missing = sorted(set(b_inits) - {t.name for t in task.initializer} - set(aliases.values()))

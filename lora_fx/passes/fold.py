@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from .. import delta as lora_delta
+from .. import kinds
 from ..delta import Branch
 from ..errors import FoldError
 from ..graph_facts import untied_module_name, untied_name, weight_reads
@@ -40,7 +41,7 @@ from ..graph_module import (
     prune_empty_modules,
     set_attr_path,
 )
-from ..sites import OPS, Site
+from ..sites import Site
 from ..weights import check_materialized
 from .fused import lora_addmm
 from .lorafy import LoraState
@@ -133,32 +134,20 @@ def _raise_non_finite(gm, site: Site, branches: list[Branch], w, delta, merged, 
                         "nothing was folded. Export in fp32 (dtype=None) or keep the adapter unfolded.")
 
 
-def _weight_arg(node: fx.Node, site: Site) -> tuple[int | None, fx.Node]:
-    """(index in node.args or None for einsum operands, the node feeding the weight)."""
-    if site.kind == "einsum":
-        return None, node.args[1][site.w_operand]
-    i = OPS[node.target].w if node.op == "call_function" else 1
-    return i, node.args[i]
-
-
 def _untie(gm: LoraFxModule, node: fx.Node, site: Site, new: nn.Parameter, report: FoldReport):
     name = untied_name(site.path, site.weight, site.id)
     while has_attr_path(gm, name):
         name += "_"
     set_attr_path(gm, name, new)
     report.untied[name] = site.weight
-    i, src = _weight_arg(node, site)
+    kind, spec = kinds.get(site.kind), kinds.spec_of(gm, node)
+    src = kind.weight_input(node, site, spec)
     with gm.graph.inserting_before(node):
         attr = gm.graph.get_attr(name)
         repl = attr
         if src.op != "get_attr":  # weight reached through a transpose: copy it
             repl = gm.graph.create_node(src.op, src.target, (attr, *src.args[1:]), dict(src.kwargs))
-    if i is None:
-        operands = list(node.args[1])
-        operands[site.w_operand] = repl
-        node.args = (node.args[0], operands, *node.args[2:])
-    else:
-        node.args = tuple(repl if k == i else a for k, a in enumerate(node.args))
+    kind.replace_weight_input(node, site, spec, repl)
 
 
 def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: FoldReport):

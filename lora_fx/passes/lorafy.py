@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .. import kinds
 from ..capture import training_node
 from ..delta import Branch
 from ..errors import PatternError, SiteError
@@ -35,10 +36,9 @@ from ..graph_module import (
     lora_state,
     set_attr_path,
 )
-from ..sites import OPS, Site, module_path, sites
+from ..sites import Site, module_path, sites
 from ..targets import Selection, as_targets, matches, owner_path, select
-from .branches import Emitter, activation, build, init_pair, lora_shapes
-from .fused import build_addmm, fuse_shared_inputs
+from .fused import fuse_shared_inputs
 
 aten = torch.ops.aten
 
@@ -154,13 +154,14 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
     weight = gm.get_parameter(site.weight)
     scale = sel.alpha / (math.sqrt(sel.rank) if rslora else sel.rank)
     graph = gm.graph
-    x = activation(gm, node, site)
+    kind, spec = kinds.get(site.kind), kinds.spec_of(gm, node)
+    x = kind.activation(node, site, spec)
     training = _training(graph)
-    emit = Emitter(graph, node, tag=site.id)
+    emit = kinds.Emitter(graph, node, tag=site.id)
     ranges = sel.slices or [None]
     half = weight.dtype in (torch.float16, torch.bfloat16)
     dtype = torch.float32 if half and autocast_dtype else weight.dtype
-    if dtype != weight.dtype and site.kind != "embedding":
+    if dtype != weight.dtype and kind.float_input:
         x = emit("call_function", aten._to_copy.default, (x,), {"dtype": dtype})
     made, deltas = [], []
     for sl in ranges:
@@ -171,19 +172,21 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
             raise SiteError(f"site {site.id} already carries LoRA ({a_name}); lorafy each site once, "
                             "or fold() first and lorafy the folded module")
         width = site.out_features if sl is None else sl[1] - sl[0]
-        a_shape, b_shape = lora_shapes(site, sel.rank, width, weight)
+        a_shape, b_shape = kind.lora_shapes(site, sel.rank, width)
         a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=weight.device))
         b = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=weight.device))
-        init_pair(a, b, init, site.kind)
+        kind.init_pair(a, b, init)
         set_attr_path(gm, a_name, a)
         set_attr_path(gm, b_name, b)
         key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
         made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
-        if site.kind == "linear" and sl is None:  # one addmm: y + s·(A x) Bᵀ, no wide mul/add
-            deltas.append(build_addmm(emit, node, x, a_name, b_name, sel.dropout, training, scale))
+        merged = None if sl is not None else kind.build_merged(emit, node, x, a_name, b_name, sel.dropout,
+                                                                 training, scale)
+        if merged is not None:  # the kind's fused form of y + s·B(A x) (linear: one addmm)
+            deltas.append(merged)
             break
         try:
-            d = build(emit, gm, node, site, x, a_name, b_name, sel.dropout, training)
+            d = _branch(emit, kind, gm, node, site, x, a_name, b_name, sel.dropout, training)
         except NotImplementedError as e:
             raise SiteError(f"site {site.id}: {e} is not supported by LoRA") from e
         if sl is not None:
@@ -202,6 +205,15 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
     return made
 
 
+def _branch(emit: kinds.Emitter, kind: kinds.OpKind, gm: fx.GraphModule, node: fx.Node, site: Site, x: fx.Node,
+            a: str, b: str, dropout: float, training: fx.Node) -> fx.Node:
+    """Emits one branch for the site's ``node`` (the kind's builder); returns the unscaled delta."""
+    a_node, b_node = emit("get_attr", a), emit("get_attr", b)
+    if dropout > 0.0 and kind.dropout:
+        x = emit("call_function", aten.dropout.default, (x, dropout, training))
+    return kind.build(emit, gm, node, site, x, a_node, b_node)
+
+
 def _training(graph: fx.Graph) -> fx.Node:
     """``self.training`` for LoRA dropout; one lorafy creates is tagged so fold erases it again."""
     exists = any(n.op == "get_attr" and n.target == "training" for n in graph.nodes)
@@ -216,10 +228,10 @@ def _raise_if_not_parameter(gm: fx.GraphModule, patterns, found: list[Site]) -> 
     error (only such a pattern: another pattern's sites are not the culprit)."""
     targets = [t for t in as_targets(patterns) if not any(t.matches(s) for s in found)][:1]  # select()'s culprit
     for node in gm.graph.nodes:
-        spec = OPS.get(node.target) if node.op == "call_function" else None
-        if spec is None or spec.kind == "einsum" or len(node.args) <= spec.w:
+        spec = kinds.FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        w = None if spec is None else kinds.get(spec.kind).weight_input(node, None, spec)
+        if w is None:
             continue
-        w = node.args[spec.w]
         if isinstance(w, fx.Node) and w.op == "get_attr" and _is_parameter(gm, str(w.target)):
             continue  # a parameter: not this error's case (e.g. a 3-D weight)
         path = module_path(node, None)

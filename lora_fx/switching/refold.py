@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -36,15 +35,17 @@ import torch
 from onnx import numpy_helper
 
 from .. import delta as lora_delta
+from .. import kinds
 from ..adapters import Adapter
 from ..delta import Branch
-from ..errors import AdapterError, ExportError
+from ..errors import AdapterError
+from ..exporters import onnx_files
+from ..exporters.quantize import read_config
+from ..exporters.quantized_export import refold_quantized
 from ..graph_facts import untied_name
-from ..sites import CONV, EMBED, IN_OUT, OUT_IN, Site
-from ..switching import AdapterLike, as_adapter
-from .onnx_io import install
-from .quantize import read_config
-from .quantized_export import refold_quantized
+from ..kinds import CONV, EMBED, IN_OUT, OUT_IN
+from ..sites import Site
+from .folded import AdapterLike, as_adapter
 
 Group = tuple[Site, list[Branch], Adapter]  # an initializer's layout, the branches adapting it, their tensors
 
@@ -93,13 +94,13 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     if (base_onnx is None) == (old_adapter is None):
         raise AdapterError("refold_onnx: pass exactly one of base_onnx= (the base model's export) or "
                            "old_adapter= (the adapter folded into the task file) to know the base weights")
-    model, folder = _load(task_onnx)
+    model, folder = onnx_files.load(task_onnx, error=AdapterError)
     if read_config(model) is not None:  # int4/int8: refold the fp32 base, quantize alike, prove
         if base_onnx is None:
             raise AdapterError(f"refold_onnx: {task_onnx} is quantized, so its weights cannot give back the base; "
                                "pass base_onnx= (the fp32 base export) instead of old_adapter=")
         return refold_quantized(task_onnx, adapter, out_path, base_onnx=base_onnx)
-    external = any(_is_external(t) for t in model.graph.initializer)
+    external = any(onnx_files.is_external(t) for t in model.graph.initializer)
     inits = {t.name: t for t in model.graph.initializer}
     readers = Counter(name for node in model.graph.node for name in node.input)
     new = _by_initializer(as_adapter(adapter), inits, readers)
@@ -131,7 +132,7 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     else:
         for name, value in patches.items():
             inits[name].CopyFrom(numpy_helper.from_array(value, name))
-        _save(model, report.path)
+        onnx_files.write_model(report.path, lambda staged: onnx.save_model(model, staged))
     return report
 
 
@@ -173,90 +174,52 @@ def _site(br: Branch, adapter: Adapter, name: str, shape: tuple[int, ...], flipp
     layout = {OUT_IN: IN_OUT, IN_OUT: OUT_IN}.get(ref.layout, ref.layout) if flipped else ref.layout
     layouts = [layout] if layout else ([EMBED] if ref.op == "embedding" else [OUT_IN, IN_OUT])
     for layout in layouts:
-        if layout == CONV or len(shape) > 2:
-            out_f, in_f, kind, in_numel = shape[0], shape[1], "conv", int(np.prod(shape[1:]))
-        elif layout in (IN_OUT, EMBED):
-            in_f, out_f, kind = shape[0], shape[1], "embedding" if layout == EMBED else "linear"
-            in_numel = in_f
-        else:
-            out_f, in_f, kind, in_numel = shape[0], shape[1], "linear", shape[1]
-        if b.shape[0] == (rows or out_f) and a[0].numel() == in_numel:
-            return Site(ref.id, ref.path, ref.op, kind, name, layout, shape, in_f, out_f, "")
+        layout = CONV if len(shape) > 2 else layout
+        kind = kinds.kind_for_layout(layout)
+        in_f, out_f = kind.features(shape, layout)
+        site = Site(ref.id, ref.path, ref.op, kind.name, name, layout, shape, in_f, out_f, "")
+        if b.shape[0] == (rows or out_f) and a[0].numel() == kind.lora_in(site):
+            return site
     raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(a.shape)}, B {tuple(b.shape)}, "
                        f"which do not fit initializer {name} {shape}")
 
 
 def _base_from_onnx(base_onnx, inits: dict, new: dict, folder: str) -> dict[str, np.ndarray]:
     """Base weights of the initializers to write: the new adapter's, and any other that differs."""
-    base_model, base_folder = _load(base_onnx)
+    base_model, base_folder = onnx_files.load(base_onnx, error=AdapterError)
     base_inits = {t.name: t for t in base_model.graph.initializer}
     out = {}
-    for name, t in inits.items():
-        src = base_inits.get(name)
-        if src is None and name in new:
-            src = base_inits.get(new[name][1][0].site.weight)
-        if src is None:
-            if name in new or "_folded" in name:
-                raise AdapterError(f"refold_onnx: {base_onnx} has no base weight for initializer {name} (an "
-                                   "untied copy fold made, or another model's export); pass the base export "
-                                   "of this model, or old_adapter= instead")
-            continue
-        if tuple(src.dims) != tuple(t.dims) or src.data_type != t.data_type:
-            raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} has type {src.data_type} shape "
-                               f"{tuple(src.dims)}, the task file's {name} has type {t.data_type} shape "
-                               f"{tuple(t.dims)}; pass the base export of the same model")
-        if name not in new and (_is_external(src) or src.raw_data) and (_is_external(t) or t.raw_data) \
-                and _raw(src, base_folder) == _raw(t, folder):
-            continue  # unchanged: a byte compare, no array conversion (most initializers)
-        arr = _array(src, base_folder)
-        if name in new or not np.array_equal(arr, _array(t, folder)):
-            out[name] = arr
+    with onnx_files.DataFiles(base_folder, error=AdapterError) as base_data, \
+            onnx_files.DataFiles(folder, error=AdapterError) as task_data:
+        for name, t in inits.items():
+            src = base_inits.get(name)
+            if src is None and name in new:
+                src = base_inits.get(new[name][1][0].site.weight)
+            if src is None:
+                if name in new or "_folded" in name:
+                    raise AdapterError(f"refold_onnx: {base_onnx} has no base weight for initializer {name} (an "
+                                       "untied copy fold made, or another model's export); pass the base export "
+                                       "of this model, or old_adapter= instead")
+                continue
+            if tuple(src.dims) != tuple(t.dims) or src.data_type != t.data_type:
+                raise AdapterError(f"refold_onnx: {base_onnx}: {src.name} has type {src.data_type} shape "
+                                   f"{tuple(src.dims)}, the task file's {name} has type {t.data_type} shape "
+                                   f"{tuple(t.dims)}; pass the base export of the same model")
+            if name not in new and _stored(src) and _stored(t) and base_data.read(src) == task_data.read(t):
+                continue  # unchanged: a byte compare, no array conversion (most initializers)
+            arr = _array(src, base_folder)
+            if name in new or not np.array_equal(arr, _array(t, folder)):
+                out[name] = arr
     return out
 
 
-def _load(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
-    """The ModelProto with external data left on disk, and the folder its data files live in."""
-    path = os.fspath(path)
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:  # onnx raises protobuf DecodeError, OSError, ValidationError...
-        raise AdapterError(f"refold_onnx: cannot read {path}: {type(e).__name__}: {e}") from e
-    return model, os.path.dirname(os.path.abspath(path))
-
-
-def _is_external(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL
+def _stored(t: onnx.TensorProto) -> bool:
+    """Whether ``t``'s bytes are raw (external or raw_data), so comparing bytes compares values."""
+    return onnx_files.is_external(t) or bool(t.raw_data)
 
 
 def _array(t: onnx.TensorProto, folder: str) -> np.ndarray:
-    """One initializer's values; external data is read for this tensor only."""
-    try:
-        return numpy_helper.to_array(t, folder)
-    except Exception as e:
-        raise AdapterError(f"refold_onnx: cannot read initializer {t.name} from {folder}: {e}") from e
-
-
-def _raw(t: onnx.TensorProto, folder: str) -> bytes:
-    """The stored bytes of an initializer (inline raw_data, or its byte range of the data file)."""
-    if not _is_external(t):
-        return t.raw_data
-    info = {e.key: e.value for e in t.external_data}
-    with open(os.path.join(folder, info["location"]), "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        return f.read(_length(t))
-
-
-def _length(t: onnx.TensorProto) -> int:
-    info = {e.key: e.value for e in t.external_data}
-    if "length" in info:
-        return int(info["length"])
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
-
-
-def _save(model: onnx.ModelProto, path: str) -> None:
-    """Writes an inline model into a temporary folder beside ``path``, then installs it."""
-    _write(path, lambda tmp, name: onnx.save_model(model, os.path.join(tmp, name)))
+    return onnx_files.tensor_array(t, folder, error=AdapterError)
 
 
 def _save_patched(model: onnx.ModelProto, folder: str, patches: dict[str, np.ndarray], path: str) -> None:
@@ -265,51 +228,35 @@ def _save_patched(model: onnx.ModelProto, folder: str, patches: dict[str, np.nda
     No protobuf holds the weights, so the cost is one file copy plus the patched bytes (the reason
     refold is an order of magnitude faster than a re-export on external-data files).
     """
-    sources = {e.value for t in model.graph.initializer if _is_external(t) for e in t.external_data
-               if e.key == "location"}
+    sources = {onnx_files.external(t).location for t in model.graph.initializer if onnx_files.is_external(t)}
     if len(sources) != 1:
         raise AdapterError(f"refold_onnx: the task file's weights are spread over {sorted(sources)}; "
                            "refold handles one external data file (fold_and_export writes one)")
     (source,) = sources
 
-    def write(tmp: str, name: str) -> None:
-        data = name + ".data"
-        shutil.copyfile(os.path.join(folder, source), os.path.join(tmp, data))
-        with open(os.path.join(tmp, data), "r+b") as f:
+    def write(staged: str) -> None:
+        data = os.path.basename(staged) + ".data"
+        shutil.copyfile(os.path.join(folder, source), staged + ".data")
+        with open(staged + ".data", "r+b") as f:
             for t in model.graph.initializer:
                 if t.name not in patches:
                     continue
-                if not _is_external(t):  # small tensors stay inline even in external-data files
+                if not onnx_files.is_external(t):  # small tensors stay inline even in external-data files
                     t.CopyFrom(numpy_helper.from_array(patches[t.name], t.name))
                     continue
                 raw = np.ascontiguousarray(patches[t.name]).tobytes()
-                if len(raw) != _length(t):
-                    raise AdapterError(f"refold_onnx: initializer {t.name} holds {_length(t)} bytes in the "
-                                       f"data file, the new value {len(raw)}")
-                f.seek(int({e.key: e.value for e in t.external_data}.get("offset", 0)))
+                if len(raw) != onnx_files.stored_nbytes(t):
+                    raise AdapterError(f"refold_onnx: initializer {t.name} holds {onnx_files.stored_nbytes(t)} "
+                                       f"bytes in the data file, the new value {len(raw)}")
+                f.seek(onnx_files.external(t).offset)
                 f.write(raw)
         for t in model.graph.initializer:
             for e in t.external_data:
                 if e.key == "location":
                     e.value = data
-        onnx.save_model(model, os.path.join(tmp, name))
+        onnx.save_model(model, staged)
 
-    _write(path, write)
-
-
-def _write(path: str, produce) -> None:
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    try:
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ExportError(f"cannot write {path}: {e}") from e
-    try:
-        produce(tmp, name)
-        install(os.path.join(tmp, name), path)  # data first, old data restored if the model rename fails
-    except (OSError, ValueError) as e:
-        raise ExportError(f"writing {path} failed: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    onnx_files.write_model(path, write)
 
 
 def _adapter_name(adapter) -> str:

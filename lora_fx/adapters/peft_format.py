@@ -32,19 +32,17 @@ section (written by PEFT) get their scales from ``r`` / ``lora_alpha`` and the p
 Reading never unpickles (safetensors only), checks every key, shape and value (NaN/inf) before
 anything is changed, and turns any failure (corrupt or truncated file, config/tensor mismatch) into
 :class:`~lora_fx.errors.AdapterError` naming the file. Names read from files never become paths.
-Task switching on folded models and weighted combinations live in :mod:`lora_fx.switching`.
+Loading into a graph is :mod:`.bind`; task switching lives in :mod:`lora_fx.switching`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,13 +50,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import fx
 
-from ._atomic import write_files_atomically
-from .delta import Branch
-from .errors import AdapterError, PatternError
-from .graph_module import capture_of, has_lora, lora_state
-from .passes.lorafy import lorafy
-from .sites import CONV, EMBED, IN_OUT, Site
-from .targets import Target
+from .. import kinds
+from .._atomic import write_files_atomically
+from ..delta import Branch
+from ..errors import AdapterError
+from ..kinds import IN_OUT
+from ..sites import Site
+from .adapter import Adapter, adapter_of
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
@@ -67,45 +65,6 @@ _PEFT_PREFIX = "base_model.model."
 _FX_PREFIX = "lora_fx."
 _KEY_RE = re.compile(r"(base_model\.model|lora_fx)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
                      r"lora_embedding_A|lora_embedding_B)")
-# Module types PEFT's LoRA wraps, by class name (nn_module_stack records the type)
-_PEFT_TYPES = {"Linear": "linear", "Conv1D": "addmm", "Conv1d": "conv1d", "Conv2d": "conv2d",
-               "Conv3d": "conv3d", "Embedding": "embedding"}
-
-
-@dataclass
-class Adapter:
-    """Branches and their A/B tensors, read from a file or snapshot from a lorafied module.
-
-    Attributes:
-        branches: branch key -> :class:`~lora_fx.delta.Branch` (for a file, its ``site`` holds only
-            the id, path, weight, op, layout and kind recorded there).
-        tensors: ``branch.a`` / ``branch.b`` -> the tensor (detached; :meth:`pair` reads both).
-        use_rslora: scale = alpha / sqrt(r).
-        source: where it came from (a file, or ``<LoraFxModule>``), for messages.
-        peft: keys of the branches stored under PEFT's tensor names.
-    """
-
-    branches: dict[str, Branch]
-    tensors: dict[str, torch.Tensor]
-    use_rslora: bool = False
-    source: str = "<module>"
-    peft: frozenset[str] = frozenset()
-    model: str = ""  # the model it was made for (trace() records it; PEFT's base_model_name_or_path)
-
-    def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the branch ``key``."""
-        br = self.branches[key]
-        return self.tensors[br.a], self.tensors[br.b]
-
-
-def adapter_of(lgm: fx.GraphModule) -> Adapter:
-    """Snapshot (detached clones) of the current A/B values of a lorafied module."""
-    state = lora_state(lgm, "adapter_of")
-    tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in (br.a, br.b)}
-    peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br))
-    cap = capture_of(lgm)
-    return Adapter({br.key: br for br in state.branches}, tensors, bool(state.report.rslora),
-                   f"<{type(lgm).__name__}>", peft, cap.model if cap is not None else "")
 
 
 def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path:
@@ -162,87 +121,16 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     return _parse(tensors, config, fx_cfg, str(tpath))
 
 
-def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.GraphModule:
-    """Loads an adapter into a lorafied module, in place, after checking all of it.
-
-    ``gm`` may also be a graph without LoRA (from :func:`lora_fx.trace`): it is then lorafied with the
-    adapter's sites, ranks, alphas and slices, and the new module is returned.
-
-    Returns:
-        The module holding the adapter (``gm`` itself when it was lorafied already).
-
-    Raises:
-        AdapterError: a key of the model is missing from the file, the file has keys the model lacks,
-            or a shape or scale (alpha / r) differs; the message lists them with the nearest names.
-            Nothing is changed then.
-    """
-    adapter = src if isinstance(src, Adapter) else read_adapter(src)
-    if not has_lora(gm):
-        try:
-            gm = lorafy(gm, _targets(adapter), use_rslora=adapter.use_rslora)
-        except PatternError as e:
-            made_for = f"it was made for {adapter.model}" if adapter.model else "its config does not say for which model"
-            here = capture_of(gm).model if capture_of(gm) is not None else type(gm).__name__
-            keys = sorted(adapter.branches)
-            raise AdapterError(f"{adapter.source}: the adapter's targets ({', '.join(keys[:3])}"
-                               f"{f', ... {len(keys)} in all' if len(keys) > 3 else ''}) are not in this model "
-                               f"({here}); {made_for}. Load it into that model, or train an adapter for this one "
-                               f"({e})") from e
-    state = lora_state(gm, "load_adapter")
-    want = {br.key: br for br in state.branches}
-    have = adapter.branches
-    problems = []
-    for key in sorted(want.keys() - have.keys()):
-        br = want[key]
-        problems.append(f"missing {key} (module parameters {br.a}, {br.b}){_near(key, have, 'file')}")
-    for key in sorted(have.keys() - want.keys()):
-        names = file_keys(have[key], key in adapter.peft)
-        problems.append(f"unexpected {'/'.join(names)}{_near(key, want, 'module')}")
-    for key in sorted(want.keys() & have.keys()):
-        problems += _mismatches(gm, want[key], have[key], adapter.pair(key))
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise AdapterError(f"adapter {adapter.source} does not fit the module ({len(problems)} problem(s)); "
-                           f"nothing was loaded:\n  {shown}\nFix: lorafy the graph with the adapter's "
-                           "targets, ranks and alphas (its adapter_config.json lists them), or pass a "
-                           "graph without LoRA to load_adapter to have it lorafied from the file.")
-    with torch.no_grad():
-        for key, br in want.items():
-            for name, t in zip((br.a, br.b), adapter.pair(key), strict=True):
-                p = gm.get_parameter(name)
-                p.copy_(t.to(dtype=p.dtype, device=p.device))
-    return gm
-
-
 def file_keys(br: Branch, peft: bool) -> tuple[str, str]:
     """The two tensor names of a branch in ``adapter_model.safetensors`` (PEFT's, or lora_fx.*)."""
     if not peft:
         return f"{_FX_PREFIX}{br.key}.lora_A.weight", f"{_FX_PREFIX}{br.key}.lora_B.weight"
-    if br.site.op == "embedding":
-        return f"{_PEFT_PREFIX}{br.key}.lora_embedding_A", f"{_PEFT_PREFIX}{br.key}.lora_embedding_B"
-    return f"{_PEFT_PREFIX}{br.key}.lora_A.weight", f"{_PEFT_PREFIX}{br.key}.lora_B.weight"
+    a, b = kinds.get(br.site.kind).peft_tensors
+    return f"{_PEFT_PREFIX}{br.key}.{a}", f"{_PEFT_PREFIX}{br.key}.{b}"
+
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-def _is_peft(lgm: fx.GraphModule, br: Branch) -> bool:
-    """True when PEFT can hold this branch: a whole weight of one call of a module type PEFT wraps."""
-    site = br.site
-    if br.slice is not None or br.key != site.path or "#" in site.id or not site.path:
-        return False
-    node = next((n for n in lgm.graph.nodes if n.name == site.node), None)
-    if node is None:
-        return False
-    if node.op == "call_module":
-        tname = type(lgm.get_submodule(str(node.target))).__name__
-    else:
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            return False
-        owner = list(stack.values())[-1][1]
-        tname = (owner if isinstance(owner, str) else getattr(owner, "__qualname__", str(owner))).split(".")[-1]
-    return tname in _PEFT_TYPES and site.op in (_PEFT_TYPES[tname], tname)
-
 
 def _common(values: list, default):
     return Counter(values).most_common(1)[0][0] if values else default
@@ -379,41 +267,4 @@ def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dic
 
 def site_ref(site_id: str, path: str, weight: str, op: str, layout: str) -> Site:
     """The Site a file records for a branch: id, path, weight, op, layout (no shape, no node)."""
-    kind = ("embedding" if op == "embedding" or layout == EMBED else "conv" if layout == CONV
-            else "einsum" if op == "einsum" else "linear")
-    return Site(site_id, path, op, kind, weight, layout, (), 0, 0, "")
-
-
-def _near(key: str, pool, where: str) -> str:
-    close = difflib.get_close_matches(key, sorted(pool), n=3, cutoff=0.5)
-    return f"; nearest in the {where}: {', '.join(close)}" if close else f"; the {where} has none like it"
-
-
-def _mismatches(gm, want: Branch, have: Branch, pair: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
-    out = []
-    for role, name, t in (("lora_A", want.a, pair[0]), ("lora_B", want.b, pair[1])):
-        shape = tuple(gm.get_parameter(name).shape)
-        if tuple(t.shape) != shape:
-            out.append(f"shape {want.key}.{role}: file {tuple(t.shape)} vs module {shape} ({name})")
-    if not (torch.isfinite(pair[0]).all() and torch.isfinite(pair[1]).all()):
-        out.append(f"values {want.key}: A or B holds NaN/inf")
-    if not math.isclose(want.scale, have.scale, rel_tol=1e-6):
-        out.append(f"scale {want.key}: file alpha/r = {have.alpha:g}/{have.rank} -> {have.scale:g}, module "
-                   f"{want.alpha:g}/{want.rank} -> {want.scale:g} (lorafy with alpha={have.alpha:g})")
-    if have.slice is not None and have.slice != want.slice:
-        out.append(f"slice {want.key}: file {have.slice} vs module {want.slice}")
-    return out
-
-
-def _targets(adapter: Adapter) -> list[Target]:
-    """lorafy targets that recreate an adapter's branches: one exact Target per site."""
-    by_site: dict[str, list[Branch]] = {}
-    for br in adapter.branches.values():
-        by_site.setdefault(br.site.id, []).append(br)
-    targets = []
-    for site, brs in by_site.items():
-        first = brs[0]
-        slices = tuple(br.slice for br in brs if br.slice is not None) or None
-        targets.append(Target(re.compile(re.escape(site)), rank=first.rank, alpha=first.alpha,
-                              dropout=first.dropout, slices=slices))
-    return targets
+    return Site(site_id, path, op, kinds.kind_of(op, layout).name, weight, layout, (), 0, 0, "")

@@ -28,16 +28,17 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx, nn
 
-from . import delta as lora_delta
-from .adapters import Adapter, adapter_of, read_adapter
-from .delta import Branch
-from .errors import AdapterError
-from .graph_facts import weight_reads
-from .graph_module import fold_report_of, has_lora, lora_state, set_attr_path
-from .passes.fold import fold, strip
-from .passes.lorafy import lorafy
-from .sites import CONV, Site, sites
-from .targets import Target
+from .. import delta as lora_delta
+from .. import kinds
+from ..adapters import Adapter, adapter_of, read_adapter
+from ..delta import Branch
+from ..errors import AdapterError
+from ..graph_facts import weight_reads
+from ..graph_module import fold_report_of, has_lora, lora_state, set_attr_path
+from ..passes.fold import fold, strip
+from ..passes.lorafy import lorafy
+from ..sites import Site, sites
+from ..targets import Target
 
 SWAP_KEY = "lora_fx_swap"
 AdapterLike = str | os.PathLike | Adapter | fx.GraphModule
@@ -182,7 +183,7 @@ def _group(adapter: Adapter, found: dict[str, Site]) -> dict[str, list[Branch]]:
                                f"graph does not have (nearest: {near or sorted(found)[:3]})")
         a, b = adapter.pair(br.key)
         rows = site.out_features if br.slice is None else br.slice[1] - br.slice[0]
-        in_ok = a[0].numel() == (site.in_features if site.layout != CONV else site.params // site.out_features)
+        in_ok = a[0].numel() == kinds.get(site.kind).lora_in(site)
         if b.shape[0] != rows or not in_ok:
             raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(a.shape)}, B "
                                f"{tuple(b.shape)}, which do not fit site {site.id} ({site.weight} "
@@ -252,14 +253,14 @@ def _factors(site: Site, parts: list[tuple[torch.Tensor, torch.Tensor, float, tu
             a_s.append(a.float())
             b_s.append(wide)
         return torch.cat(a_s, 0), torch.cat(b_s, 1)
-    if site.layout == CONV and site.params != site.out_features * site.in_features:
-        raise AdapterError(f"combine_adapters: site {site.id} (conv {tuple(site.shape)}): summed rank {rank} "
+    kind = kinds.get(site.kind)
+    if kind.lora_in(site) != site.in_features:  # a kernel wider than 1: no full-rank pair
+        raise AdapterError(f"combine_adapters: site {site.id} ({site.kind} {tuple(site.shape)}): summed rank {rank} "
                            f"exceeds min(in, out) = {min(site.in_features, site.out_features)}; combine fewer "
                            "adapters there")
-    dense = lora_delta.product(parts, site.out_features, torch.float32)
-    extra = (1,) * (len(site.shape) - 2) if site.layout == CONV else ()
+    dense = lora_delta.product(parts, site.out_features, torch.float32)  # (out, in)
+    full = min(site.in_features, site.out_features)  # dense = B @ A with A = I or B = I
+    a_shape, b_shape = kind.lora_shapes(site, full, site.out_features)
     if site.in_features <= site.out_features:
-        return torch.eye(site.in_features).reshape(site.in_features, site.in_features, *extra), \
-            dense.reshape(*dense.shape, *extra)
-    return dense.reshape(*dense.shape, *extra), torch.eye(site.out_features).reshape(
-        site.out_features, site.out_features, *extra)
+        return torch.eye(full).reshape(a_shape), dense.reshape(b_shape)
+    return dense.reshape(a_shape), torch.eye(full).reshape(b_shape)
