@@ -74,7 +74,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
     with torch.no_grad():
         for p in lora_fx.lora_parameters(lgm):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    from lora_fx.exporters.export import _variants
+    from lora_fx.exporters.verify import variants as _variants
 
     rows: dict[str, Any] = {}
     rounds, seq = (2, 16) if smoke else (15, 128)

@@ -119,7 +119,7 @@ def test_quantize_file_schemes(gpt2, tmp_path, cfg, op, count, n_changed):
 
 
 def test_external_data_installs_under_the_final_name(gpt2, tmp_path):
-    from lora_fx.exporters.onnx_io import install
+    from lora_fx.exporters.onnx_files import install
     from lora_fx.exporters.quantized_export import _quantized_path
 
     tmp, ids = gpt2[4], gpt2[1]
