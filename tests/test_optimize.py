@@ -136,7 +136,7 @@ def test_ort_mode_fuses_and_verifies(llama):
 
 @pytest.mark.slow
 def test_refold_rewrites_transposed_weights_of_optimized_files(llama):
-    from lora_fx.exporters.refold import refold_onnx
+    from lora_fx.switching import refold_onnx
 
     _, args, gm, _, tmp, _ = llama
     other = lora_fx.lorafy(gm, ["*.q_proj", "*.v_proj"], rank=2)
@@ -152,16 +152,16 @@ def test_refold_rewrites_transposed_weights_of_optimized_files(llama):
 @pytest.mark.slow
 def test_verify_error_hints_at_optimize_false(llama, monkeypatch):
     """A structural difference between optimized exports fails, naming the way out."""
-    from lora_fx.exporters import export
+    from lora_fx.exporters import verify
 
-    real = export.compare_structure
+    real = verify.compare_structure
 
     def differs(base, task, **kwargs):
         result = real(base, task, **kwargs)
         result.ok, result.first_difference = False, "forced difference"
         return result
 
-    monkeypatch.setattr(export, "compare_structure", differs)
+    monkeypatch.setattr(verify, "compare_structure", differs)
     with pytest.raises(VerifyError, match="(?s)forced difference.*export with optimize=False"):
         lora_fx.fold_and_export(llama[3], llama[4] / "y.onnx")
     assert not (llama[4] / "y.onnx").exists()
