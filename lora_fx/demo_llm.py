@@ -322,7 +322,7 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     _say(f"ONNX Runtime generation: exact match {onnx_eval.exact_match:.3f}; {same}/{len(test_set)} answers "
          f"token-for-token equal to PyTorch; {o['ms_per_token']:.1f} ms per generated token vs "
          f"{o['pytorch_ms_per_token']:.1f} ms in PyTorch (batch 16, held-out prompts)")
-    _say(f"  try it: lora-fx generate {path} --prompt {test_set[0][0]!r}")
+    _say(f"  try it: lora-fx generate {path} --system {SYSTEM!r} --prompt {test_set[0][0]!r}")
 
     res["seconds"] = clock.wall
     res["wall_seconds"] = time.perf_counter() - clock.start

@@ -211,7 +211,7 @@ def _sample(logits: np.ndarray, temperature: float, top_k: int | None, top_p: fl
 
 
 def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any = None, max_new_tokens: int = 64,
-                  chat: bool = True, **sampling: Any) -> list[str]:
+                  chat: bool = True, system: str | None = None, **sampling: Any) -> list[str]:
     """Prompts in, generated text out (``lora-fx generate``): tokenizes with the chat template, left-pads,
     runs :meth:`OnnxGenerator.generate` and decodes only the new tokens.
 
@@ -221,6 +221,7 @@ def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any
         tokenizer: a Hugging Face tokenizer or its folder; default the export's folder (where
             ``tokenizer.save_pretrained`` put it, as ``lora-fx demo llm`` does).
         chat: wrap each prompt as a user turn of the tokenizer's chat template (when it has one).
+        system: a system turn before it (``lora-fx demo llm`` trains with ``demo_llm.SYSTEM``).
         sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
 
     Raises:
@@ -239,7 +240,8 @@ def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any
     rows = []
     for p in prompts:
         if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
             rows.append(tok(text, add_special_tokens=False)["input_ids"])
         else:
             rows.append(tok(p)["input_ids"])

@@ -87,3 +87,11 @@ def test_sampler_respects_top_k_and_top_p():
     nucleus = _sample(logits, 1.0, None, 0.7, rng)  # 0.5 + 0.3 >= 0.7: tokens 0 and 1
     assert set(nucleus) == {0, 1}
     assert set(_sample(logits, 1.0, None, 0.4, rng)) == {0}
+
+
+def test_cli_generate_without_tokenizer_is_a_clear_error(capsys):
+    from lora_fx.cli import main
+
+    _, path, _ = exported()
+    assert main(["generate", path, "--prompt", "hello"]) == 2
+    assert "no tokenizer in" in capsys.readouterr().err

@@ -194,7 +194,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from ..generation import generate_text
 
     for text in generate_text(ns.onnx, ns.prompt, tokenizer=ns.tokenizer, max_new_tokens=ns.max_new_tokens,
-                              chat=not ns.raw, do_sample=ns.sample, temperature=ns.temperature, top_k=ns.top_k,
+                              chat=not ns.raw, system=ns.system, do_sample=ns.sample, temperature=ns.temperature, top_k=ns.top_k,
                               top_p=ns.top_p, seed=ns.seed):
         print(text)
     return 0

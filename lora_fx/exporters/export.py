@@ -201,7 +201,8 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
 
         return export_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs, opset=opset,
                                  dynamic=dynamic, external_data=external_data, verify=verify, folded=folded,
-                                 dtype=dtype, providers=providers, quantize=quantize)
+                                 dtype=dtype, providers=providers, quantize=quantize, optimize=optimize,
+                                 model_type=model_type)
     from .optimize import check_mode
 
     options = ExportOptions(opset, dynamic, external_data, verify, folded, dtype, providers,
