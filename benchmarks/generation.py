@@ -135,7 +135,8 @@ def _generation(path: str, lgm, threads: int, batches: tuple[int, ...], prompt: 
         def hf(ids=ids, outs=outs):
             with torch.no_grad():
                 outs["torch"] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                               min_new_tokens=new, do_sample=False, pad_token_id=2)
+                                               min_new_tokens=new, do_sample=False, pad_token_id=2,
+                                               use_cache=True)  # the traced model has use_cache=False
 
         ort(), hf()
         samples = interleaved({"ort": ort, "torch": hf}, rounds=rounds)
