@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kinds import LAYOUTS
+from .kinds import LAYOUTS, kind_for_layout
 
 if TYPE_CHECKING:
     from .sites import Site
@@ -57,14 +57,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]],
-            out_features: int, dtype: torch.dtype, ab_dtype: torch.dtype | None = None) -> torch.Tensor:
+            out_features: int, dtype: torch.dtype, ab_dtype: torch.dtype | None = None, *,
+            batched: bool = False) -> torch.Tensor:
     """``D = sum scale · B @ A`` as an (out_features, in*) matrix in ``dtype``.
 
     Args:
         pairs: ``(A, B, scale, slice)``; A (r, in, *kernel), B (rows, r, *1).
         ab_dtype: round A and B to this dtype first (what a module holding them in the weight's dtype
             computes with); None uses them as given.
+        batched: A (E, r, in), B (E, out, r) (MoE experts): ``D[e] = sum scale · B[e] @ A[e]``,
+            (E, out, in), whole-weight pairs only.
     """
+    if batched:
+        if any(sl is not None for *_, sl in pairs):
+            raise ValueError("batched (per-expert) LoRA pairs cannot adapt output slices")
+        cast = (lambda t: t.detach()) if ab_dtype is None else (lambda t: t.detach().to(ab_dtype))
+        out = None
+        for a, b, scale, _ in pairs:
+            prod = torch.bmm(cast(b).to(dtype), cast(a).to(dtype).to(b.device)).mul_(scale)
+            out = prod if out is None else out.add_(prod)
+        return out
     first_a = pairs[0][0]
     if len(pairs) == 1 and pairs[0][3] is None:  # one whole-weight branch: no zero buffer to add into
         a, b, scale, _ = pairs[0]
@@ -105,7 +117,8 @@ def delta(branches: Sequence[Branch], tensors: Mapping[str, torch.Tensor] | Call
     """
     get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
     pairs = [(get(br.a), get(br.b), br.scale, br.slice) for br in branches]
-    return to_layout(product(pairs, site.out_features, dtype, ab_dtype), site.layout, site.shape)
+    batched = kind_for_layout(site.layout).batched if site.layout in LAYOUTS else False
+    return to_layout(product(pairs, site.out_features, dtype, ab_dtype, batched=batched), site.layout, site.shape)
 
 
 def merge(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Op kinds: each kind of adaptable op defined once (see :mod:`lora_fx.kinds.base` for the interface
 and how to add one). Importing this package registers the built-in kinds, in this order."""
 
-from . import conv, einsum, embedding, linear  # noqa: F401  (registers the built-in kinds)
+from . import conv, einsum, embedding, experts, linear  # noqa: F401  (registers the built-in kinds)
 from .base import (
     CONV,
     EMBED,

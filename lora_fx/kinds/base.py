@@ -94,10 +94,16 @@ class OpKind:
     dropout: ClassVar[bool] = True  # LoRA dropout on the branch input (PEFT: none for embeddings)
     float_input: ClassVar[bool] = True  # the activation is a float tensor (fp32 adapters cast it up)
     kaiming: ClassVar[bool] = True  # init="kaiming" draws A kaiming-uniform (else normal, std 1/r)
+    batched: ClassVar[bool] = False  # A, B, delta have a leading batch (expert) dim: D[e] = B[e] @ A[e]
     peft_modules: ClassVar[dict[str, str]] = {}  # module class name PEFT wraps -> op name of its site
     peft_tensors: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
 
     # -- recognition ------------------------------------------------------------------------------
+
+    def function_spec(self, target: object) -> OpSpec | None:
+        """The OpSpec of a call_function target missing from ``functions`` (ops registered by other
+        libraries after import, recognised by name), else None."""
+        return None
 
     def describe(self, gm: fx.GraphModule, node: fx.Node, spec: OpSpec) -> dict | None:
         """Site facts of ``node`` (op, weight, layout, shape, in/out features, transposed), or None
@@ -228,7 +234,10 @@ def get(name: str) -> OpKind:
 def spec_of(gm: fx.GraphModule, node: fx.Node) -> OpSpec | None:
     """The OpSpec of a node whose op some kind adapts, else None."""
     if node.op == "call_function":
-        return FUNCTIONS.get(node.target)
+        spec = FUNCTIONS.get(node.target)
+        if spec is None and isinstance(node.target, torch._ops.OpOverload):
+            spec = next((s for k in KINDS.values() if (s := k.function_spec(node.target))), None)
+        return spec
     if node.op == "call_method":
         return METHODS.get(str(node.target))
     if node.op == "call_module":
