@@ -133,11 +133,12 @@ def test_symbolic_trace_modules_are_sites():
 
 
 def test_registry_defines_each_kind_once():
-    assert set(kinds.KINDS) == {"linear", "conv", "embedding", "einsum"}
+    assert set(kinds.KINDS) == {"linear", "conv", "embedding", "einsum", "experts"}
     for target, spec in kinds.FUNCTIONS.items():
         assert spec.kind in kinds.KINDS, target
-    assert {kinds.kind_for_layout(layout).name for layout in kinds.LAYOUTS} == {"linear", "conv", "embedding"}
+    assert {kinds.kind_for_layout(layout).name for layout in kinds.LAYOUTS} == {"linear", "conv", "embedding", "experts"}
     assert kinds.kind_of("addmm", "").name == "linear" and kinds.kind_of("", "conv").name == "conv"
+    assert kinds.kind_of("grouped_mm_fallback", "experts:out,in").name == "experts"
     assert kinds.op_names() >= {"linear", "addmm", "mm", "matmul", "einsum", "conv1d", "conv2d", "embedding"}
     with pytest.raises(ValueError, match="registered already"):
         kinds.register(kinds.KINDS["linear"])
