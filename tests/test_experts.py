@@ -85,6 +85,14 @@ def test_lorafy_train_fold(mixtral):
     assert torch.equal(folded.get_parameter(name), want)
 
 
+def test_adapter_files_refuse_expert_branches(mixtral, tmp_path):
+    _, _, gm = mixtral
+    lgm = lora_fx.lorafy(gm, "*.experts.down_proj", rank=2)
+    with pytest.raises(lora_fx.errors.AdapterError, match="per-expert MoE branches"):
+        lora_fx.save_adapter(lgm, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_batched_product_refuses_slices():
     a, b = torch.ones(2, 1, 3), torch.ones(2, 4, 1)
     assert lora_delta.product([(a, b, 0.5, None)], 4, torch.float32, batched=True).shape == (2, 4, 3)

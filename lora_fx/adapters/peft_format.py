@@ -77,6 +77,12 @@ def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path
         The folder.
     """
     adapter = lgm if isinstance(lgm, Adapter) else adapter_of(lgm)
+    batched = [k for k, br in adapter.branches.items() if kinds.get(br.site.kind).batched]
+    if batched:  # before anything is written: a file read_adapter could not read back helps nobody
+        raise AdapterError(f"{batched[0]} (and {len(batched) - 1} more) are per-expert MoE branches "
+                           "(A (E, r, in), B (E, out, r)); adapter files do not hold them yet (PEFT's "
+                           "target_parameters layout is not implemented). Keep the lorafied module, or "
+                           "fold / fold_and_export it")
     tensors = {}
     for key, br in adapter.branches.items():
         for name, t in zip(file_keys(br, key in adapter.peft), adapter.pair(key), strict=True):
