@@ -5,7 +5,9 @@ parameters (``experts.gate_up_proj`` (E, 2·inter, hidden), ``experts.down_proj`
 read by ``transformers.grouped_mm_fallback(x, W.transpose(-2, -1), offs)``, are sites with the
 per-expert LoRA view (in, out); ``lorafy`` adds A (E, r, in), B (E, out, r); B = 0 is the base bit
 for bit; random A/B change the output, train (every A/B gets a gradient), and ``fold`` writes
-``W'[e] = W[e] + s·B_e@A_e`` (fp32, one rounding) equal to the LoRA model; ``fold_and_export`` verifies.
+``W'[e] = W[e] + s·B_e@A_e`` (fp32, one rounding) equal to the LoRA model; ``swap_adapter`` and
+``combine_adapters`` handle per-expert adapters; ``save_adapter`` refuses them (no file format yet);
+``fold_and_export`` verifies.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sweep_models import HF_MODELS
 
 import lora_fx
 from lora_fx import delta as lora_delta
+from lora_fx.adapters.adapter import adapter_of
 
 HIDDEN, EXPERTS, INTER = 32, 4, 32  # sweep_models' TINY / MOE
 
@@ -83,6 +86,24 @@ def test_lorafy_train_fold(mixtral):
     b = lgm.get_parameter(lgm.lora_report.branches[0].b)
     want = (gm.get_parameter(name).float() + 2.0 * torch.bmm(b.detach(), a.detach()))
     assert torch.equal(folded.get_parameter(name), want)
+
+
+def test_swap_and_combine_per_expert_adapters(mixtral):
+    _, args, gm = mixtral
+    one = lora_fx.lorafy(gm, "*.experts", rank=4)
+    two = lora_fx.lorafy(gm, "*.experts", rank=4)
+    randomize_lora(one, std=0.3)
+    randomize_lora(two, std=0.3, seed=5)
+    swapped = lora_fx.swap_adapter(lora_fx.fold(one), adapter_of(two), old=adapter_of(one))
+    want = _logits(two, args)
+    assert ((_logits(swapped, args) - want).norm() / want.norm()).item() <= 1e-5
+    combined = lora_fx.combine_adapters(gm, [(adapter_of(one), 1.0), (adapter_of(two), 0.5)])
+    name = "model.layers.1.mlp.experts.down_proj"
+    expect = gm.get_parameter(name).float()
+    for lgm, w in ((one, 1.0), (two, 0.5)):
+        br = next(b for b in lgm.lora_report.branches if b.site.weight == name)
+        expect = expect + w * br.scale * torch.bmm(lgm.get_parameter(br.b).detach(), lgm.get_parameter(br.a).detach())
+    assert torch.allclose(combined.get_parameter(name), expect, atol=1e-6)
 
 
 def test_adapter_files_refuse_expert_branches(mixtral, tmp_path):

@@ -151,6 +151,10 @@ class OpKind:
         """Shapes of A and B for a site, or one output slice of it ``width`` rows wide."""
         return (rank, site.in_features), (width, rank)
 
+    def fits(self, site: Site, a: torch.Tensor, b: torch.Tensor, rows: int) -> bool:
+        """Whether tensors A, B (from an adapter) are a pair for ``site`` with ``rows`` output rows."""
+        return b.shape[0] == rows and a[0].numel() == self.lora_in(site)
+
     def init_pair(self, a: torch.Tensor, b: torch.Tensor, init: str) -> None:
         """B = 0 so a fresh branch adds exactly nothing; A random (PEFT's kaiming-uniform by default)."""
         with torch.no_grad():

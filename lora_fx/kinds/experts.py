@@ -91,6 +91,11 @@ class Experts(OpKind):
         experts = site.shape[0]
         return (experts, rank, site.in_features), (experts, width, rank)
 
+    def fits(self, site, a, b, rows):
+        experts = site.shape[0]
+        return (a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0] == experts and a.shape[1] == b.shape[2]
+                and a.shape[2] == site.in_features and b.shape[1] == rows)
+
     def init_pair(self, a, b, init):
         """Each expert's A_e drawn like a linear's A (kaiming-uniform over its (r, in)); B = 0."""
         for e in range(a.shape[0]):

@@ -153,8 +153,8 @@ def combine_adapters(gm: fx.GraphModule, items: list[tuple[AdapterLike, float]])
             per_site.setdefault(sid, []).extend((*adapter.pair(br.key), float(weight) * br.scale, br.slice)
                                                 for br in brs)
     factors = {sid: _factors(found[sid], parts) for sid, parts in per_site.items()}
-    targets = [Target(re.compile(re.escape(sid)), rank=a.shape[0], alpha=float(a.shape[0]))
-               for sid, (a, _) in factors.items()]
+    ranks = {sid: a.shape[1 if kinds.get(found[sid].kind).batched else 0] for sid, (a, _) in factors.items()}
+    targets = [Target(re.compile(re.escape(sid)), rank=r, alpha=float(r)) for sid, r in ranks.items()]
     lgm = lorafy(gm, targets)
     made = {br.site.id: br for br in lora_state(lgm, "combine_adapters").branches}
     if made.keys() != factors.keys():
@@ -183,8 +183,7 @@ def _group(adapter: Adapter, found: dict[str, Site]) -> dict[str, list[Branch]]:
                                f"graph does not have (nearest: {near or sorted(found)[:3]})")
         a, b = adapter.pair(br.key)
         rows = site.out_features if br.slice is None else br.slice[1] - br.slice[0]
-        in_ok = a[0].numel() == kinds.get(site.kind).lora_in(site)
-        if b.shape[0] != rows or not in_ok:
+        if not kinds.get(site.kind).fits(site, a, b, rows):
             raise AdapterError(f"adapter {adapter.source}: branch {br.key} has A {tuple(a.shape)}, B "
                                f"{tuple(b.shape)}, which do not fit site {site.id} ({site.weight} "
                                f"{tuple(site.shape)}, in={site.in_features}, out={site.out_features})")
@@ -243,6 +242,9 @@ def _factors(site: Site, parts: list[tuple[torch.Tensor, torch.Tensor, float, tu
 
     ``parts`` are ``(A_i, B_i, w_i·scale_i, slice_i)``.
     """
+    if kinds.get(site.kind).batched:  # per-expert pairs (E, r, in), (E, out, r): stack the ranks
+        return (torch.cat([a.float() for a, _, _, _ in parts], 1),
+                torch.cat([b.float() * scale for _, b, scale, _ in parts], 2))
     rank = sum(a.shape[0] for a, _, _, _ in parts)
     if rank <= min(site.in_features, site.out_features):
         a_s, b_s = [], []
