@@ -155,7 +155,8 @@ def test_training_llm_smoke(tmp_path):
     quiet()
     variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt")
     paths = training_llm.run(str(tmp_path), smoke=True, variants=variants)
-    d = paths["data"]
+    with open(paths["json"]) as f:
+        d = json.load(f)  # what a user reads (in memory the summaries are Stats objects)
     assert d["variants"] == list(variants) and set(d["memory"]) == set(variants)
     for s in [*d["step_s"].values(), *d["ratios"].values()]:
         _stats(s)
