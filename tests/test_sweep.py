@@ -13,7 +13,8 @@ import pytest
 from sweep import STAGES, run_model
 from sweep_models import SWEEP, vision_import
 
-CASES = [pytest.param(m, id=f"{m.family}-{m.name}", marks=() if m.fast else pytest.mark.slow) for m in SWEEP]
+CASES = [pytest.param(m, id=f"{m.family}-{m.name}", marks=() if m.fast else (pytest.mark.slow, pytest.mark.sweep))
+         for m in SWEEP]
 
 
 @pytest.mark.parametrize("entry", CASES)
