@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
-import os
-import socket
 import warnings
 
 import pytest
@@ -220,11 +219,10 @@ def test_ddp_single_process():
     randomize_lora(lgm)
     _, g0, _ = _step(lgm, args)
     ckpt = lora_fx.checkpoint(lgm, "blocks.*")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # One process: an in-memory store (no TCP rendezvous that can wait on a port), and a time limit so a
+    # stuck init fails instead of hanging the run.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         ddp = DistributedDataParallel(ckpt)
         _, g1, _ = _step(ddp, args)
