@@ -10,8 +10,15 @@ Goals: pipeline peak <= 2x the weight bytes (1.6x stretch); fold_and_export <= 1
 
 **Linear passes**: Llama-3-70B widths on the meta device (``lora_fx.empty_weights``), 2..80 layers:
 ``trace`` and ``lorafy`` seconds and RSS; plus ``fold`` on real weights of a narrow Llama (hidden
-256) at the same depths. And ``lora-fx inspect <70B config.json> --targets q_proj v_proj`` wall time
-(goal < 120 s). Hold ``flock /tmp/lorafx-bigmem.lock`` (the 1.1B children need ~9 GB).
+256) at the same depths, with one torch thread (the per-site tensor work is small; two OpenMP threads
+on a loaded 2-core machine made fold times swing 7x) and its CPU seconds next to the wall seconds.
+And ``lora-fx inspect <70B config.json> --targets q_proj v_proj`` wall time (goal < 120 s).
+Hold ``flock /tmp/lorafx-bigmem.lock`` (the 1.1B children need ~9 GB).
+
+Parts: ``LORA_FX_SCALE_PARTS=e2e-float32,e2e-bfloat16,passes,inspect`` (default: all) runs some of
+them and keeps the other parts' rows of the JSON already in the output folder (each 1.1B row takes
+~15-20 min on 2 loaded cores: one benchmark run per row stays under 20 min). Every part records the
+load average at its start and end.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 from .common import env_line, environment, log, md_table, verdict, write_outputs
 
 NAME = "scale"
+PARTS = ("e2e-float32", "e2e-bfloat16", "passes", "inspect")
 GOAL_PEAK, GOAL_STRETCH, GOAL_EXPORT, GOAL_INSPECT = 2.0, 1.6, 1.4, 120.0
 ATTN = ["*.q_proj", "*.k_proj", "*.v_proj", "*.o_proj"]
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -59,10 +67,11 @@ def _phase(results: dict, name: str, fn):
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     value = fn()
     mem = _memory()
-    results[name] = {"seconds": time.perf_counter() - t, "peak_bytes": mem["VmHWM"], "rss_after": mem["VmRSS"]}
+    results[name] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
+                     "peak_bytes": mem["VmHWM"], "rss_after": mem["VmRSS"]}
     return value
 
 
@@ -137,6 +146,7 @@ def child_passes(layers: int, smoke: bool) -> dict[str, Any]:
 
     import lora_fx
 
+    torch.set_num_threads(1)  # see the module doc: the passes' own cost, not OpenMP waits under load
     res: dict[str, Any] = {"layers": layers, "phases": {}}
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     wide = dict(SMOKE if smoke else LLAMA3_70B, num_hidden_layers=layers)
@@ -181,23 +191,81 @@ def _child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(out: str, smoke: bool = False) -> dict[str, str]:
+def _parts(parts: list[str] | None) -> list[str]:
+    if parts is None:
+        env = os.environ.get("LORA_FX_SCALE_PARTS", "")
+        parts = [p.strip() for p in env.split(",") if p.strip()] or list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown scale part(s) {unknown}; choose from {list(PARTS)}")
+    return parts
+
+
+def _previous(out: str, smoke: bool) -> dict[str, Any]:
+    """The rows already measured (kept for the parts not re-run)."""
+    path = os.path.join(out, f"{NAME}.json")
+    if smoke or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("smoke"):
+        return {}
+    for row in [*old.get("e2e", []), *old.get("passes", []), old.get("inspect") or {}]:
+        row.setdefault("env", old.get("env"))  # rows of a run from before per-part environments
+    if old.get("passes") and "env" not in old.get("passes_env", {}):
+        old["passes_env"] = old["passes"][0].get("env")
+    return old
+
+
+def _timed_part(fn) -> tuple[Any, dict[str, Any]]:
     env = environment()
+    value = fn()
+    env["loadavg_end"] = list(os.getloadavg())
+    return value, env
+
+
+def run(out: str, smoke: bool = False, parts: list[str] | None = None) -> dict[str, str]:
+    parts = _parts(parts)
     extra = ["--smoke"] if smoke else []
-    data: dict[str, Any] = {"benchmark": NAME, "smoke": smoke, "env": env, "e2e": [], "passes": []}
+    old = _previous(out, smoke)
+    data: dict[str, Any] = {"benchmark": NAME, "smoke": smoke, "env": environment(), "e2e": [], "passes": []}
     for dtype in ("float32", "bfloat16"):
-        log(f"scale: end to end, {dtype}")
-        data["e2e"].append(_child(["e2e", dtype, *extra]))
-    for layers in ((2, 4) if smoke else (2, 5, 10, 20, 40, 80)):
-        log(f"scale: passes at {layers} layers")
-        data["passes"].append(_child(["passes", str(layers), *extra]))
-    log("scale: lora-fx inspect on a config.json")
-    data["inspect"] = _child(["inspect", *extra])
+        if f"e2e-{dtype}" in parts:
+            log(f"scale: end to end, {dtype}")
+            row, env = _timed_part(lambda dtype=dtype: _child(["e2e", dtype, *extra]))
+            data["e2e"].append({**row, "env": env})
+        else:
+            data["e2e"] += [r for r in old.get("e2e", []) if r["dtype"] == dtype]
+    if "passes" in parts:
+        def passes():
+            rows = []
+            for layers in ((2, 4) if smoke else (2, 5, 10, 20, 40, 80)):
+                log(f"scale: passes at {layers} layers")
+                rows.append(_child(["passes", str(layers), *extra]))
+            return rows
+
+        data["passes"], data["passes_env"] = _timed_part(passes)
+    else:
+        data["passes"], data["passes_env"] = old.get("passes", []), old.get("passes_env")
+    if "inspect" in parts:
+        log("scale: lora-fx inspect on a config.json")
+        row, env = _timed_part(lambda: _child(["inspect", *extra]))
+        data["inspect"] = {**row, "env": env}
+    else:
+        data["inspect"] = old.get("inspect")
     return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data))
 
 
 def _gib(x: float) -> str:
     return f"{x / 2**30:.2f}"
+
+
+def _load(env: dict[str, Any] | None) -> str:
+    """``measured <date> UTC, load average (1 min) a -> b on 2 cores`` for one part."""
+    if not env:
+        return "not measured"
+    start, end = (env.get("loadavg_start") or [float("nan")])[0], (env.get("loadavg_end") or [float("nan")])[0]
+    return f"measured {env['date_utc']} UTC, load average (1 min) {start:.1f} at start, {end:.1f} at end"
 
 
 def _markdown(data: dict[str, Any]) -> str:
@@ -207,7 +275,7 @@ def _markdown(data: dict[str, Any]) -> str:
         ph = r["phases"]
         lines += [f"**TinyLlama-1.1B-shaped, {r['dtype']}** ({r['parameters']:,} parameters, {_gib(w)} GiB of "
                   f"weights; LoRA r=16 on q/k/v/o: {r['trainable']:,} trainable; fold_and_export writes fp16, "
-                  f"verified: {r['verified']})", ""]
+                  f"verified: {r['verified']}; {_load(r.get('env'))})", ""]
         rows = [[name, f"{p['seconds']:.1f}", _gib(p["peak_bytes"]), f"{p['peak_bytes'] / w:.2f}x"]
                 for name, p in ph.items()]
         lines += [md_table(["phase", "seconds", "peak RSS GiB", "peak / weights"], rows), ""]
@@ -219,17 +287,25 @@ def _markdown(data: dict[str, Any]) -> str:
             [f"stretch <= {GOAL_STRETCH}x", f"{peak:.2f}x", verdict(peak, None, GOAL_STRETCH)],
             [f"fold_and_export / plain export <= {GOAL_EXPORT}", f"{ratio:.2f}", verdict(ratio, None, GOAL_EXPORT)],
         ]), "", f"fold_and_export inside: {inside}.", ""]
-    rows = []
-    for r in data["passes"]:
-        ph = r["phases"]
-        rows.append([r["layers"], r["sites"], f"{ph['trace_meta']['seconds']:.1f}", f"{ph['lorafy_meta']['seconds']:.2f}",
-                     _gib(ph["lorafy_meta"]["peak_bytes"]), f"{ph['fold_real']['seconds']:.2f}"])
-    lines += ["**Passes vs depth** (Llama-3-70B widths on meta; fold on a hidden-256 Llama with real weights):", "",
-              md_table(["layers", "sites", "trace s (meta)", "lorafy s (meta)", "RSS GiB", "fold s (real, narrow)"], rows), ""]
-    ins = data["inspect"]
-    lines += [f"`lora-fx inspect` on the Llama-3-70B config.json alone: {ins['seconds']:.0f} s "
-              f"(goal < {GOAL_INSPECT:.0f} s: {verdict(ins['seconds'], None, GOAL_INSPECT)}); "
-              + "; ".join(ins["summary"]), "", env_line(data["env"])]
+    if data["passes"]:
+        rows = []
+        for r in data["passes"]:
+            ph = r["phases"]
+            fold = ph["fold_real"]
+            cpu = f" ({fold['cpu_seconds']:.2f} CPU)" if "cpu_seconds" in fold else ""
+            rows.append([r["layers"], r["sites"], f"{ph['trace_meta']['seconds']:.1f}",
+                         f"{ph['lorafy_meta']['seconds']:.2f}", _gib(ph["lorafy_meta"]["peak_bytes"]),
+                         f"{fold['seconds']:.2f}{cpu}", f"{1000 * fold['seconds'] / max(r['sites'], 1):.1f}"])
+        lines += ["**Passes vs depth** (Llama-3-70B widths on meta; fold on a hidden-256 Llama with real weights, "
+                  f"one torch thread; {_load(data.get('passes_env'))}):", "",
+                  md_table(["layers", "sites", "trace s (meta)", "lorafy s (meta)", "RSS GiB",
+                            "fold s (real, narrow)", "fold ms / site"], rows), ""]
+    ins = data.get("inspect")
+    if ins:
+        lines += [f"`lora-fx inspect` on the Llama-3-70B config.json alone: {ins['seconds']:.0f} s "
+                  f"(goal < {GOAL_INSPECT:.0f} s: {verdict(ins['seconds'], None, GOAL_INSPECT)}; "
+                  f"{_load(ins.get('env'))}); " + "; ".join(ins["summary"]), ""]
+    lines += [env_line(data["env"])]
     return "\n".join(lines)
 
 

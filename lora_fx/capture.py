@@ -12,7 +12,10 @@ The graph is captured in eval mode (the graph you deploy). Mode-dependent ops ar
     sdpa(q, k, v)  ->  sdpa(q, k, v, dropout_p=self.training * 0.1)
 
 Dropout rates that the eval graph no longer shows (attention dropout is 0.0 in eval) are read from a
-second capture in train mode, aligned op by op.
+second capture in train mode, aligned op by op. That capture only reads rates, so it uses static
+shapes (symbolic shapes make a non-strict export of a Llama ~3x slower); ``trace(...,
+train_capture=False)`` skips it when only the sites matter (``lora-fx inspect``: static shapes, one
+capture).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ MODE_OPS: dict[object, ModeOp] = {
 
 
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-          dynamic: bool = True, dynamic_shapes=None) -> LoraFxModule:
+          dynamic: bool = True, dynamic_shapes=None, train_capture: bool = True) -> LoraFxModule:
     """Captures ``model`` into a GraphModule with torch.export (non-strict).
 
     Args:
@@ -64,6 +67,9 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         dynamic: make dim 0 of every tensor input, and dim 1 of integer (token) inputs, dynamic.
         dynamic_shapes: explicit ``torch.export`` dynamic shapes instead of that rule (e.g. the
             past-length axis of KV-cache tensors).
+        train_capture: read the dropout rates that only train mode shows (sdpa's ``dropout_p``) from a
+            second, static-shape capture in train mode. False skips it: one capture, for listing
+            sites and budgets (``.train()`` then trains with the eval graph's rates).
 
     Returns:
         A :class:`LoraFxModule` computing ``model(*args, **kwargs)``; its parameters are the
@@ -88,10 +94,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         model.eval()
         gm = _export(model, args, kwargs, shapes)
         train_rates = None
-        if _has_mode_ops(gm.graph):
+        if train_capture and _has_mode_ops(gm.graph):
             model.train()
-            try:
-                train_rates = _mode_rates(_export(model, args, kwargs, shapes).graph)
+            try:  # static shapes: only the mode ops' rates are read from this graph
+                train_rates = _mode_rates(_export(model, args, kwargs, None).graph)
             except CaptureError as e:  # e.g. wav2vec2's LayerDrop: `if self.training and torch.rand([]) < p`
                 notes.append(_train_capture_note(e))
     finally:
@@ -254,8 +260,10 @@ def _rewire_modes(graph: fx.Graph, train_rates: list[tuple[str, float]] | None) 
         return []
     notes = []
     rates = [_rate(n, MODE_OPS[n.target]) for n in nodes]
-    if train_rates is not None:
-        ours = [str(n.target) for n in nodes]
+    ours = [str(n.target) for n in nodes]
+    if train_rates is not None and ours == [t for t, _ in train_rates]:  # the usual case: same ops
+        rates = [r for _, r in train_rates]
+    elif train_rates is not None:  # align op by op (difflib: quadratic, only when the captures differ)
         theirs = [t for t, _ in train_rates]
         matcher = difflib.SequenceMatcher(a=ours, b=theirs, autojunk=False)
         for block in matcher.get_matching_blocks():

@@ -6,8 +6,9 @@ One home for each (they were answered in four slightly different ways before):
 * :func:`is_transpose`: an op between a weight and its matmul that only swaps its two dims
   (``aten.t``, ``numpy_T``, ``transpose``, ``permute``, ``w.T`` / ``w.mT``, ``w.t()``). Matched on the
   op itself, never on a substring of its name (``"aten.t"`` is also a prefix of ``aten.tanh``).
-* :func:`weight_reads`: how many ops read a weight attribute (a read through a transpose counts once
-  per user of the transpose), i.e. whether rewriting it changes only the site being adapted.
+* :func:`weight_reads`: how many ops read each weight attribute (a read through a transpose counts
+  once per user of the transpose), i.e. whether rewriting it changes only the site being adapted.
+  One scan for every attribute: a pass asks it once, never once per site (that is sites x nodes).
 * :func:`call_suffix`, :func:`branch_leaf`, :func:`untied_name`: the names lorafy gives A/B of one
   call of a module and fold gives the folded copy of a shared weight, which refold looks up again in
   the ONNX file::
@@ -18,6 +19,8 @@ One home for each (they were answered in four slightly different ways before):
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import fx
@@ -63,13 +66,13 @@ def param_source(gm: fx.GraphModule, arg: object) -> tuple[fx.Node | None, str |
     return arg, str(arg.target), transposed
 
 
-def weight_reads(graph: fx.Graph, name: str) -> int:
-    """How many ops read the attribute ``name`` (directly, or through a transpose of it)."""
-    reads = 0
+def weight_reads(graph: fx.Graph) -> Counter[str]:
+    """How many ops read each attribute (directly, or through a transpose of it), in one scan."""
+    reads: Counter[str] = Counter()
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target == name:
+        if node.op == "get_attr":
             for user in node.users:
-                reads += len(user.users) if is_transpose(user) else 1
+                reads[str(node.target)] += len(user.users) if is_transpose(user) else 1
     return reads
 
 

@@ -111,8 +111,10 @@ def meta_tensors(module: nn.Module) -> list[str]:
     names = [n for n, t in module.named_parameters(remove_duplicate=False) if t.is_meta]
     names += [n for n, t in module.named_buffers(remove_duplicate=False) if t.is_meta]
     if isinstance(module, fx.GraphModule):
+        seen = set(names)  # a set: `in names` per node would be nodes x parameters on a meta capture
         for node in module.graph.nodes:
-            if node.op == "get_attr" and str(node.target) not in names:
+            if node.op == "get_attr" and str(node.target) not in seen:
+                seen.add(str(node.target))
                 value = _get(module, str(node.target))
                 if isinstance(value, torch.Tensor) and value.is_meta:
                     names.append(str(node.target))

@@ -107,3 +107,24 @@ def test_strip_gives_the_base_model():
     base = lora_fx.strip(lgm)
     assert graph_signature(base.graph) == graph_signature(gm.graph)
     assert_close(base(*args).logits, gm(*args).logits)
+
+
+def test_symbolic_trace_module_called_three_times_two_calls_adapted():
+    """Each adapted call of a shared module gets its own folded copy (named by its call number)."""
+
+    class Thrice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(torch.relu(self.lin(x)))))
+
+    gm = torch.fx.symbolic_trace(Thrice().eval())
+    ids = [s.id for s in lora_fx.sites(gm)]
+    lgm = lora_fx.lorafy(gm, ids[:2], rank=2)
+    randomize_lora(lgm, std=0.3)
+    folded = lora_fx.fold(lgm).eval()
+    x = torch.randn(3, 4)
+    assert_close(folded(x), lgm.eval()(x))
+    assert sorted(folded.fold_report.untied) == ["lin_folded_call0", "lin_folded_call1"]

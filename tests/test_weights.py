@@ -161,3 +161,73 @@ def test_inspect_llama3_70b_from_its_config(tmp_path, capsys):
     out = _inspect(capsys, tmp_path, "--targets", "q_proj", "v_proj", "--rank", "16")
     assert f"{80 * 7 + 2} adaptable sites; model parameters 70,553,706,496" in out
     assert f"trainable {80 * 16 * (8192 + 8192 + 8192 + 1024):,} / " in out
+
+
+# A 1.06B-parameter Llama (3 wide layers, vocab 64000; bf16: 2.1 GB): wide rather than deep so that the
+# whole path runs in ~3 min on 2 cores. The 22-layer TinyLlama shape is benchmarks/scale.py's job.
+BILLION = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 11008, "num_hidden_layers": 3, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 64000, "max_position_embeddings": 256,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def _random_checkpoint(gm, folder, shard_bytes: int = 600 * 2**20) -> dict[str, torch.Tensor]:
+    """Writes random weights for every meta parameter of ``gm`` as a sharded checkpoint, one shard in
+    memory at a time; returns one small sample tensor per shard to compare after loading."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    shards, shard, size, samples = [], {}, 0, {}
+    for name, p in gm.named_parameters():
+        shard[name] = torch.empty(p.shape, dtype=p.dtype).normal_(0, 0.02, generator=gen)
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            shards.append(shard)
+            shard, size = {}, 0
+    shards.append(shard)
+    weight_map = {}
+    for i, part in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, os.path.join(folder, file))
+        weight_map.update(dict.fromkeys(part, file))
+        key = next(iter(part))
+        samples[key] = part[key][:2].clone()
+    shards.clear()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return samples
+
+
+@pytest.mark.slow  # ~3 min on 2 idle cores; peak RSS ~7 GB (hold /tmp/lorafx-bigmem.lock on a shared machine)
+def test_one_billion_parameters_meta_capture_load_train_fold_and_export(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(BILLION))
+    model = lora_fx.from_config(tmp_path / "config.json")
+    ids = torch.randint(0, BILLION["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = lora_fx.trace(model, (ids,))
+    total = sum(p.numel() for p in gm.parameters())
+    assert total >= 1_000_000_000 and all(p.is_meta and p.dtype == torch.bfloat16 for p in gm.parameters())
+    lgm = lora_fx.lorafy(gm, ATTN, rank=16, alpha=32)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    samples = _random_checkpoint(gm, ckpt)
+    del model, gm
+    report = lora_fx.load_weights(lgm, ckpt)
+    assert report.loaded == len(list(lgm.parameters())) - 2 * len(lgm.lora_report.branches)
+    assert not meta_tensors(lgm)
+    for name, value in samples.items():
+        assert torch.equal(lgm.get_parameter(name)[:2], value)
+    opt = torch.optim.AdamW(lora_fx.lora_parameters(lgm), lr=1e-3)
+    lgm.train()
+    for _ in range(2):
+        loss = lgm(ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lgm.eval()
+    assert torch.isfinite(loss)
+    out = tmp_path / "model.onnx"
+    rep = lora_fx.fold_and_export(lgm, str(out), external_data=True, dtype=torch.float16)
+    assert rep.verification.ok, rep.verification
+    assert os.path.getsize(str(out) + ".data") >= 2 * total  # fp16 weights in the external data file

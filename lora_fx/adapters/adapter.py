@@ -46,18 +46,19 @@ def adapter_of(lgm: fx.GraphModule) -> Adapter:
     """Snapshot (detached clones) of the current A/B values of a lorafied module."""
     state = lora_state(lgm, "adapter_of")
     tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in (br.a, br.b)}
-    peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br))
+    nodes = {n.name: n for n in lgm.graph.nodes}  # one scan (a lookup per branch is branches x nodes)
+    peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br, nodes))
     cap = capture_of(lgm)
     return Adapter({br.key: br for br in state.branches}, tensors, bool(state.report.rslora),
                    f"<{type(lgm).__name__}>", peft, cap.model if cap is not None else "")
 
 
-def _is_peft(lgm: fx.GraphModule, br: Branch) -> bool:
+def _is_peft(lgm: fx.GraphModule, br: Branch, nodes: dict[str, fx.Node]) -> bool:
     """True when PEFT can hold this branch: a whole weight of one call of a module type PEFT wraps."""
     site = br.site
     if br.slice is not None or br.key != site.path or "#" in site.id or not site.path:
         return False
-    node = next((n for n in lgm.graph.nodes if n.name == site.node), None)
+    node = nodes.get(site.node)
     if node is None:
         return False
     if node.op == "call_module":

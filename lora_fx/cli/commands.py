@@ -33,16 +33,19 @@ def _step(what: str) -> Iterator[None]:
     print(f" {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
 
 
-def _trace(spec: str) -> Any:
+def _trace(spec: str, *, sites_only: bool = False) -> Any:
+    """Builds and traces MODEL; ``sites_only`` (inspect): one static-shape capture, no train-mode one,
+    which is all listing sites and budgets needs (a 70B config.json: ~3x faster)."""
     import lora_fx
 
     with _step(f"building {spec}"):
         model, args, kwargs = load_model(spec)
     if spec in builtin_names():  # say that "gpt2" is a tiny random stand-in, not the pretrained model
         print(f"built-in example {spec!r}: {describe_builtin(spec)}")
+    how = dict(dynamic=False, train_capture=False) if sites_only else {}
     with _step("tracing (torch.export)"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lora_fx.trace(model, args, kwargs)
+        return lora_fx.trace(model, args, kwargs, **how)
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
     from ..targets import as_targets
 
-    gm = _trace(ns.model)
+    gm = _trace(ns.model, sites_only=True)
     found = lora_fx.sites(gm)
     targets = as_targets(parse_patterns(ns.targets)) if ns.targets else []
     lgm = lora_fx.lorafy(gm, targets, rank=ns.rank, alpha=ns.alpha) if targets else None

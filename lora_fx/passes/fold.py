@@ -16,7 +16,7 @@ the adapted site gets its own folded copy (``<weight>_folded``) and the report l
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -90,11 +90,11 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     for br in state.branches:
         by_site[br.site.id].append(br)
     report = FoldReport()
-    nodes = {n.name: n for n in graph.nodes}
     if merge:
+        facts = _Facts(graph)  # one scan of the graph for all sites (a scan per site is quadratic)
         for _sid, branches in by_site.items():
             site = branches[0].site
-            _merge_site(out, nodes[site.node], site, branches, report)
+            _merge_site(out, facts.nodes[site.node], site, branches, report, facts)
     _erase_lora(out, state)
     graph.lint()
     out.recompile()
@@ -104,7 +104,22 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     return out
 
 
-def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport):
+class _Facts:
+    """What fold asks about the graph, read in one scan: nodes by name, reads of each weight, calls of
+    each module (symbolic_trace graphs); kept true as sites are untied."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.reads = weight_reads(graph)
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)
+        for n in graph.nodes:
+            if n.op == "call_module":
+                self.calls[str(n.target)].append(n)
+        self.module_reads = Counter({t: len(c) for t, c in self.calls.items()})  # calls still on the module
+
+
+def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport,
+                facts: _Facts):
     w = gm.get_parameter(site.weight)
     delta = lora_delta.delta(branches, gm.get_parameter, site, lora_delta.compute_dtype(w.dtype))
     rounded, merged = lora_delta.merge(w, delta)
@@ -114,11 +129,12 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
     lo, hi = torch.aminmax(delta) if delta.numel() else (torch.zeros(()), torch.zeros(()))
     report.folded[site.id] = max(-float(lo), float(hi))  # max |delta| in one pass, no |delta| copy
     if node.op == "call_module":
-        _merge_module(gm, node, new, report)
-    elif weight_reads(gm.graph, site.weight) == 1:  # writing W' under its name changes nothing else
+        _merge_module(gm, node, new, report, facts)
+    elif facts.reads[site.weight] == 1:  # writing W' under its name changes nothing else
         set_attr_path(gm, site.weight, new)
     else:
         _untie(gm, node, site, new, report)
+        facts.reads[site.weight] -= 1  # this site reads its own copy now
 
 
 def _raise_non_finite(gm, site: Site, branches: list[Branch], w, delta, merged, new) -> None:
@@ -150,13 +166,13 @@ def _untie(gm: LoraFxModule, node: fx.Node, site: Site, new: nn.Parameter, repor
     kind.replace_weight_input(node, site, spec, repl)
 
 
-def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: FoldReport):
+def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: FoldReport, facts: _Facts):
     target = str(node.target)
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
-    if len(calls) == 1:
+    if facts.module_reads[target] == 1:
         gm.get_submodule(target).weight = new
         return
-    k = calls.index(node)
+    facts.module_reads[target] -= 1  # this call reads its own copy now
+    k = facts.calls[target].index(node)  # graph order as captured: the site's call number
     clone = copy.copy(gm.get_submodule(target))
     clone._parameters = dict(clone._parameters)
     clone.weight = new

@@ -121,8 +121,9 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     graph = out.graph
     by_name = {n.name: n for n in graph.nodes}
     branches = list(prior.branches) if prior else []
+    training = _training(graph) if chosen else None  # found once: a scan per site is sites x nodes
     for sel in chosen:
-        branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype)
+        branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype, training)
     fuse_shared_inputs(graph)
     graph.lint()
     out.recompile()
@@ -149,14 +150,13 @@ def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
 
 
 def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: bool,
-           autocast_dtype: bool) -> list[Branch]:
+           autocast_dtype: bool, training: fx.Node) -> list[Branch]:
     site = sel.site
     weight = gm.get_parameter(site.weight)
     scale = sel.alpha / (math.sqrt(sel.rank) if rslora else sel.rank)
     graph = gm.graph
     kind, spec = kinds.get(site.kind), kinds.spec_of(gm, node)
     x = kind.activation(node, site, spec)
-    training = _training(graph)
     emit = kinds.Emitter(graph, node, tag=site.id)
     ranges = sel.slices or [None]
     half = weight.dtype in (torch.float16, torch.bfloat16)

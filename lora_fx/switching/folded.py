@@ -90,9 +90,10 @@ def swap_adapter(folded: fx.GraphModule, new: AdapterLike, *, old: AdapterLike |
     state: SwapState | None = folded.meta.get(SWAP_KEY)
     if state is None:
         state = _first_state(folded, report, found, old, base)
+    reads = weight_reads(folded.graph)
     for sid in groups.keys() - state.base.keys():  # a site no adapter touched so far
         site = found[sid]
-        if weight_reads(folded.graph, site.weight) != 1:
+        if reads[site.weight] != 1:
             raise AdapterError(f"swap_adapter: site {sid}'s weight {site.weight} is also read by other ops "
                                "(a tied weight); a swap would change them too. Fold an adapter that "
                                "covers this site with lora_fx.fold instead.")
