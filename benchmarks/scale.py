@@ -2,7 +2,8 @@
 
 **End to end** (TinyLlama-1.1B shape: hidden 2048, 22 layers, 32 heads, 4 KV heads, vocab 32000;
 random weights, fp32 and bf16), each in its own subprocess so peak RSS is that pipeline's alone:
-build -> ``trace`` -> ``lorafy`` (q/k/v/o, r=16) -> 2 AdamW steps (ids 2 x 32) ->
+build -> ``trace`` -> ``lorafy`` (q/k/v/o, r=16) -> 2 AdamW steps (ids 2 x 32; bf16: 2 x 4, see
+``child_e2e``) ->
 ``fold_and_export(external_data=True, dtype=float16)`` (verified) -> a plain ``torch.onnx.export``
 of the same captured graph (``optimize=False``, external data, the model's dtype): the baseline.
 Per phase: seconds and peak RSS (``VmHWM``, reset before each phase through ``/proc/self/clear_refs``).
@@ -107,7 +108,11 @@ def child_e2e(dtype_name: str, smoke: bool) -> dict[str, Any]:
     model = _phase(ph, "build", lambda: _llama(config, dtype, meta=False))
     res["parameters"] = sum(p.numel() for p in model.parameters())
     res["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    # bf16: 2 x 4 tokens. linear's input gradient in bf16 (grad @ W, W row-major) takes torch's slow
+    # CPU path on CPUs without avx512_bf16 (~0.15 GFLOP/s, 30-50x fp32): 2 x 32 tokens would train ~30 min
+    seq = 32 if dtype == torch.float32 else 4
+    ids = torch.randint(0, config["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(0))
+    res["tokens"] = [2, seq]
     gm = _phase(ph, "trace", lambda: lora_fx.trace(model, (ids,)))
     lgm = _phase(ph, "lorafy", lambda: lora_fx.lorafy(gm, ATTN, rank=16, alpha=32))
     res["trainable"] = lgm.lora_report.trainable
@@ -157,7 +162,7 @@ def child_passes(layers: int, smoke: bool) -> dict[str, Any]:
     narrow = dict(SMOKE, hidden_size=64 if smoke else 256, intermediate_size=128 if smoke else 512,
                   num_hidden_layers=layers)
     small = _llama(narrow, torch.float32, meta=False)
-    sgm = lora_fx.trace(small, (ids,))
+    sgm = lora_fx.trace(small, (ids,), dynamic=False, train_capture=False)  # (fold's input; ~5x cheaper)
     lgm = lora_fx.lorafy(sgm, ATTN, rank=16)
     _phase(res["phases"], "fold_real", lambda: lora_fx.fold(lgm))
     return res
@@ -273,8 +278,10 @@ def _markdown(data: dict[str, Any]) -> str:
     for r in data["e2e"]:
         w = r["weight_bytes"]
         ph = r["phases"]
+        tokens = "x".join(map(str, r.get("tokens", [2, 32])))
         lines += [f"**TinyLlama-1.1B-shaped, {r['dtype']}** ({r['parameters']:,} parameters, {_gib(w)} GiB of "
-                  f"weights; LoRA r=16 on q/k/v/o: {r['trainable']:,} trainable; fold_and_export writes fp16, "
+                  f"weights; LoRA r=16 on q/k/v/o: {r['trainable']:,} trainable; 2 AdamW steps on {tokens} "
+                  "tokens; fold_and_export writes fp16, "
                   f"verified: {r['verified']}; {_load(r.get('env'))})", ""]
         rows = [[name, f"{p['seconds']:.1f}", _gib(p["peak_bytes"]), f"{p['peak_bytes'] / w:.2f}x"]
                 for name, p in ph.items()]

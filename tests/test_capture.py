@@ -91,3 +91,40 @@ def test_batch_norm_without_running_stats_keeps_its_batch_statistics():
     torch.testing.assert_close(lora_fx.fold(lgm)(x), model(x))  # eval: was "running_mean must be defined"
     lgm.train()
     lgm(x)  # the real BatchNorm2d follows .train()
+
+
+class _AttnDropout(nn.Module):
+    """Attention dropout that only train mode shows (sdpa's dropout_p is 0 in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.25 if self.training else 0.0)
+
+
+def _exports(monkeypatch) -> list:
+    from lora_fx import capture
+
+    calls, export = [], capture._export
+    monkeypatch.setattr(capture, "_export", lambda m, a, k, shapes: calls.append((m.training, shapes)) or
+                        export(m, a, k, shapes))
+    return calls
+
+
+def test_train_rates_come_from_a_static_capture(monkeypatch):
+    calls = _exports(monkeypatch)
+    gm = lora_fx.trace(_AttnDropout().eval(), (torch.randn(2, 5, 8),))
+    assert [training for training, _ in calls] == [False, True]
+    assert calls[0][1] is not None and calls[1][1] is None  # eval graph dynamic, the rate reader static
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert [n.meta["lora_fx_mode"]["rate"] for n in sdpa] == [0.25]
+
+
+def test_sites_only_capture_is_one_static_export(monkeypatch):
+    calls = _exports(monkeypatch)
+    gm = lora_fx.trace(_AttnDropout().eval(), (torch.randn(2, 5, 8),), dynamic=False, train_capture=False)
+    assert calls == [(False, None)]
+    assert [s.id for s in lora_fx.sites(gm)] == ["qkv"]
