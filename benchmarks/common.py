@@ -7,12 +7,15 @@ and ``<name>.png`` (a matplotlib plot, Agg backend).
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,28 +93,137 @@ def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
     return list(items[k:]) + list(items[:k])
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int = 1,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Times each callable ``inner`` times per round, variants round-robin with the order rotated.
 
     Returns per variant one sample per round: the mean seconds of that round's ``inner`` calls, so
     samples of the same round index are paired (taken close in time) and their ratios are fair under
-    drifting machine load.
+    drifting machine load. ``cpu`` (optional) receives the same samples in process CPU seconds
+    (user + system): with one torch thread, the time the step computed, less sensitive to other
+    processes taking the cores than the wall clock.
     """
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
+    if cpu is not None:
+        cpu.update({n: [] for n in names})
     for r in range(rounds):
         for name in rotated(names, r):
             fn = fns[name]
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             for _ in range(inner):
                 fn()
             out[name].append((time.perf_counter() - t) / inner)
+            if cpu is not None:
+                cpu[name].append((time.process_time() - c) / inner)
     return out
 
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
     """Per-round ratios ``num[i] / den[i]``."""
     return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def trim() -> None:
+    """Collects garbage and returns freed heap to the OS (``malloc_trim``), so RSS counts live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def status_kb(key: str) -> int:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``); -1 when absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def reset_peak() -> None:
+    """Resets the kernel's peak-RSS mark (``VmHWM``) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def logits_of(out: Any) -> Any:
+    """The logits of a model output (HF ``ModelOutput``, dict, tuple or a tensor)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out["logits"]
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def lm_step(net: Any, params: list, ids: Any) -> Callable[[], float]:
+    """One causal-LM training step of ``net`` on ``ids``: ``AdamW(lr=1e-4)`` over ``params``, cross
+    entropy on shifted fp32 logits computed outside the model (the same for every variant). The
+    returned function runs zero_grad, forward, loss, backward, optimizer step and returns the loss;
+    its ``trainable`` attribute counts the parameters it trains."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        logits = logits_of(net(ids)).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
+    return step
+
+
+def run_children(module: str, variants: Sequence[str], args: Sequence[str] = (),
+                 parallel: bool = False, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """Runs ``python -m <module> --child <variant> <args>`` per variant (one at a time unless
+    ``parallel``: concurrent children share the memory bandwidth); each prints one JSON line last.
+    Returns variant -> that JSON. Raises RuntimeError with the child's stderr when one fails or runs
+    past ``timeout`` seconds (then it is killed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def start(v: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", module, "--child", v, *args], cwd=root, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def collect(proc: subprocess.Popen, v: str) -> dict[str, Any]:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RuntimeError(f"{module} child for {v} did not finish in {timeout:.0f} s (killed)") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"{module} child for {v} failed ({proc.returncode}):\n{err[-3000:]}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    if parallel:
+        procs = {v: start(v) for v in variants}
+        return {v: collect(p, v) for v, p in procs.items()}
+    return {v: collect(start(v), v) for v in variants}
+
+
+def child_main(description: str, variants: Sequence[str], child: Callable[[str, bool], dict[str, Any]]) -> None:
+    """``__main__`` of a benchmark's child process: ``--child VARIANT [--smoke] [--threads N]``; prints
+    ``child(variant, smoke)`` as one JSON line."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--child", choices=variants, required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    ns = parser.parse_args()
+    torch.set_num_threads(ns.threads)
+    quiet()
+    print(json.dumps(child(ns.child, ns.smoke)), flush=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -20,28 +20,26 @@ Goals: time lora-fx/PEFT <= 1.0, lora-fx/full <= 0.8; peak memory lora-fx/full <
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import gc
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .common import (
     Stats,
+    child_main,
     env_line,
     environment,
+    interleaved,
+    lm_step,
     log,
     md_table,
     paired_ratios,
-    rotated,
+    reset_peak,
+    run_children,
+    status_kb,
+    trim,
     verdict,
     write_outputs,
 )
@@ -63,14 +61,6 @@ def _batch(smoke: bool, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict):
-        return out["logits"]
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _setup(variant: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], float]:
     """Prepares ``model`` for ``variant``; returns a function doing one training step (returns the loss)."""
     if variant == "lora-fx":
@@ -89,82 +79,38 @@ def _setup(variant: str, model: torch.nn.Module, ids: torch.Tensor) -> Callable[
     else:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     net.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        logits = _logits(net(ids))
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
-    return step
+    return lm_step(net, params, ids)
 
 
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def child(variant: str, smoke: bool, steps: int) -> dict[str, Any]:
+def child(variant: str, smoke: bool, steps: int = 3) -> dict[str, Any]:
     """Runs in a fresh process: memory of one variant (see module docstring)."""
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     import lora_fx  # noqa: F401  (imports counted in the baseline for every variant)
 
-    _trim()
-    rss_imports = _status_kb("VmRSS")
+    trim()
+    rss_imports = status_kb("VmRSS")
     model = _model(smoke)
     ids = _batch(smoke, model.config.vocab_size)
-    _trim()
-    rss_model = _status_kb("VmRSS")
+    trim()
+    rss_model = status_kb("VmRSS")
     step = _setup(variant, model, ids)
-    _trim()
-    rss_setup = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    trim()
+    rss_setup = status_kb("VmRSS")
+    reset_peak()
     t = time.perf_counter()
     for _ in range(steps):
         step()
     return {"variant": variant, "rss_imports_mb": rss_imports / 1024, "rss_model_mb": rss_model / 1024,
-            "rss_setup_mb": rss_setup / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+            "rss_setup_mb": rss_setup / 1024, "peak_mb": status_kb("VmHWM") / 1024,
             "seconds": time.perf_counter() - t, "steps": steps}
 
 
 def _memory(smoke: bool, torch_threads: int) -> dict[str, dict[str, Any]]:
     """One fresh subprocess per variant (in parallel for --smoke: its numbers mean nothing)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "benchmarks.training", "--child"]
-    extra = ["--threads", str(torch_threads), *(["--smoke"] if smoke else [])]
-    procs: dict[str, subprocess.Popen] = {}
-    results = {}
-    for v in VARIANTS:
-        procs[v] = subprocess.Popen([*cmd, v, *extra], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if not smoke:
-            results[v] = _collect(procs[v], v)
-    return results if not smoke else {v: _collect(p, v) for v, p in procs.items()}
-
-
-def _collect(proc: subprocess.Popen, variant: str) -> dict[str, Any]:
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child for {variant} failed ({proc.returncode}):\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    args = ["--threads", str(torch_threads), *(["--smoke"] if smoke else [])]
+    return run_children("benchmarks.training", VARIANTS, args, parallel=smoke)
 
 
 def run(out: str, smoke: bool = False, torch_threads: int = 1) -> dict[str, Any]:
@@ -197,12 +143,7 @@ def _run(out: str, smoke: bool, torch_threads: int) -> dict[str, Any]:
     for v in VARIANTS:
         for _ in range(warmup):
             steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(rounds):
-        for v in rotated(VARIANTS, r):
-            t = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t)
+    times = interleaved(steps, rounds)
     ratios = {"time lora-fx/peft": paired_ratios(times["lora-fx"], times["peft"]),
               "time lora-fx/full": paired_ratios(times["lora-fx"], times["full"])}
     used = {v: memory[v]["peak_mb"] - memory[v]["rss_imports_mb"] for v in VARIANTS}
@@ -281,13 +222,4 @@ def _plot(fig, data: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="memory child of the training benchmark")
-    parser.add_argument("--child", choices=VARIANTS, required=True)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    ns = parser.parse_args()
-    torch.set_num_threads(ns.threads)
-    from .common import quiet
-
-    quiet()
-    print(json.dumps(child(ns.child, ns.smoke, steps=3)), flush=True)
+    child_main("memory child of the training benchmark", VARIANTS, child)

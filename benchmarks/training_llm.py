@@ -2,19 +2,24 @@
 
 Model: Llama-shaped (8 layers, hidden 512, 8 heads, MLP 1376, vocab 32000, random weights), batch 4 x
 seq 512, train mode; LoRA r=16, alpha=32, dropout 0 on all 7 projections (q/k/v/o, gate/up/down); the
-same causal-LM loss (cross entropy on shifted logits, computed outside the model) and
-``AdamW(lr=1e-4)`` over the trainable parameters for every variant, 1 torch thread.
+same causal-LM loss and ``AdamW(lr=1e-4)`` for every variant (:func:`benchmarks.common.lm_step`), 1
+torch thread.
 
 Variants: ``full`` (full fine-tuning), ``peft``, ``peft+ckpt`` (Hugging Face
 ``gradient_checkpointing_enable(use_reentrant=False)``), ``lora-fx``, ``lora-fx+ckpt``
 (``lora_fx.checkpoint(lgm, "*.layers.*")``), ``lora-fx+sel`` (the selective policy), ``lora-fx+compile``
-(``torch.compile(lgm)``), and bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32).
+(``torch.compile(lgm)``). bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32
+references run at batch 1 x seq 32 (``@1x32``): this CPU has no bf16 instructions and its bf16 GEMMs
+run 4-80x slower than fp32, so one bf16 step at the full shape would take many minutes.
 
-* **Step time**: one process holds every variant; after warm-up steps, steps are taken round-robin
-  with the order rotated each round, so machine load hits all alike; ratios are per round (paired).
-* **Peak memory**: one fresh subprocess per variant (see :mod:`benchmarks.training`): setup plus one
-  warm-up step (compile happens there), then the kernel's peak-RSS mark is reset and 1 step runs;
-  reported: peak ``VmHWM`` minus the RSS after the imports.
+* **Step time**: one process holds every full-shape variant; after a warm-up step, steps are taken
+  round-robin with the order rotated each round, so machine load hits all alike; ratios to PEFT are
+  per round (paired), in wall-clock and in process CPU time. The ``@1x32`` rows report the one step
+  their memory subprocess timed.
+* **Peak memory**: one fresh subprocess per variant: setup plus one warm-up step (compile happens
+  there), then the kernel's peak-RSS mark is reset and 1 step runs; reported: peak ``VmHWM`` minus
+  the RSS after the imports. A variant that fails (or whose child runs past
+  :data:`CHILD_TIMEOUT_S`) is reported with its error and left out of the timing.
 
 Goals: peak memory lora-fx+ckpt <= PEFT+ckpt and its step <= 1.05x PEFT+ckpt; eager lora-fx / eager
 PEFT step <= 0.95 (never above 1.0); compiled lora-fx / eager PEFT <= 0.8.
@@ -22,36 +27,40 @@ PEFT step <= 0.95 (never above 1.0); compiled lora-fx / eager PEFT <= 0.8.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .common import (
     Stats,
+    child_main,
     env_line,
     environment,
+    interleaved,
+    lm_step,
     log,
     md_table,
     paired_ratios,
-    rotated,
+    reset_peak,
+    run_children,
+    status_kb,
+    trim,
     verdict,
     write_outputs,
 )
-from .training import _status_kb, _trim
 
 NAME = "training_llm"
-VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel", "lora-fx+compile",
-            "peft-bf16", "lora-fx-bf16", "lora-fx+ckpt-bf16")
+VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel", "lora-fx+compile")
+# bf16 bases (fp32 A/B) and their fp32 references at a small shape (SMALL): bf16 GEMMs on a CPU without
+# bf16 instructions (AVX2 only) run 4-80x slower than fp32, so a bf16 step at the full shape takes minutes.
+SMALL = "@1x32"
+BF16_VARIANTS = tuple(v + SMALL for v in ("peft", "lora-fx", "peft-bf16", "lora-fx-bf16", "lora-fx+ckpt-bf16"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
+CHILD_TIMEOUT_S = 480  # a memory child past this is reported as failed (torch.compile on a busy machine)
+ROUNDS = 5  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
 GOALS = {  # name: (numerator, denominator, kind, upper bound)
     "memory lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "memory", 1.0),
     "time lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "time", 1.05),
@@ -60,10 +69,11 @@ GOALS = {  # name: (numerator, denominator, kind, upper bound)
 }
 
 
-def _config(smoke: bool) -> dict[str, int]:
+def _config(smoke: bool, small: bool = False) -> dict[str, int]:
     if smoke:
         return {"layers": 2, "hidden": 64, "heads": 4, "mlp": 128, "vocab": 256, "batch": 2, "seq": 16}
-    return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, "batch": 4, "seq": 512}
+    shape = {"batch": 1, "seq": 32} if small else {"batch": 4, "seq": 512}
+    return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, **shape}
 
 
 def _model(c: dict[str, int], dtype: torch.dtype) -> torch.nn.Module:
@@ -87,8 +97,9 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None) -> Calla
     ``shared`` (timing process only): lora-fx variants of one dtype reuse one lorafied module (checkpoint
     and compile wrap it and share its parameters), which keeps the all-variants process under 4 GB.
     """
-    dtype = torch.bfloat16 if variant.endswith("-bf16") else torch.float32
-    kind = variant.removesuffix("-bf16")
+    name = variant.removesuffix(SMALL)
+    dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+    kind = name.removesuffix("-bf16")
     ids = _batch(c)
     cached = kind.startswith("lora-fx") and shared is not None and dtype in shared
     model = None if cached else _model(c, dtype)
@@ -113,152 +124,197 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None) -> Calla
         elif kind == "lora-fx+compile":
             net = torch.compile(net)
     else:
-        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS + BF16_VARIANTS}")
     net.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        out = net(ids)
-        logits = (out.logits if hasattr(out, "logits") else out["logits"]).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
-    return step
+    return lm_step(net, params, ids)
 
 
-def child(variant: str, smoke: bool, steps: int) -> dict[str, Any]:
+def child(variant: str, smoke: bool, steps: int = 1) -> dict[str, Any]:
     """Runs in a fresh process: peak memory of one variant (see module docstring)."""
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     import lora_fx  # noqa: F401  (imports counted in the baseline for every variant)
 
-    _trim()
-    rss_imports = _status_kb("VmRSS")
-    step = _setup(variant, _config(smoke))
+    trim()
+    rss_imports = status_kb("VmRSS")
+    step = _setup(variant, _config(smoke, variant.endswith(SMALL)))
     step()  # warm-up: optimizer state, compile
-    _trim()
-    rss_setup = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    trim()
+    rss_setup = status_kb("VmRSS")
+    reset_peak()
     t = time.perf_counter()
     for _ in range(steps):
         step()
     return {"variant": variant, "rss_imports_mb": rss_imports / 1024, "rss_setup_mb": rss_setup / 1024,
-            "peak_mb": _status_kb("VmHWM") / 1024, "seconds": time.perf_counter() - t, "steps": steps}
+            "peak_mb": status_kb("VmHWM") / 1024, "seconds": time.perf_counter() - t, "steps": steps}
 
 
 def _memory(variants: tuple[str, ...], smoke: bool, threads: int) -> dict[str, dict[str, Any]]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    results = {}
-    for v in variants:  # one at a time: concurrent children would share the machine's memory bandwidth
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.training_llm", "--child", v, "--threads",
-                               str(threads), *(["--smoke"] if smoke else [])], cwd=root, capture_output=True,
-                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory child for {v} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        results[v] = json.loads(proc.stdout.strip().splitlines()[-1])
-        log(f"{NAME}: {v}: peak {results[v]['peak_mb'] - results[v]['rss_imports_mb']:.0f} MB over imports")
+    """Peak memory per variant (a child each, one at a time: concurrent children would share the
+    memory bandwidth); a failing variant is recorded as ``{"error": ...}``."""
+    args = ["--threads", str(threads), *(["--smoke"] if smoke else [])]
+    results: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        try:
+            results.update(run_children("benchmarks.training_llm", [v], args, timeout=CHILD_TIMEOUT_S))
+        except RuntimeError as e:
+            results[v] = {"error": _error_line(str(e))}
+            log(f"{NAME}: {v}: FAILED: {results[v]['error']}")
+            continue
+        log(f"{NAME}: {v}: peak {results[v]['peak_mb'] - results[v]['rss_imports_mb']:.0f} MB over imports, "
+            f"step {results[v]['seconds']:.1f} s")
     return results
 
 
+def _error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
 def run(out: str, smoke: bool = False, torch_threads: int = 1, variants: tuple[str, ...] = VARIANTS,
-        rounds: int | None = None) -> dict[str, Any]:
-    """Runs the benchmark and writes ``training_llm.{json,md,png}`` into ``out``."""
+        rounds: int | None = None, bf16: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Runs the benchmark and writes ``training_llm.{json,md,png}`` into ``out``.
+
+    ``variants`` are timed interleaved at the full shape; ``bf16`` (default: :data:`BF16_VARIANTS`,
+    none for ``smoke``) are measured at the small shape, memory and one step each.
+    """
     old = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        return _run(out, smoke, torch_threads, variants, rounds)
+        return _run(out, smoke, torch_threads, variants, rounds, BF16_VARIANTS if bf16 is None and not smoke
+                    else tuple(bf16 or ()))
     finally:
         torch.set_num_threads(old)
 
 
-def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds: int | None) -> dict[str, Any]:
-    warmup, rounds = (1, 2) if smoke else (1, rounds or 2)
+def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds: int | None,
+         bf16: tuple[str, ...]) -> dict[str, Any]:
+    warmup, rounds = (1, 2) if smoke else (1, rounds or ROUNDS)
     c, env, start = _config(smoke), environment(), time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
-    memory = _memory(variants, smoke, threads)
-    log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds")
+    memory = _memory(variants + bf16, smoke, threads)
+    failed = {v: m["error"] for v, m in memory.items() if "error" in m}
+    timed = tuple(v for v in variants if v not in failed)
+    log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds: {', '.join(timed)}")
     shared: dict = {}
-    steps = {v: _setup(v, c, shared) for v in variants}
-    for v in variants:
-        for _ in range(warmup):
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(rounds):
-        for v in rotated(variants, r):
+    steps: dict[str, Callable[[], float]] = {}
+    for v in timed:
+        try:
+            steps[v] = _setup(v, c, shared)
             t = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t)
-    used = {v: memory[v]["peak_mb"] - memory[v]["rss_imports_mb"] for v in variants}
-    ratios, goals = {}, {}
+            for _ in range(warmup):
+                steps[v]()
+            log(f"{NAME}: {v}: set up, warm-up {time.perf_counter() - t:.1f} s")
+        except Exception as e:  # e.g. torch.compile on this machine: reported, not fatal
+            failed[v] = _error_line(f"{type(e).__name__}: {e}")
+            steps.pop(v, None)
+    timed = tuple(steps)
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(steps, rounds, cpu=cpu)
+    used = {v: m["peak_mb"] - m["rss_imports_mb"] for v, m in memory.items() if "error" not in m}
+    ratios, cpu_ratios, goals = {}, {}, {}
     for goal, (num, den, kind, hi) in GOALS.items():
         if num not in variants or den not in variants:
             continue
         if kind == "time":
+            if num not in times or den not in times:
+                goals[goal] = {"value": None, "bound": hi, "verdict": "FAILED", "error": failed.get(num, failed.get(den))}
+                continue
             ratios[goal] = paired_ratios(times[num], times[den])
+            cpu_ratios[goal] = paired_ratios(cpu[num], cpu[den])
             value = Stats.of(ratios[goal]).median
         else:
+            if num not in used or den not in used:
+                goals[goal] = {"value": None, "bound": hi, "verdict": "FAILED", "error": failed.get(num, failed.get(den))}
+                continue
             value = used[num] / used[den]
         goals[goal] = {"value": value, "bound": hi, "verdict": verdict(value, None, hi)}
+    base = "peft" if "peft" in times else None
+    vs_peft = {v: Stats.of(paired_ratios(times[v], times[base])) for v in times} if base else {}
+    cpu_vs_peft = {v: Stats.of(paired_ratios(cpu[v], cpu[base])) for v in times} if base else {}
+    small = _config(smoke, True)
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
             "config": {**c, "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)",
-                       "warmup": warmup, "rounds": rounds, "torch_threads": threads},
-            "variants": list(variants), "trainable": {v: steps[v].trainable for v in variants},  # type: ignore[attr-defined]
+                       "warmup": warmup, "rounds": rounds, "torch_threads": threads,
+                       "small": {"batch": small["batch"], "seq": small["seq"]}},
+            "variants": list(variants), "bf16_variants": list(bf16), "failed": failed,
+            "trainable": {v: steps[v].trainable for v in timed},  # type: ignore[attr-defined]
             "step_s": {v: Stats.of(t) for v, t in times.items()}, "step_samples_s": times,
+            "cpu_s": {v: Stats.of(t) for v, t in cpu.items()}, "cpu_samples_s": cpu,
+            "step_vs_peft": vs_peft, "cpu_vs_peft": cpu_vs_peft,
             "ratios": {k: Stats.of(r) for k, r in ratios.items()}, "ratio_samples": ratios,
+            "cpu_ratios": {k: Stats.of(r) for k, r in cpu_ratios.items()}, "cpu_ratio_samples": cpu_ratios,
             "memory": memory, "memory_used_mb": used, "goals": goals}
     return write_outputs(out, NAME, data, lambda: _markdown(data), lambda fig: _plot(fig, data)) | {"data": data}
 
 
 def _markdown(data: dict[str, Any]) -> str:
-    c, variants = data["config"], data["variants"]
-    base = data["step_s"]["peft"].median if "peft" in variants else None
-    rows = [[v, f"{data['trainable'][v]:,}", data["step_s"][v].fmt(3),
-             f"{data['step_s'][v].median / base:.3f}" if base else "-", f"{data['memory_used_mb'][v]:.0f}"]
-            for v in variants]
-    table = md_table(["variant", "trainable params", "step s (median [IQR])", "step / PEFT", "peak MB over imports"],
-                     rows)
+    c, variants, failed = data["config"], data["variants"], data.get("failed", {})
+    used, memory = data["memory_used_mb"], data["memory"]
+    rows = []
+    for v in variants:
+        if v in failed:
+            rows.append([v, "-", f"FAILED: {failed[v]}", "-", "-", f"{used[v]:.0f}" if v in used else "-"])
+            continue
+        ratio = data["step_vs_peft"].get(v)
+        cpu = data["cpu_vs_peft"].get(v)
+        rows.append([v, f"{data['trainable'][v]:,}", data["step_s"][v].fmt(3), ratio.fmt(3) if ratio else "-",
+                     cpu.fmt(3) if cpu else "-", f"{used[v]:.0f}" if v in used else "-"])
+    table = md_table(["variant", "trainable params", "step s (median [IQR])", "step / PEFT (paired, median [IQR])",
+                      "CPU s / PEFT (paired)", "peak MB over imports"], rows)
     goal_rows = []
     for goal, g in data["goals"].items():
+        if g["value"] is None:
+            goal_rows.append([f"{goal} <= {g['bound']}", f"not measured: {g.get('error')}", "-", g["verdict"]])
+            continue
         spread = data["ratios"][goal].fmt(3) if goal in data["ratios"] else f"{g['value']:.3f}"
-        goal_rows.append([f"{goal} <= {g['bound']}", spread, g["verdict"]])
-    goals = md_table(["goal", "measured (time: median [IQR] of paired ratios)", "verdict"], goal_rows)
-    return "\n".join([
+        cpu = data["cpu_ratios"][goal].fmt(3) if goal in data.get("cpu_ratios", {}) else "-"
+        goal_rows.append([f"{goal} <= {g['bound']}", spread, cpu, g["verdict"]])
+    goals = md_table(["goal", "measured (time: median [IQR] of paired wall-clock ratios)", "CPU-time ratio",
+                      "verdict"], goal_rows)
+    parts = [
         "## Training at LLM shape: checkpointing, compile, bf16", "", env_line(data["env"]), "",
         f"Llama-shaped ({c['layers']} layers, hidden {c['hidden']}, {c['heads']} heads, MLP {c['mlp']}, vocab "
         f"{c['vocab']}, random weights), batch {c['batch']} x seq {c['seq']}, LoRA r={c['rank']} alpha={c['alpha']} "
         f"on all 7 projections, {c['optimizer']}, {c['torch_threads']} torch thread(s). Step time: {c['warmup']} "
-        f"warm-up steps, then {c['rounds']} interleaved rounds (order rotated), paired ratios. Peak memory: a fresh "
-        "subprocess per variant, kernel peak RSS over 1 step after a warm-up step, minus the RSS after imports.",
-        "", table, "", goals])
+        f"warm-up step, then {c['rounds']} interleaved rounds (order rotated), paired per-round ratios to PEFT; "
+        "the CPU-time ratio (process CPU seconds per step, 1 thread) is the same pairing, less sensitive to "
+        "other processes on the cores. Peak memory: a fresh subprocess per variant, kernel peak RSS over 1 step "
+        "after a warm-up step, minus the RSS after imports.", "", table, "", goals]
+    bf16 = data.get("bf16_variants") or []
+    if bf16:
+        small = c["small"]
+        brows = []
+        for v in bf16:
+            m = memory.get(v, {})
+            if "error" in m:
+                brows.append([v, f"FAILED: {m['error']}", "-", "-"])
+                continue
+            brows.append([v, f"{m['seconds'] / m['steps']:.2f}", f"{m['rss_setup_mb'] - m['rss_imports_mb']:.0f}",
+                          f"{used[v]:.0f}"])
+        parts += ["", f"bf16 bases (LoRA A/B fp32) and their fp32 references, same model at batch {small['batch']} "
+                  f"x seq {small['seq']}: bf16 matmuls on this CPU (AVX2, no bf16 instructions) run 4-80x slower "
+                  "than fp32, so a bf16 step at the full shape would take many minutes. One measured step each "
+                  "(after a warm-up step), in its memory subprocess, not interleaved.", "",
+                  md_table(["variant", "step s (1 step)", "MB after setup (weights + state)",
+                            "peak MB over imports"], brows)]
+    return "\n".join(parts)
 
 
 def _plot(fig, data: dict[str, Any]) -> None:
-    variants = data["variants"]
+    variants = [v for v in data["variants"] if v in data["step_s"]]
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ax1.barh(variants, [data["step_s"][v].median for v in variants])
     ax1.set_xlabel("seconds per training step (median)")
     ax1.invert_yaxis()
-    ax2.barh(variants, [data["memory_used_mb"][v] for v in variants], color="tab:orange")
+    mem = [v for v in data["variants"] + data.get("bf16_variants", []) if v in data["memory_used_mb"]]
+    ax2.barh(mem, [data["memory_used_mb"][v] for v in mem], color="tab:orange")
     ax2.set_xlabel("peak RSS over imports (MB)")
     ax2.invert_yaxis()
-    ax2.set_yticks(range(len(variants)), [""] * len(variants))
-    fig.suptitle(f"Llama-shaped training step, batch {data['config']['batch']} x seq {data['config']['seq']}")
+    fig.suptitle(f"Llama-shaped training step, batch {data['config']['batch']} x seq {data['config']['seq']} "
+                 f"(bf16 rows: {data['config']['small']['batch']} x {data['config']['small']['seq']})")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="memory child of the LLM training benchmark")
-    parser.add_argument("--child", choices=VARIANTS, required=True)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    ns = parser.parse_args()
-    torch.set_num_threads(ns.threads)
-    from .common import quiet
-
-    quiet()
-    print(json.dumps(child(ns.child, ns.smoke, steps=1)), flush=True)
+    child_main("memory child of the LLM training benchmark", VARIANTS + BF16_VARIANTS, child)

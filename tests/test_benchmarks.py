@@ -154,17 +154,19 @@ def test_training_llm_smoke(tmp_path):
 
     quiet()
     variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt")
-    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants)
+    bf16 = ("lora-fx-bf16" + training_llm.SMALL,)
+    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16)
     with open(paths["json"]) as f:
         d = json.load(f)  # what a user reads (in memory the summaries are Stats objects)
-    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants)
-    for s in [*d["step_s"].values(), *d["ratios"].values()]:
+    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16) and not d["failed"]
+    for s in [*d["step_s"].values(), *d["ratios"].values(), *d["cpu_ratios"].values(), *d["step_vs_peft"].values()]:
         _stats(s)
     assert len({d["trainable"][v] for v in variants}) == 1
     assert set(d["goals"]) == {"memory lora-fx+ckpt / peft+ckpt", "time lora-fx+ckpt / peft+ckpt",
                                "time lora-fx / peft"}  # the compile goal needs the compile variant
     with open(paths["md"]) as f:
-        assert "| lora-fx+ckpt |" in f.read()
+        text = f.read()
+    assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text
 
 
 @pytest.mark.slow  # spawns a child per measurement (tiny Llamas): minutes on a busy 2-core machine

@@ -6,6 +6,7 @@ into the GEMM's accumulate::
 
     before:  y' = y + s * linear(h, B)                        # h = linear(x, A), (..., r)
     after:   y' = addmm(y.view(-1, out), h.view(-1, r), B.T, alpha=s).view(y.shape)
+             # eager: y.view(-1, out).addmm_(...), accumulated into the fresh y, no copy of y
 
 Input side (:func:`fuse_shared_inputs`): branches that read the same input (q/k/v of one attention,
 gate/up of one MLP) and have no LoRA dropout share one matmul with the concatenated A::
@@ -37,15 +38,35 @@ def lora_addmm(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) 
     With fp32 adapters on a half-precision base (``y`` bf16/fp16, ``h`` fp32) the sum is formed in
     fp32 and rounded once to ``y``'s dtype, as PEFT does. Under ``torch.autocast`` ``y`` and ``h``
     share the autocast dtype and addmm runs in it.
+
+    In eager mode the sum is accumulated into ``y`` itself (``addmm_``): ``y`` is the site's fresh
+    matmul output, which only this node reads and no backward saves, so the in-place form computes
+    the same values and gradients without copying ``y`` into a new tensor first (see
+    :func:`_accumulates_in_place` for when it does not apply).
     """
     if torch.compiler.is_exporting():  # ONNX: MatMul + Mul + Add, no Reshape/Shape plumbing
         return (y.to(h.dtype) + torch.nn.functional.linear(h, b) * scale).to(y.dtype)
     out = y.shape[-1]
+    if _accumulates_in_place(y, h, b):
+        flat = torch.ops.aten._unsafe_view(y, (-1, out))  # same storage, not an autograd view of y
+        flat.addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+        return torch.ops.aten._unsafe_view(flat, y.shape)
     acc = y.reshape(-1, out)
     if acc.dtype != h.dtype:
         acc = acc.to(h.dtype)
     merged = torch.addmm(acc, h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
     return merged.to(y.dtype).view(y.shape)
+
+
+def _accumulates_in_place(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether :func:`lora_addmm` may add into ``y``: plain eager autograd on a fresh, contiguous,
+    non-view, non-leaf ``y`` of the adapters' dtype. Not under torch.compile (Inductor fuses the
+    out-of-place form anyway) and not under any dispatch mode: the selective checkpoint policy caches
+    the matmul output ``y`` in one (mutating it would corrupt the cache), and fake/meta tracing modes
+    gain nothing from it."""
+    return (y.dtype == h.dtype == b.dtype and y.dim() >= 2 and y.is_contiguous() and y._base is None
+            and not (y.is_leaf and y.requires_grad) and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 def build_addmm(emit, node: fx.Node, x: fx.Node, a: str, b: str, dropout: float, training: fx.Node,
