@@ -78,7 +78,7 @@ def _exports(model, folder: str) -> tuple[dict[str, str], dict[str, Any], Any]:
     unf = lora_fx.fold_and_export(lgm, paths["unfolded"], kv_cache=True, folded=False, verify=False)
     ver = rep.verification
     info = {"verified": ver.ok, "structure_identical": ver.structure.ok,
-            "nodes": {"base": rep.base.nodes, "folded": rep.export.nodes, "unfolded": unf.export.nodes},
+            "nodes": {"base": rep.verification.structure.base_nodes, "folded": rep.export.nodes, "unfolded": unf.export.nodes},
             "checks": [{"what": c.shapes, "max_rel_err": c.max_rel_err, "ok": c.ok} for c in ver.numerics]}
     return paths, info, lgm
 

@@ -186,11 +186,12 @@ def prune_empty_modules(root: nn.Module) -> None:
             delattr(root, name)
 
 
-def graph_signature(graph: fx.Graph, rename: dict[str, str] | None = None) -> list[str]:
+def graph_signature(graph: fx.Graph, rename: dict[str, str] | None = None, *, dedupe: bool = True) -> list[str]:
     """A name-free description of a graph: one line per node, node references by position.
 
     Two graphs with equal signatures compute the same thing from the same attributes. ``rename``
-    maps get_attr targets to the names they stand for (an untied copy of a weight).
+    maps get_attr targets to the names they stand for (an untied copy of a weight); ``dedupe=False``
+    keeps repeated get_attr/transpose nodes (exact node-for-node description).
     """
     rename = rename or {}
     index: dict[fx.Node, int] = {}
@@ -220,7 +221,7 @@ def graph_signature(graph: fx.Graph, rename: dict[str, str] | None = None) -> li
         line = f"{node.op} {target} {fmt(args)} {fmt(node.kwargs)}"
         # An untied copy of a weight adds a get_attr (and maybe a transpose) that computes the same
         # value as an existing node: treat duplicates of these pure nodes as one.
-        if node.op == "get_attr" or is_transpose(node):
+        if dedupe and (node.op == "get_attr" or is_transpose(node)):
             if line in seen:
                 index[node] = seen[line]
                 continue

@@ -42,7 +42,7 @@ def check_family(name: str) -> None:
     lgm, path, rep = exported(name)
     ver = rep.verification
     assert ver.ok and ver.structure.ok and ver.graph_ok
-    assert rep.export.nodes == rep.base.nodes and rep.lora_nodes_added == 0
+    assert rep.export.nodes == ver.structure.base_nodes and rep.lora_nodes_added == 0
     changed = set(ver.structure.changed_initializers)
     assert changed and all("lora" not in c for c in changed)
     kinds = [c.shapes for c in ver.numerics]

@@ -50,7 +50,7 @@ def llama(tmp_path_factory):
 def test_default_export_is_optimized_verified_and_no_larger_than_plain(llama):
     model, args, gm, _, tmp, report = llama
     assert report.verification.ok and report.verification.structure.ok
-    assert report.export.nodes == report.base.nodes == report.export.optimization.nodes_after
+    assert report.export.nodes == report.verification.structure.base_nodes == report.export.optimization.nodes_after
     assert report.export.optimization.nodes_before > 2 * report.export.nodes  # raw graph: ~3x the nodes
     plain = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=capture_of(gm).dynamic_shapes, verbose=False)
     plain.save(str(tmp / "plain.onnx"))  # what a user gets by default (optimize=True)

@@ -201,9 +201,14 @@ def test_cli_export_quantize_and_refold(tmp_path, capsys, zoo_traced):
     changed = compare_structure(tmp_path / "t8_b0.onnx", tmp_path / "t8.onnx").changed_initializers
     assert sorted(changed) == sorted(f"{w}.weight_T_{s}" for w in ("fc1", "fc2") for s in ("quantized", "scale"))
     x = zoo_traced("mlp")[1][0]
-    sess = ort.InferenceSession(str(tmp_path / "t8.onnx"), providers=["CPUExecutionProvider"])
-    got, want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], lgm(x).detach().numpy()
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+    def rel_err(path, model):  # int8 file vs the fp32 torch model it stands for
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got, want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], model(x).detach().numpy()
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    task_err, base_err = rel_err(tmp_path / "t8.onnx", lgm), rel_err(tmp_path / "t8_b0.onnx", zoo_traced("mlp")[3])
+    assert task_err <= 1.5 * base_err + 0.005, (task_err, base_err)  # the fold adds little to int8's own error
     with pytest.raises(AdapterError, match="base_onnx="):
         refold_onnx(tmp_path / "t8.onnx", tmp_path / "ad", tmp_path / "x.onnx", old_adapter=tmp_path / "ad")
 

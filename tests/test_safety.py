@@ -364,5 +364,17 @@ def test_failure_in_verification_leaves_no_temp_files(previous, monkeypatch: pyt
 
     monkeypatch.setattr(torch.onnx, "export", second_export_fails)
     with pytest.raises(lora_fx.ExportError, match="base export crashed"):
+        lora_fx.fold_and_export(_lora_mlp(seed=2), path, external_data=external, verify="full")
+    assert sorted(_snapshot(path.parent)) == sorted(snap), "a temp file or folder was left behind"
+
+
+def test_failed_numeric_check_leaves_the_old_file(previous, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default proof (one export, skeletons compared) fails in its numeric check: nothing changes."""
+    from lora_fx.exporters import verify
+
+    path, external, snap = previous
+    real = verify.run_onnx
+    monkeypatch.setattr(verify, "run_onnx", lambda *a, **k: [x * 2 for x in real(*a, **k)])  # a wrong file
+    with pytest.raises(lora_fx.VerifyError, match="FAILED verification"):
         lora_fx.fold_and_export(_lora_mlp(seed=2), path, external_data=external)
     assert sorted(_snapshot(path.parent)) == sorted(snap), "a temp file or folder was left behind"

@@ -7,8 +7,11 @@ target; only a file that passed every step is installed at ``path``::
     export       exporters.streaming: a weightless skeleton in the export dtype (passes/dtype.py
                  rewrites its graph's casts), each weight converted while written (fold in fp32, round
                  once to dtype=...); through exporters.fallback and exporters/optimize.py (optimize=...)
-    base_export  the base model (LoRA stripped) exported beside it                    (verify=True)
-    verify       exporters.verify.verify_fold(base, staged): structure + numerics     (verify=True)
+    structure    the base model's skeleton (LoRA stripped) equals the exported one: the base export is
+                 this graph with the base weights, proven without exporting it       (verify=True)
+    base_export  the base model exported beside it, when the skeletons differ (an untied weight, an
+                 unfolded export), for quantize=..., or with verify="full"
+    verify       structure (proven, or compared with the base file) + FX graph + ORT numerics
     quantize     exporters.quantized_export: int4/int8 task and base, proved alike    (quantize=...)
 
 ``kv_cache=True`` wraps the whole pipeline (exporters/kv_cache.py: re-capture with past/present,
@@ -34,7 +37,7 @@ import torch
 from torch import fx
 
 from ..capture import example_inputs
-from ..errors import VerifyError
+from ..errors import ExportError, VerifyError
 from ..graph_module import LoraFxModule, copy_module, fold_report_of, lora_state
 from ..passes.dtype import cast_inputs
 from ..passes.fold import FoldReport, fold, strip
@@ -44,8 +47,9 @@ from .fallback import Fallbacks
 from .onnx_io import ExportInfo
 from .quantize import QuantizeConfig, QuantizeReport
 from .quantized_export import check_quantize, quantize_staged
-from .streaming import export_streaming
-from .verify import NumericCheck, VerifyReport, variants, verify_fold
+from .streaming import SkeletonSpec, export_streaming, skeleton_spec
+from .verify import NumericCheck, VerifyReport, variants, verify_export, verify_fold
+from .verify_onnx import StructureReport
 
 __all__ = ["PIPELINE", "ExportJob", "ExportOptions", "ExportReport", "NumericCheck", "Step", "VerifyReport",
            "fold_and_export", "verify_fold"]
@@ -71,7 +75,10 @@ class ExportReport:
     @property
     def lora_nodes_added(self) -> int | None:
         """Nodes the export has beyond the base export (0 when folded)."""
-        return None if self.base is None else self.export.nodes - self.base.nodes
+        if self.base is None:
+            proven = self.verification is not None and self.verification.structure.by_construction
+            return 0 if proven and self.verification.structure.ok else None
+        return self.export.nodes - self.base.nodes
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self._what()}): {self.export.nodes} nodes, "
@@ -111,7 +118,7 @@ class ExportOptions:
     opset: int | None = None
     dynamic: bool = True
     external_data: bool | None = None
-    verify: bool = True
+    verify: bool | str = True
     folded: bool = True
     dtype: torch.dtype | None = None
     providers: list[str] | None = None
@@ -132,6 +139,8 @@ class ExportJob:
     kwargs: dict
     shapes: Any  # dynamic_shapes for the exporter
     module: LoraFxModule | None = None  # what the export step writes
+    spec: SkeletonSpec | None = None  # what the exporter saw of it (exporters/streaming.py)
+    structure: StructureReport | None = None  # the structure proof, when the skeletons alone prove it
     export_args: tuple = ()  # the example inputs in the export dtype
     export_kwargs: dict = field(default_factory=dict)
     report: ExportReport | None = None
@@ -167,7 +176,12 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
         example_args, example_kwargs: default: the inputs given to :func:`lora_fx.trace`.
         dynamic: keep batch (and sequence, for token inputs) dynamic.
         external_data: weights in ``<path>.data``; None = only above ~1.8 GB.
-        verify: run :func:`verify_fold` (exports the base model to a temp dir for the comparison).
+        verify: ``True`` (default): prove the file is the base export with new weights and check ORT
+            against torch. The structure is proven from the skeletons when the base model's equals the
+            exported one (same graph, same tensor names/shapes/dtypes: the exporter never sees weight
+            values, so a base export would be this graph), otherwise (an untied weight, ``folded=False``,
+            ``quantize=``) by exporting the base beside it and comparing the files. ``"full"``: always
+            export the base and compare files (:func:`verify_fold`). ``False``: no checks.
         folded: False exports the unfolded LoRA graph (debugging, multi-adapter serving); the
             report then counts the nodes LoRA added.
         dtype: e.g. ``torch.float16`` for GPU inference: fold in fp32, round once, write fp16.
@@ -205,6 +219,9 @@ def fold_and_export(lgm: fx.GraphModule, path: str | os.PathLike, *, example_arg
                                  model_type=model_type)
     from .optimize import check_mode
 
+    if verify not in (True, False, "full"):
+        raise ExportError(f"verify={verify!r} is not supported: use True (default: structure proof + numeric "
+                          "checks), 'full' (also export the base model and compare the files) or False")
     options = ExportOptions(opset, dynamic, external_data, verify, folded, dtype, providers,
                             check_quantize(quantize, folded, dtype), check_mode(optimize), model_type)
     args, kwargs, shapes = example_inputs(lgm, example_args, example_kwargs, dynamic)
@@ -242,7 +259,26 @@ def _export(job: ExportJob) -> None:
                             external_data=o.external_data, optimize=o.optimize, model_type=o.model_type)
     job.report = ExportReport(job.path, o.folded, info, None, fold_report_of(job.module), None, job.seconds,
                               notes=job.fallbacks.notes)
+    if o.verify:
+        job.spec = skeleton_spec(job.module, o.dtype)
     job.module = None  # the folded copies of the adapted weights: not needed by the verification
+
+
+def _structure(job: ExportJob) -> None:
+    """Proves the structure from the skeletons: the base model (LoRA stripped) as the export step would
+    see it equals what it exported, so its export would be this very graph (SkeletonSpec). When they
+    differ (an untied weight is an extra tensor), the base_export step exports it for a file comparison."""
+    diff = job.spec.first_difference(skeleton_spec(strip(job.lgm), job.options.dtype))
+    if diff is not None:
+        job.report.notes.append(f"the base model's skeleton differs from the export's ({diff}): "
+                                "the structure is compared with an exported base file instead")
+        return
+    adapted = {br.site.weight for br in lora_state(job.lgm, "fold_and_export").branches}
+    names = onnx_files.initializer_names(job.staged)
+    changed = sorted(n for n in names if n.partition("::")[0] in adapted)
+    nodes = job.report.export.nodes
+    job.structure = StructureReport(ok=True, base_nodes=nodes, task_nodes=nodes, changed_initializers=changed,
+                                    by_construction=True)
 
 
 def _base_export(job: ExportJob) -> None:
@@ -257,9 +293,16 @@ def _base_export(job: ExportJob) -> None:
 def _verify(job: ExportJob) -> None:
     """verify_fold on the staged file; a failure raises, so nothing is installed."""
     o = job.options
-    job.report.verification = verify_fold(job.report.base.path, job.staged, lgm=job.lgm, fold_report=job.report.fold,
-                                          example_args=job.args, example_kwargs=job.kwargs, dtype=o.dtype,
-                                          providers=o.providers, numerics_only=not o.folded)
+    if job.structure is not None:
+        onnx_files.check(job.staged, error=VerifyError, role="task")
+        job.report.verification = verify_export(job.staged, job.structure, lgm=job.lgm, fold_report=job.report.fold,
+                                                example_args=job.args, example_kwargs=job.kwargs, dtype=o.dtype,
+                                                providers=o.providers)
+    else:
+        job.report.verification = verify_fold(job.report.base.path, job.staged, lgm=job.lgm,
+                                              fold_report=job.report.fold, example_args=job.args,
+                                              example_kwargs=job.kwargs, dtype=o.dtype, providers=o.providers,
+                                              numerics_only=not o.folded)
     if not job.report.verification.ok:
         hint = (f"\n(optimize={o.optimize!r}: if only the optimized graphs differ, export with optimize=False)"
                 if o.optimize is not False and not job.report.verification.structure.ok else "")
@@ -277,7 +320,9 @@ def _quantize(job: ExportJob) -> None:
 PIPELINE: list[Step] = [
     Step("fold", _fold),
     Step("export", _export),
-    Step("base_export", _base_export, when=lambda job: job.options.verify),
+    Step("structure", _structure, when=lambda job: job.options.verify is True and job.options.folded
+         and job.options.quantize is None),
+    Step("base_export", _base_export, when=lambda job: job.options.verify and job.structure is None),
     Step("verify", _verify, when=lambda job: job.options.verify),
     Step("quantize", _quantize, when=lambda job: job.options.quantize is not None),
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,27 +60,78 @@ def skeleton(module: fx.GraphModule, dtype: torch.dtype | None = None) -> tuple[
                 seen[id(t)] = torch.empty(t.shape, dtype=kind, device=t.device)
         return seen[id(t)]
 
-    for prefix, mod in out.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, p in list(mod._parameters.items()):
-            if p is not None:
-                sources.setdefault(dot + name, p)
-                mod._parameters[name] = nn.Parameter(ghost(p), requires_grad=False)
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                sources.setdefault(dot + name, b)
-                mod._buffers[name] = ghost(b)
-    for node in out.graph.nodes:  # tensor constants (lifted by torch.export) read through get_attr
-        if node.op == "get_attr":
-            owner, _, attr = str(node.target).rpartition(".")
-            holder = out.get_submodule(owner) if owner else out
-            value = getattr(holder, attr, None)
-            if isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, FakeTensor)):
-                sources.setdefault(str(node.target), value)
-                setattr(holder, attr, ghost(value))
+    for name, holder, attr, t in _tensors(out):
+        sources.setdefault(name, t)
+        if attr in holder._parameters:
+            holder._parameters[attr] = nn.Parameter(ghost(t), requires_grad=False)
+        elif attr in holder._buffers:
+            holder._buffers[attr] = ghost(t)
+        else:
+            setattr(holder, attr, ghost(t))
     if dtype is not None and dtype != old:
         out = _retype(out, old, dtype)
     return out, sources
+
+
+def _tensors(module: fx.GraphModule):
+    """Every tensor the export reads: ``(qualified name, owner module, attribute, tensor)`` for each
+    parameter and buffer (first name of a shared one included as well as its aliases) and each
+    tensor constant read through ``get_attr`` (lifted by torch.export)."""
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for table in (mod._parameters, mod._buffers):
+            for attr, t in list(table.items()):
+                if t is not None:
+                    yield dot + attr, mod, attr, t
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            owner, _, attr = str(node.target).rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            value = getattr(holder, attr, None)
+            if (isinstance(value, torch.Tensor) and not isinstance(value, (nn.Parameter, FakeTensor))
+                    and attr not in holder._buffers):
+                yield str(node.target), holder, attr, value
+
+
+@dataclass(frozen=True)
+class SkeletonSpec:
+    """All the exporter sees of a module exported by :func:`export_streaming`: its graph and, per
+    tensor, name, shape, dtype (after ``dtype=``) and device, never a value. Two modules with equal
+    specs export to the same ONNX graph (the exporter is deterministic, onnx_io's docstring; the
+    optimizer hides weight values, optimize.py), so comparing specs proves what exporting both and
+    comparing the files would, without the second export."""
+
+    graph: tuple[str, ...]
+    tensors: tuple[tuple[str, tuple[int, ...], str, str], ...]
+
+    def first_difference(self, other: SkeletonSpec) -> str | None:
+        """The first difference from ``other`` in words, or None when equal."""
+        from ..graph_module import first_difference
+
+        diff = first_difference(list(self.graph), list(other.graph))
+        if diff is not None:
+            return f"graph: {diff}"
+        mine, theirs = {t[0]: t[1:] for t in self.tensors}, {t[0]: t[1:] for t in other.tensors}
+        for name in sorted(mine.keys() | theirs.keys()):
+            if mine.get(name) != theirs.get(name):
+                return f"tensor {name}: {mine.get(name)} != {theirs.get(name)}"
+        return None
+
+
+def skeleton_spec(module: fx.GraphModule, dtype: torch.dtype | None = None) -> SkeletonSpec:
+    """The :class:`SkeletonSpec` of ``module`` as :func:`skeleton` would export it (no copies)."""
+    from ..graph_module import graph_signature
+
+    lines = graph_signature(module.graph, dedupe=False)
+    for node in module.graph.nodes:  # a call_module's behaviour lives in its module's settings
+        if node.op == "call_module":
+            sub = module.get_submodule(str(node.target))
+            lines.append(f"module {node.target}: {type(sub).__qualname__}({sub.extra_repr()})")
+    tensors = {}
+    for name, _, _, t in _tensors(module):
+        kind = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+        tensors.setdefault(name, (name, tuple(t.shape), str(kind), str(t.device)))
+    return SkeletonSpec(tuple(lines), tuple(sorted(tensors.values())))
 
 
 def export_streaming(module: fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,

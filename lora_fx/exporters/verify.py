@@ -83,10 +83,22 @@ def verify_fold(base: str | os.PathLike, task: str | os.PathLike, *, lgm: fx.Gra
     onnx_files.check(base, error=VerifyError, role="base")
     onnx_files.check(task, error=VerifyError, role="task")
     untied = dict(fold_report.untied) if fold_report else {}
-    report = VerifyReport(structure=compare_structure(base, task, aliases=_aliases(base, task, untied)))
+    structure = compare_structure(base, task, aliases=_aliases(base, task, untied))
     if numerics_only:
-        report.notes.append("unfolded export: structure is expected to differ from the base")
-        report.structure.ok = True  # the negative control is reported, not failed, for unfolded exports
+        structure.ok = True  # the negative control is reported, not failed, for unfolded exports
+    return verify_export(task, structure, lgm=lgm, fold_report=fold_report, example_args=example_args,
+                         example_kwargs=example_kwargs, dtype=dtype, providers=providers,
+                         notes=["unfolded export: structure is expected to differ from the base"] if numerics_only else [])
+
+
+def verify_export(task: str | os.PathLike, structure: StructureReport, *, lgm: fx.GraphModule | None = None,
+                  fold_report: FoldReport | None = None, example_args: tuple | None = None,
+                  example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
+                  providers: list[str] | None = None, notes: list[str] | None = None) -> VerifyReport:
+    """The checks after the structure (b): with ``lgm``, (a) its fold equals the captured graph and (c)
+    ORT on ``task`` matches torch on ``lgm`` at two input shapes. ``structure`` comes from
+    :func:`compare_structure` (:func:`verify_fold`) or from the skeleton proof (``fold_and_export``)."""
+    report = VerifyReport(structure=structure, notes=list(notes or []))
     if lgm is None:
         return report
     if fold_report is None:

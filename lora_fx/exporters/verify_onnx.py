@@ -48,6 +48,9 @@ class StructureReport:
             complete only when ``ok`` (the scan stops at the first structural difference).
         added_initializers: Task initializers accepted through ``aliases``.
         first_difference: The first structural difference, or None when ``ok``.
+        by_construction: ``ok`` was proven without a base file: the task was exported from a weightless
+            skeleton equal to the base model's (``exporters.streaming.SkeletonSpec``), so a base export
+            is this graph with the base weights; ``changed_initializers`` are then the adapted ones.
     """
 
     ok: bool
@@ -56,9 +59,14 @@ class StructureReport:
     changed_initializers: list[str] = field(default_factory=list)
     added_initializers: list[str] = field(default_factory=list)
     first_difference: str | None = None
+    by_construction: bool = False
 
     def __str__(self) -> str:
-        if self.ok:
+        if self.ok and self.by_construction:
+            lines = [f"ONNX structure identical to the base export by construction: {self.base_nodes} nodes "
+                     "(exported from a weightless skeleton equal to the base model's: same graph, same tensor "
+                     "names, shapes and dtypes; no weight value reaches the exporter or the optimizer)"]
+        elif self.ok:
             lines = [f"ONNX structure identical: {self.base_nodes} nodes"]
         else:
             lines = [f"ONNX structure differs (base {self.base_nodes} nodes, task {self.task_nodes} nodes): {self.first_difference}"]
@@ -66,7 +74,8 @@ class StructureReport:
             lines.append(f"aliased initializers: {_short(self.added_initializers)}")
         changed = self.changed_initializers
         if self.ok:  # after a structural difference the value scan stopped early: do not print a count
-            lines.append(f"{len(changed)} initializer(s) changed" + (f": {_short(changed)}" if changed else ""))
+            what = "adapted" if self.by_construction else "changed"
+            lines.append(f"{len(changed)} initializer(s) {what}" + (f": {_short(changed)}" if changed else ""))
         return "\n".join(lines)
 
 
