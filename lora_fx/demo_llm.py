@@ -325,6 +325,7 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     _say(f"  try it: lora-fx generate {path} --system {SYSTEM!r} --prompt {test_set[0][0]!r}")
 
     res["seconds"] = clock.wall
+    res["cpu_seconds"] = clock.cpu  # with 1 thread: about what each phase takes on an idle machine
     res["wall_seconds"] = time.perf_counter() - clock.start
     with open(os.path.join(out, "demo_llm.json"), "w") as f:
         json.dump(res, f, indent=2)

@@ -82,8 +82,10 @@ def test_overhead_smoke(tmp_path):
     assert [s["n_layer"] for s in d["sizes"]] == [1]
     assert len(d["skipped"]) == 1 and d["skipped"][0].startswith("2 layers")  # over the smoke budget
     for s in d["sizes"]:
-        assert set(s["seconds"]) == {"trace", "lorafy", "fold", "fold_and_export", "plain_export"}
+        assert set(s["seconds"]) == {"trace", "lorafy", "fold", "fold_and_export", "fold_and_export_verified",
+                                     "plain_export"}
         _stats(s["export_ratio"])
+        _stats(s["verified_ratio"])
     assert len(d["goals"]) == 2 and "Skipped" in r["md"]
 
 
