@@ -60,7 +60,7 @@ BF16_VARIANTS = tuple(v + SMALL for v in ("peft", "lora-fx", "peft-bf16", "lora-
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 CHILD_TIMEOUT_S = 480  # a memory child past this is reported as failed (torch.compile on a busy machine)
-ROUNDS = 5  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
+ROUNDS = 4  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
 GOALS = {  # name: (numerator, denominator, kind, upper bound)
     "memory lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "memory", 1.0),
     "time lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "time", 1.05),
