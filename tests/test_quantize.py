@@ -10,13 +10,21 @@ import onnx
 import pytest
 import torch
 from helpers import randomize_lora
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 import lora_fx
 from lora_fx.adapters import save_adapter
 from lora_fx.errors import AdapterError, ExportError
 from lora_fx.exporters.onnx_io import export_onnx
-from lora_fx.exporters.quantize import QuantizeConfig, as_config, prepare, quantize_file, read_config
+from lora_fx.exporters.quantize import (
+    META_KEY,
+    QuantizeConfig,
+    as_config,
+    output_heads,
+    prepare,
+    quantize_file,
+    read_config,
+)
 from lora_fx.exporters.quantized_export import _prove, quantize_step, refold_quantized
 from lora_fx.exporters.verify import variants as _variants
 from lora_fx.exporters.verify_onnx import compare_structure
@@ -83,8 +91,14 @@ def test_fold_and_export_int4_is_the_quantized_base_with_new_values(gpt2):
     gm, ids, a, _, tmp, report = gpt2
     q = report
     assert q.ok and q.structure_ok and not q.underived
-    assert q.info.quantized == {"MatMulNBits": 5}  # 4 Gemms (c_attn, c_proj x2, c_fc) + lm_head
+    # 4 Gemms (c_attn, c_proj x2, c_fc) + lm_head; the wte and wpe embedding gathers (int4's default ops)
+    assert q.info.quantized == {"MatMulNBits": 5, "GatherBlockQuantized": 2}
     assert ops(tmp / "task4.onnx").count("MatMulNBits") == 5
+    # the output head (lm_head, tied to wte) is quantized with 8 bits by default, the rest with 4
+    assert len(q.info.heads) == 1
+    bits = {n.name: helper.get_node_attr_value(n, "bits") for n in onnx.load(str(tmp / "task4.onnx")).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert sorted(bits.values()) == [4, 4, 4, 4, 8] and bits[q.info.heads[0] + "_Q8"] == 8
     # every adapted fp32 weight changed exactly its quantized values and scales (symmetric: no zero points)
     assert sorted(q.changed) == sorted(f"{w}_{s}" for w in ["transformer.h.0.attn.c_attn.weight",
                                                              "transformer.h.0.mlp.c_fc.weight"] for s in ("Q4", "scales"))
@@ -96,7 +110,7 @@ def test_fold_and_export_int4_is_the_quantized_base_with_new_values(gpt2):
     got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
     want = a(ids).logits.detach().numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= q.task_err["rms"] * 1.0001
-    assert "fold cost 0." in str(report) and "5 MatMulNBits" in str(report)
+    assert "fold cost 0." in str(report) and "5 MatMulNBits" in str(report) and "1 output head(s) 8-bit" in str(report)
 
 
 @pytest.mark.parametrize("cfg, op, count, n_changed", [
@@ -116,6 +130,51 @@ def test_quantize_file_schemes(gpt2, tmp_path, cfg, op, count, n_changed):
     assert rep.ok and len(rep.changed) == n_changed
     sess = ort.InferenceSession(str(tmp_path / "qtask.onnx"), providers=["CPUExecutionProvider"])
     assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]).all()
+
+
+def test_output_heads_are_the_matmuls_that_make_a_graph_output(gpt2):
+    prepared = prepare(onnx.load(str(gpt2[4] / "base.onnx")))[0]
+    heads = output_heads(prepared)
+    assert [n.input[1] for n in prepared.graph.node if n.name in heads] == ["lm_head.weight_T"]
+    # through a bias Add and a soft-cap (Div, Tanh, Mul by constants); never through a residual Add
+    f = onnx.TensorProto.FLOAT
+    w = [numpy_helper.from_array(np.ones((4, 4), np.float32), n) for n in ("w1", "w2", "w3")]
+    c = [numpy_helper.from_array(np.ones(4, np.float32), "b"), numpy_helper.from_array(np.float32(30.0), "cap")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="body"),
+             helper.make_node("MatMul", ["h", "w2"], ["r"], name="resid"),
+             helper.make_node("Add", ["h", "r"], ["hidden"], name="add"),  # residual: two data inputs
+             helper.make_node("MatMul", ["hidden", "w3"], ["m"], name="head"),
+             helper.make_node("Add", ["m", "b"], ["mb"], name="bias"),
+             helper.make_node("Div", ["mb", "cap"], ["d"], name="div"),
+             helper.make_node("Tanh", ["d"], ["t"], name="tanh"),
+             helper.make_node("Mul", ["t", "cap"], ["logits"], name="mul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 4])],
+                          [helper.make_tensor_value_info("logits", f, [1, 4]),
+                           helper.make_tensor_value_info("hidden", f, [1, 4])], initializer=w + c)
+    assert output_heads(helper.make_model(g)) == ["head"]
+
+
+@pytest.mark.parametrize("head_bits, bits", [(4, [4] * 5), (8, [4] * 4 + [8]), (32, [4] * 4)])
+def test_head_bits(gpt2, tmp_path, head_bits, bits):
+    tmp, ids = gpt2[4], gpt2[1]
+    cfg = as_config("int4", head_bits=head_bits)
+    info = quantize_file(str(tmp / "task.onnx"), str(tmp_path / "q.onnx"), cfg)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert sorted(helper.get_node_attr_value(n, "bits") for n in model.graph.node if n.op_type == "MatMulNBits") == bits
+    matmuls = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"]
+    assert ("lm_head.weight_T" in matmuls) == (head_bits == 32) and read_config(model).head_bits == head_bits
+    assert info.heads and info.quantized["GatherBlockQuantized"] == 2
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]).all()
+
+
+def test_files_from_before_head_bits_read_as_4_bit_heads(gpt2):
+    model = onnx.load(str(gpt2[4] / "task4.onnx"))
+    del model.metadata_props[:]
+    model.metadata_props.add(key=META_KEY, value='{"scheme": "int4", "block_size": 32, "symmetric": true, '
+                             '"ops": ["MatMul"], "exclude": [], "int8_method": "dynamic", "accuracy_level": null, '
+                             '"algorithm": "rtn"}')
+    assert read_config(model) == as_config("int4", ops=("MatMul",), head_bits=4)  # what those files hold
 
 
 def test_external_data_installs_under_the_final_name(gpt2, tmp_path):
@@ -149,7 +208,7 @@ def test_proof_catches_differences(gpt2, tmp_path):
 def test_refold_quantized_equals_a_fresh_quantized_export(gpt2, tmp_path):
     gm, ids, _, b, tmp, _ = gpt2
     rep = refold_quantized(tmp / "task4.onnx", tmp / "b", tmp_path / "task4_b.onnx", base_onnx=tmp / "base.onnx")
-    assert rep.ok and rep.info.quantized == {"MatMulNBits": 5}
+    assert rep.ok and rep.info.quantized == {"MatMulNBits": 5, "GatherBlockQuantized": 2}
     # a's and b's adapted weights differ (b has the same targets): exactly their Q4 values and scales
     assert sorted(compare_structure(tmp / "task4.onnx", tmp_path / "task4_b.onnx").changed_initializers) == \
         sorted(gpt2[5].changed)
@@ -175,6 +234,10 @@ def test_bad_settings_name_what_works(gpt2, tmp_path):
         as_config("int8", ops=("Gather",))
     with pytest.raises(ExportError, match="hqq"):
         as_config("int8", algorithm="hqq")
+    with pytest.raises(ExportError, match="head_bits=16 for int4: use 8, 32"):
+        as_config("int4", head_bits=16)
+    with pytest.raises(ExportError, match="head_bits=4 for int8"):
+        as_config("int8", head_bits=4)
     with pytest.raises(ExportError, match="dtype float32"):
         lora_fx.fold_and_export(a, tmp_path / "t.onnx", quantize="int4", dtype=torch.float16)
     with pytest.raises(ExportError, match="matches no weight"):
@@ -187,10 +250,11 @@ def test_cli_export_quantize_and_refold(tmp_path, capsys, zoo_traced):
 
     assert main(["export", "mlp", "--targets", "fc1", "fc2", "-o", str(tmp_path / "base.onnx"), "--no-verify"]) == 0
     assert main(["export", "mlp", "--targets", "fc1", "fc2", "-o", str(tmp_path / "t8.onnx"), "--quantize", "int8",
-                 "--quantize-exclude", "head.*"]) == 0
+                 "--quantize-exclude", "fc1.*", "--head-bits", "32"]) == 0
     out = capsys.readouterr().out
-    assert "quantized int8 (2 MatMulInteger" in out and "fold cost 1.00x" in out  # no adapter: B = 0
-    assert read_config(onnx.load(str(tmp_path / "t8.onnx"))) == as_config("int8", exclude=("head.*",))
+    assert "quantized int8 (1 MatMulInteger" in out and "fold cost 1.00x" in out  # no adapter: B = 0
+    assert "1 output head(s) fp32" in out  # head stays fp32: only fc2 is quantized
+    assert read_config(onnx.load(str(tmp_path / "t8.onnx"))) == as_config("int8", exclude=("fc1.*",), head_bits=32)
     lgm = lora_fx.lorafy(zoo_traced("mlp")[3], ["fc1", "fc2"], rank=2)
     randomize_lora(lgm)
     save_adapter(lgm, tmp_path / "ad")
@@ -199,7 +263,7 @@ def test_cli_export_quantize_and_refold(tmp_path, capsys, zoo_traced):
                  str(tmp_path / "base.onnx"), "-o", str(tmp_path / "t8.onnx")]) == 0
     assert "structure identical" in capsys.readouterr().out
     changed = compare_structure(tmp_path / "t8_b0.onnx", tmp_path / "t8.onnx").changed_initializers
-    assert sorted(changed) == sorted(f"{w}.weight_T_{s}" for w in ("fc1", "fc2") for s in ("quantized", "scale"))
+    assert sorted(changed) == ["fc1.weight_T", "fc2.weight_T_quantized", "fc2.weight_T_scale"]  # fc1: fp32
     x = zoo_traced("mlp")[1][0]
 
     def rel_err(path, model):  # int8 file vs the fp32 torch model it stands for

@@ -138,7 +138,8 @@ def _quantize(ns: argparse.Namespace):
     from ..exporters.quantize import as_config
 
     return as_config(ns.quantize, block_size=ns.block_size, symmetric=False if ns.asymmetric else None,
-                     int8_method=ns.int8_method, exclude=tuple(ns.quantize_exclude or ()) or None)
+                     int8_method=ns.int8_method, exclude=tuple(ns.quantize_exclude or ()) or None,
+                     head_bits=ns.head_bits)
 
 
 def _check_onnx(path: str) -> None:

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asymmetric", action="store_true", help="store per-block zero points")
     p.add_argument("--int8-method", choices=["dynamic", "weight_only"], default=None, help="int8 kind (default dynamic)")
     p.add_argument("--quantize-exclude", nargs="+", metavar="GLOB", help="weights left in fp32 (e.g. 'lm_head.*')")
+    p.add_argument("--head-bits", type=int, choices=[4, 8, 32], default=None,
+                   help="bits of the output heads (the MatMuls that make a graph output, e.g. lm_head): 8 (default), "
+                        "4 (int4: like the rest) or 32 (kept fp32)")
     p.add_argument("--optimize", choices=["on", "off", "ort"], default="on",
                    help="on: weight-independent onnxscript optimization (default); ort: plus ONNX Runtime's "
                         "transformer fusions; off: the exporter's raw graph")

@@ -5,7 +5,10 @@ and the fp32 base export as usual, then quantizes both the same way:
 
 * ``int4``: weight-only, ``MatMulNBits`` (``onnxruntime.quantization.matmul_nbits_quantizer``):
   per block of ``block_size`` input rows ``q = clamp(round(w / s) + z, 0, 15)``, ``w ~ s·(q - z)``,
-  symmetric (``z = 8``, ``s = max|w| / 8``) or asymmetric (``s = (max - min) / 15``).
+  symmetric (``z = 8``, ``s = max|w| / 8``) or asymmetric (``s = (max - min) / 15``). By default the
+  output heads (:func:`output_heads`, e.g. the LM head) get 8 bits (``head_bits``) and the embedding
+  ``Gather`` becomes ``GatherBlockQuantized`` (4 bits, same blocks), so a tied embedding is stored
+  as int4 rows for the lookup and 8-bit columns for the logits instead of fp32.
 * ``int8``: ``quantize_dynamic`` (``MatMulInteger`` with weights quantized per output channel and
   activations quantized at run time), or ``int8_method="weight_only"``: ``MatMulNBits`` with 8 bits.
 
@@ -37,7 +40,8 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 
-__all__ = ["QuantizeConfig", "QuantizeReport", "as_config", "prepare", "quantize_file", "read_config"]
+__all__ = ["QuantizeConfig", "QuantizeReport", "as_config", "output_heads", "prepare", "quantize_file",
+           "read_config"]
 
 META_KEY = "lora_fx.quantize"  # the quantization settings, stored in the file for refold
 SCHEMES = ("int4", "int8")
@@ -51,23 +55,30 @@ class QuantizeConfig:
         scheme: ``"int4"`` (MatMulNBits, 4 bits) or ``"int8"``.
         block_size: weights per scale along the input dimension (MatMulNBits; power of 2, >= 16).
         symmetric: zero point fixed at the middle of the range; False stores per-block zero points.
-        ops: op types to quantize: ``("MatMul",)``; int4 also takes ``"Gather"`` (embeddings).
+        ops: op types to quantize; None: the scheme's default, ``("MatMul", "Gather")`` for int4 (the
+            embedding ``Gather`` becomes ORT's ``GatherBlockQuantized``, 4 bits), ``("MatMul",)``
+            otherwise (ORT quantizes ``Gather`` at 4 bits only).
         exclude: glob patterns over weight names kept in fp32 (e.g. ``("lm_head.*",)``).
         int8_method: ``"dynamic"`` (MatMulInteger, activations quantized at run time) or
             ``"weight_only"`` (MatMulNBits with 8 bits, activations stay fp32).
         accuracy_level: MatMulNBits compute precision (None: ORT's default; 4 = int8 compute).
         algorithm: ``"rtn"`` (round to nearest) or ``"hqq"`` (ORT's calibration-free Half-Quadratic
             Quantization: scales and zero points optimized per block; asymmetric, int4 MatMul only).
+        head_bits: bits of the output heads (:func:`output_heads`: the MatMuls that produce a graph
+            output, e.g. an LM head or a classifier): 8 (default: ``MatMulNBits`` with 8 bits under
+            int4, like the rest under int8), 4 (int4: like the rest) or 32 (kept fp32). Rounding the
+            logits' own weights to 4 bits costs a small model most of its accuracy (README).
     """
 
     scheme: str = "int4"
     block_size: int = 32
     symmetric: bool = True
-    ops: tuple[str, ...] = ("MatMul",)
+    ops: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     int8_method: str = "dynamic"
     accuracy_level: int | None = None
     algorithm: str = "rtn"
+    head_bits: int = 8
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -88,11 +99,15 @@ def as_config(quantize: str | QuantizeConfig, **overrides) -> QuantizeConfig:
     else:
         raise ExportError(f"quantize= takes {SCHEMES} or a lora_fx QuantizeConfig, not {type(quantize).__name__}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    cfg = dataclasses.replace(cfg, ops=tuple(cfg.ops), exclude=tuple(cfg.exclude))
     if cfg.scheme not in SCHEMES:
         raise ExportError(f"QuantizeConfig.scheme={cfg.scheme!r}; use one of {SCHEMES}")
-    if cfg.algorithm not in ("rtn", "hqq") or (cfg.algorithm == "hqq" and (cfg.scheme != "int4" or cfg.ops != ("MatMul",))):
-        raise ExportError(f"algorithm={cfg.algorithm!r}: use 'rtn', or 'hqq' with scheme int4 and ops ('MatMul',)")
+    ops = cfg.ops if cfg.ops is not None else ("MatMul", "Gather") if cfg.scheme == "int4" else ("MatMul",)
+    cfg = dataclasses.replace(cfg, ops=tuple(ops), exclude=tuple(cfg.exclude))
+    if cfg.head_bits not in ((4, 8, 32) if cfg.scheme == "int4" else (8, 32)):
+        raise ExportError(f"head_bits={cfg.head_bits!r} for {cfg.scheme}: use 8, 32 (fp32 heads)"
+                          + (" or 4 (like the rest)" if cfg.scheme == "int4" else ""))
+    if cfg.algorithm not in ("rtn", "hqq") or (cfg.algorithm == "hqq" and (cfg.scheme != "int4" or "MatMul" not in cfg.ops)):
+        raise ExportError(f"algorithm={cfg.algorithm!r}: use 'rtn', or 'hqq' with scheme int4 (MatMul weights)")
     if cfg.int8_method not in ("dynamic", "weight_only"):
         raise ExportError(f"int8_method={cfg.int8_method!r}; use 'dynamic' or 'weight_only'")
     if cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
@@ -112,7 +127,9 @@ def read_config(model: onnx.ModelProto) -> QuantizeConfig | None:
     """The settings a file was quantized with (stored by :func:`quantize_file`), or None."""
     for p in model.metadata_props:
         if p.key == META_KEY:
-            return QuantizeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(p.value).items()})
+            stored = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(p.value).items()}
+            stored.setdefault("head_bits", 4 if stored.get("scheme") == "int4" else 8)  # files from before head_bits
+            return QuantizeConfig(**stored)
     return None
 
 
@@ -188,6 +205,7 @@ class QuantizeInfo:
     quantized: dict[str, int] = field(default_factory=dict)  # new op type -> count
     fp32_bytes: int = 0
     bytes: int = 0
+    heads: list[str] = field(default_factory=list)  # output heads (quantized with head_bits)
 
 
 def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: bool = False) -> QuantizeInfo:
@@ -196,8 +214,10 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
     Raises:
         ExportError: the quantizer failed, or quantized nothing (names the ops it looked for).
     """
+    cfg = as_config(cfg)  # resolves ops=None to the scheme's default
     model, rewrites = prepare(onnx.load(src))
     exclude = _excluded_nodes(model, cfg)
+    heads = [h for h in output_heads(model) if h not in exclude] if "MatMul" in cfg.ops else []
     # the quantizers log one INFO line per node (quantize_dynamic on the root logger)
     quiet = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer", "")]
     levels = [lg.level for lg in quiet]
@@ -205,19 +225,10 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
         lg.setLevel(logging.WARNING)
     try:
         if _nbits(cfg):
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                HQQWeightOnlyQuantConfig,
-                MatMulNBitsQuantizer,
-            )
-
-            algo = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4) if cfg.algorithm == "hqq" else None
-            q = MatMulNBitsQuantizer(model, bits=4 if cfg.scheme == "int4" else 8, block_size=cfg.block_size,
-                                     is_symmetric=cfg.symmetric, accuracy_level=cfg.accuracy_level,
-                                     nodes_to_exclude=exclude, op_types_to_quantize=cfg.ops, algo_config=algo)
-            q.process()
-            out = q.model.model
+            with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero embedding block: scale 0, q 0
+                out = _nbits_passes(model, cfg, exclude, heads)
         else:
-            out = _dynamic_int8(model, dst, cfg, exclude)
+            out = _dynamic_int8(model, dst, cfg, exclude + (heads if cfg.head_bits == 32 else []))
     except ExportError:
         raise
     except Exception as e:  # the quantizers raise assorted errors on graphs they do not expect
@@ -239,7 +250,76 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
                         location=os.path.basename(dst) + ".data", size_threshold=1024)
     else:
         onnx.save_model(out, dst)
-    return QuantizeInfo(dst, cfg, rewrites, counts, _file_bytes(src), _file_bytes(dst))
+    return QuantizeInfo(dst, cfg, rewrites, counts, _file_bytes(src), _file_bytes(dst), heads)
+
+
+def _nbits_passes(model: onnx.ModelProto, cfg: QuantizeConfig, exclude: list[str],
+                  heads: list[str]) -> onnx.ModelProto:
+    """MatMulNBits / GatherBlockQuantized, one ORT quantizer pass per bit width and algorithm.
+
+    8-bit heads first (int4 with ``head_bits=8``), then the embedding Gathers (always round to
+    nearest: ORT's HQQ does not take Gather), then every other MatMul with ``cfg.algorithm``. A
+    node quantized once is no MatMul/Gather any more, so later passes leave it alone.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    bits = 4 if cfg.scheme == "int4" else 8
+
+    def run(m: onnx.ModelProto, nbits: int, ops: tuple[str, ...], skip: list[str], algo=None) -> onnx.ModelProto:
+        q = MatMulNBitsQuantizer(m, bits=nbits, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+                                 accuracy_level=cfg.accuracy_level, nodes_to_exclude=skip,
+                                 op_types_to_quantize=ops, algo_config=algo)
+        q.process()
+        return q.model.model
+
+    if heads and cfg.scheme == "int4" and cfg.head_bits == 8:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        model = run(model, 8, ("MatMul",), others)
+    if "Gather" in cfg.ops:
+        gathers = [n.name for n in model.graph.node if n.op_type == "Gather"]
+        skip = set(exclude) | set(gathers) - set(_quantizable_gathers(model))
+        if len(skip & set(gathers)) < len(gathers):
+            model = run(model, 4, ("Gather",), sorted(skip))
+    if "MatMul" in cfg.ops:
+        algo = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4) if cfg.algorithm == "hqq" else None
+        model = run(model, bits, ("MatMul",), exclude + (heads if cfg.head_bits == 32 else []), algo)
+    return model
+
+
+def _quantizable_gathers(model: onnx.ModelProto) -> list[str]:
+    """Gathers of a 2-D float initializer (embeddings); ORT's Gather quantizer asserts on others."""
+    floats = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type in
+              (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats]
+
+
+_THROUGH = {"Reshape", "Cast", "Identity", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Tanh"}
+_WITH_CONSTANT = {"Add", "Sub", "Mul", "Div"}
+
+
+def output_heads(model: onnx.ModelProto) -> list[str]:
+    """Names of the output heads: MatMul nodes with an initializer weight whose result reaches a graph
+    output through layout ops and elementwise ops with a constant (a bias ``Add``, a soft-cap
+    ``Div/Tanh/Mul``) only: an LM head's logits, a classifier. Graph-only, in graph order."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    heads, seen, todo = set(), set(), [o.name for o in graph.output]
+    while todo:
+        value = todo.pop()
+        if value in seen or value not in producer:
+            continue
+        seen.add(value)
+        node = producer[value]
+        if node.op_type == "MatMul" and node.input[1] in constants:
+            heads.add(node.name)
+        elif node.op_type in _THROUGH:
+            todo.append(node.input[0])
+        elif node.op_type in _WITH_CONSTANT:
+            data = [i for i in node.input if i not in constants]
+            todo += data if len(data) == 1 else []
+    return [n.name for n in graph.node if n.name in heads]
 
 
 def _dynamic_int8(model: onnx.ModelProto, dst: str, cfg: QuantizeConfig, exclude: list[str]) -> onnx.ModelProto:
@@ -305,6 +385,8 @@ class QuantizeReport:
         ops = ", ".join(f"{n} {op}" for op, n in i.quantized.items())
         how = (f"block {c.block_size}, {'symmetric' if c.symmetric else 'asymmetric'}" if _nbits(c)
                else "per-channel symmetric weights, dynamic activations")
+        if i.heads and c.head_bits != (4 if c.scheme == "int4" else 8):
+            how += f", {len(i.heads)} output head(s) {'fp32' if c.head_bits == 32 else f'{c.head_bits}-bit'}"
         lines = [f"quantized {c.scheme} ({ops}; {how}): {i.bytes / 2**20:.2f} MiB, "
                  f"{i.bytes / max(i.fp32_bytes, 1):.3f}x the fp32 file ({i.fp32_bytes / 2**20:.2f} MiB)"]
         if self.structure_ok:
