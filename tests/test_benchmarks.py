@@ -141,7 +141,7 @@ def test_quantize_smoke(tmp_path):
     for q in d["quantized"].values():
         assert q["proof"] and q["changed"] > 0 and 0 < q["size_ratio"] < 1
         assert q["task_err"]["rms"] > 0 and q["fold_verdict"] in ("MET", "MISSED")
-    assert d["quantized"]["int4"]["ops"] == {"MatMulNBits": 15}
+    assert d["quantized"]["int4"]["ops"] == {"MatMulNBits": 15, "GatherBlockQuantized": 1}  # + the embedding
     assert set(d["latency"]) == {"fp32", "int4", "int8 dynamic", "int8 weight-only", "fp32 (control)"}
     for v in d["latency"].values():
         _stats(v["ratio"])
