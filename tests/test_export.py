@@ -144,14 +144,14 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     randomize_lora(lgm)
     import lora_fx.exporters.export as ex
 
-    real = ex.verify_fold
+    real = ex.verify_export  # the default verification's checks after the structure proof
 
     def failing(*a, **k):
         rep = real(*a, **k)
         rep.graph_ok = False
         return rep
 
-    monkeypatch.setattr(ex, "verify_fold", failing)
+    monkeypatch.setattr(ex, "verify_export", failing)
     with pytest.raises(lora_fx.VerifyError, match="nothing was written"):
         lora_fx.fold_and_export(lgm, path)
     assert path.read_bytes() == before

@@ -151,7 +151,8 @@ def test_refold_rewrites_transposed_weights_of_optimized_files(llama):
 
 @pytest.mark.slow
 def test_verify_error_hints_at_optimize_false(llama, monkeypatch):
-    """A structural difference between optimized exports fails, naming the way out."""
+    """A structural difference between optimized exports (verify="full" compares the files) fails, naming
+    the way out."""
     from lora_fx.exporters import verify
 
     real = verify.compare_structure
@@ -163,7 +164,7 @@ def test_verify_error_hints_at_optimize_false(llama, monkeypatch):
 
     monkeypatch.setattr(verify, "compare_structure", differs)
     with pytest.raises(VerifyError, match="(?s)forced difference.*export with optimize=False"):
-        lora_fx.fold_and_export(llama[3], llama[4] / "y.onnx")
+        lora_fx.fold_and_export(llama[3], llama[4] / "y.onnx", verify="full")
     assert not (llama[4] / "y.onnx").exists()
 
 
