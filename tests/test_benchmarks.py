@@ -177,7 +177,10 @@ def test_scale_smoke(tmp_path):
     assert [e["dtype"] for e in r["data"]["e2e"]] == ["float32", "bfloat16"]
     for e in r["data"]["e2e"]:
         assert e["verified"]
-        assert set(e["phases"]) == {"build", "trace", "lorafy", "train", "fold_and_export", "plain_export"}
+        assert set(e["phases"]) == {"build", "trace", "lorafy", "train", "fold_and_export", "plain_export",
+                                    "plain_export_raw"}
+        assert {"fold", "export", "verify"} <= set(e["export_steps"])  # each step's seconds and peak
+        assert e["phases"]["fold_and_export"]["peak_bytes"] >= max(s["peak_bytes"] for s in e["export_steps"].values())
         assert all(p["peak_bytes"] > 0 and p["seconds"] >= 0 for p in e["phases"].values())
     assert [p["layers"] for p in r["data"]["passes"]] == [2, 4]
     assert r["data"]["passes"][1]["sites"] > r["data"]["passes"][0]["sites"]

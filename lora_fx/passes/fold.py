@@ -126,8 +126,8 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
     delta = lora_delta.delta(branches, gm.get_parameter, site, lora_delta.compute_dtype(w.dtype))
     rounded, merged = lora_delta.merge(w, delta)
     new = nn.Parameter(rounded, requires_grad=False)
-    if not torch.isfinite(new).all():  # one check on the hot path; diagnose only on failure
-        _raise_non_finite(gm, site, branches, w, delta, merged, new)
+    if new.numel() and not torch.isfinite(torch.stack(torch.aminmax(new))).all():  # NaN/inf reach min or max
+        _raise_non_finite(gm, site, branches, w, delta, merged, new)  # diagnose only on failure
     lo, hi = torch.aminmax(delta) if delta.numel() else (torch.zeros(()), torch.zeros(()))
     report.folded[site.id] = max(-float(lo), float(hi))  # max |delta| in one pass, no |delta| copy
     if node.op == "call_module":
