@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo tests talk over loopback only (no hostname lookup)
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", module="torch")
 
