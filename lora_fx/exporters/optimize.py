@@ -41,6 +41,7 @@ parameter is an initializer, and that holds for any weight values.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -201,15 +202,20 @@ def _fold_layout(model: Any, weights: set) -> dict[str, dict[str, Any]]:
         if key in done:  # the same op on the same weight twice (a tied weight): one initializer
             node.outputs[0].replace_all_uses_with(done[key], replace_graph_outputs=True)
             continue
-        array = _evaluate(node, data.const_value.numpy(), [x.const_value.numpy() for x in rest])
-        if array is None:
+        op, attrs = node.op_type, {a.name: a.value for a in node.attributes.values()}
+        args = [x.const_value.numpy() for x in rest]
+        like = _evaluate(op, attrs, _stand_in(data.const_value), args)  # shape and dtype, no weight bytes
+        if like is None:
             continue
         ops = [*ops, step]
         name = f"{source}::" + "::".join(op[0] for op in ops)
         while name in model.graph.initializers:
             name += "'"
-        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+        dtype = ir.DataType.from_numpy(like.dtype)
+        # Lazy, like the streamed weights it reads: computed when the file is written, one at a time.
+        lazy = ir.LazyTensor(functools.partial(_derive, op, attrs, data.const_value, args, name), dtype=dtype,
+                             shape=ir.Shape(like.shape), name=name)
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(like.shape), const_value=lazy)
         model.graph.register_initializer(value)
         node.outputs[0].replace_all_uses_with(value, replace_graph_outputs=True)
         origin[value] = (source, ops)
@@ -224,9 +230,19 @@ def _attr(attr: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else (int(value) if hasattr(value, "__index__") else value)
 
 
-def _evaluate(node: Any, x: np.ndarray, rest: list[np.ndarray]) -> np.ndarray | None:
+def _stand_in(tensor: Any) -> np.ndarray:
+    """A zero-strided array with ``tensor``'s shape and dtype (one element of memory)."""
+    return np.broadcast_to(np.zeros((), dtype=tensor.dtype.numpy()), tuple(tensor.shape))
+
+
+def _derive(op: str, attrs: dict[str, Any], source: Any, rest: list[np.ndarray], name: str) -> Any:
+    import onnx_ir as ir
+
+    return ir.tensor(_evaluate(op, attrs, source.numpy(), rest), name=name)
+
+
+def _evaluate(op: str, attrs: dict[str, Any], x: np.ndarray, rest: list[np.ndarray]) -> np.ndarray | None:
     """One layout op in numpy (the ONNX reference semantics for these ops); None if unsupported."""
-    op, attrs = node.op_type, {a.name: a.value for a in node.attributes.values()}
     if op == "Identity":
         return x
     if op == "Transpose":
