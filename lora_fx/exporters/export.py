@@ -26,6 +26,7 @@ belongs. Each step's wall time lands in ``report.seconds[name]``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -262,6 +263,7 @@ def _export(job: ExportJob) -> None:
     if o.verify:
         job.spec = skeleton_spec(job.module, o.dtype)
     job.module = None  # the folded copies of the adapted weights: not needed by the verification
+    gc.collect()  # a GraphModule is a reference cycle (graph <-> module): free those copies before ORT runs
 
 
 def _structure(job: ExportJob) -> None:

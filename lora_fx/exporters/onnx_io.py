@@ -136,17 +136,8 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     _save(program.model, path, external_data)
     info = _describe(program.model, path, external_data, time.perf_counter() - start)
     info.optimization = optimization
-    _release(program.model)
     return info
 
-
-def _release(model: Any) -> None:
-    """Drops the written model's tensors. onnxscript's rewrite rules keep the last graph they matched
-    (module-level pattern matchers), so without this the model and every weight its tensors reference
-    (a streamed export's folded weights, say) would stay in memory after the export."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            value.const_value = None
 
 
 def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any, path: str) -> None:

@@ -96,8 +96,11 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
             core from the one being timed (identical files measured 0.98-1.08x apart with spinning).
         low_memory: Hold the weights once: no graph optimizations (constant folding would store an
             fp32 copy of every fp16 weight the CPU kernels need cast), no pre-packed weight copies,
-            no memory arena (transient buffers go back to the system). For verification runs,
-            never for timing.
+            no memory arena (transient buffers go back to the system), and priority-based execution
+            order (in the default order the casts of fp16 weights, which depend on nothing, all run
+            first and hold an fp32 copy of every weight at once: measured on a 6-layer fp16
+            TinyLlama file, a run's peak over the session's weights 0.92 GiB -> 0.26 GiB). For
+            verification runs, never for timing.
         log_severity: ORT's ``log_severity_level`` (3: errors only); None keeps ORT's default.
 
     Raises:
@@ -118,6 +121,7 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers or available_providers())
     except Exception as exc:

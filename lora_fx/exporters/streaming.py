@@ -148,16 +148,19 @@ def export_streaming(module: fx.GraphModule, path: str | os.PathLike, args: tupl
         exporter: ``export_onnx`` or a wrapper taking its arguments (``Fallbacks().export``).
     """
     skel, sources = skeleton(module, dtype)
-    producers: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, src in sources.items():
-        producers[name] = _converter(src, dtype)
+    producers: dict[str, Callable[[], torch.Tensor]] = {name: _converter(sources, name, dtype) for name in sources}
     producers.update(values or {})
-    return exporter(skel, path, args, kwargs, bind=lambda program: bind_lazy(program, producers), **export_kwargs)
+    try:
+        return exporter(skel, path, args, kwargs, bind=lambda program: bind_lazy(program, producers), **export_kwargs)
+    finally:
+        # The lazy tensors outlive the export (onnxscript's rewrite rules keep the last graph they matched):
+        # they must not keep the weights (a folded module's new weights, say) alive after it.
+        sources.clear()
 
 
-def _converter(src: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+def _converter(sources: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
     def make() -> torch.Tensor:
-        t = src.detach()
+        t = sources[name].detach()
         return t.to(dtype) if (dtype is not None and t.is_floating_point()) else t
     return make
 
