@@ -156,3 +156,12 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
         lora_fx.fold_and_export(lgm, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["task.onnx"]
+
+
+def test_numeric_tolerance_is_the_looser_of_model_and_file_precision():
+    from lora_fx.exporters.verify import tolerance
+
+    assert tolerance(torch.float32) == 1e-4
+    assert tolerance(torch.float32, torch.float16) == 1e-2
+    assert tolerance(torch.bfloat16, torch.float16) == 5e-2  # the bf16 reference limits the comparison
+    assert tolerance(torch.float16, torch.float32) == 1e-2

@@ -312,12 +312,13 @@ def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=N
     Positions the mask hides (padding) are excluded: their values are never read later, and fully
     masked attention rows are undefined (torch and ORT fill them differently).
     """
-    from .verify import RTOL, NumericCheck
+    from .verify import NumericCheck, tolerance
 
     session = ort_session(path, providers=providers or available_providers())
     ref = copy_module(kv, freeze=False).eval()
-    float_dtype = dtype or next(p.dtype for p in kv.parameters() if p.is_floating_point())
-    rtol = RTOL.get(float_dtype, 1e-4)
+    model_dtype = next(p.dtype for p in kv.parameters() if p.is_floating_point())
+    float_dtype = dtype or model_dtype
+    rtol = tolerance(model_dtype, dtype)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(layout.vocab_size, 100), (2, 7), generator=gen)
     mask = torch.ones(2, 7, dtype=torch.long)

@@ -30,6 +30,13 @@ from .verify_onnx import StructureReport, compare_structure
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
+def tolerance(model_dtype: torch.dtype, export_dtype: torch.dtype | None = None) -> float:
+    """Max relative error allowed between ORT on the file and torch on the model: the looser of the
+    two precisions (a bf16 model exported to fp16 is checked against a bf16 reference)."""
+    dtypes = [model_dtype] if export_dtype is None else [model_dtype, export_dtype]
+    return max(RTOL.get(d, 1e-4) for d in dtypes)
+
+
 @dataclass
 class NumericCheck:
     """ORT on the file vs torch on the LoRA model, for one input shape."""
@@ -143,7 +150,7 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
         notes.append(f"numeric check skipped: {e}")
         return None, []
     provider = session.get_providers()[0]
-    rtol = RTOL.get(dtype or float_dtype(lgm), 1e-4)
+    rtol = tolerance(float_dtype(lgm), dtype)
     for a, k, expected in cases:
         ca, ck = cast_inputs((a, k), dtype)
         try:
