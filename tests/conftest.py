@@ -19,7 +19,7 @@ from zoo import ZOO_BY_NAME  # noqa: E402
 
 import lora_fx  # noqa: E402
 
-# The default run (the README's `python -m pytest -q`) must end in about 3 minutes on 2 cores. These
+# The default run (the README's `python -m pytest -q -n 2`) must end in about 3 minutes on 2 cores. These
 # tests are the slowest of it (each 2-30 s idle, measured with --durations): each one's feature keeps
 # a faster test in the default run, and CI still runs these with `-m slow`. A node id without
 # parameters covers all of its parameters.
