@@ -8,6 +8,7 @@ capture step rewires mode-dependent ops (dropout, batch norm, attention dropout)
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -56,8 +57,16 @@ class SourceRef:
         return self
 
 
+_CODEGEN = contextvars.ContextVar("lora_fx_codegen", default=True)  # False: copy_module(codegen=False)
+
+
 class LoraFxModule(fx.GraphModule):
     """A GraphModule whose ``.train()`` / ``.eval()`` work, whatever produced the graph."""
+
+    def recompile(self):
+        if not _CODEGEN.get():  # a pass's working copy: it recompiles once its graph is final
+            return None
+        return super().recompile()
 
     def train(self, mode: bool = True) -> LoraFxModule:
         return nn.Module.train(self, mode)
@@ -124,19 +133,25 @@ def wrap(root: fx.GraphModule, graph: fx.Graph | None = None, *, cls: type | Non
     return new
 
 
-def copy_module(gm: fx.GraphModule, *, freeze: bool) -> LoraFxModule:
+def copy_module(gm: fx.GraphModule, *, freeze: bool, codegen: bool = True) -> LoraFxModule:
     """Deep-copies graph, submodules and buffers; parameters share storage with ``gm``.
 
     With ``freeze`` the copy holds new Parameter objects (same storage, ``requires_grad=False``), so
     freezing the copy leaves the user's model and its ``requires_grad`` flags alone. Tied parameters
-    stay tied: one source object maps to one new object.
+    stay tied: one source object maps to one new object. With ``codegen=False`` the copy's Python
+    code is not generated (a third of a pass's time on GPT-2 small): the caller edits the graph and
+    must call ``recompile()`` before the copy runs, as lorafy and fold do.
     """
     memo: dict[int, Any] = {}
     for p in gm.parameters():
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False) if freeze else p
-    with warnings.catch_warnings():  # deep-copying torch.export's TreeSpec warns about LeafSpec
-        warnings.simplefilter("ignore", FutureWarning)
-        new = copy.deepcopy(gm, memo)
+    token = _CODEGEN.set(codegen)
+    try:
+        with warnings.catch_warnings():  # deep-copying torch.export's TreeSpec warns about LeafSpec
+            warnings.simplefilter("ignore", FutureWarning)
+            new = copy.deepcopy(gm, memo)
+    finally:
+        _CODEGEN.reset(token)
     if not isinstance(new, LoraFxModule):
         new = wrap(new)
     return new

@@ -85,7 +85,7 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     gm = dequantized(gm)  # QLoRA: fold into the dequantized weights the adapter was trained with
     state: LoraState = lora_state(gm, "fold" if merge else "strip")
     check_materialized(gm, "fold" if merge else "strip")
-    out = copy_module(gm, freeze=False)
+    out = copy_module(gm, freeze=False, codegen=False)  # recompiled below, once
     graph = out.graph
     by_site: dict[str, list[Branch]] = defaultdict(list)
     for br in state.branches:

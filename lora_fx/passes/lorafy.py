@@ -117,7 +117,7 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
         raise
 
     prior: LoraState | None = gm.meta.get(LORA_KEY)
-    out = copy_module(gm, freeze=True)
+    out = copy_module(gm, freeze=True, codegen=False)  # recompiled below, once
     base_signature = prior.base_signature if prior else graph_signature(out.graph)
     graph = out.graph
     by_name = {n.name: n for n in graph.nodes}
