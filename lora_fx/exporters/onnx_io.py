@@ -139,7 +139,6 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
     return info
 
 
-
 def _warn_size_one(args: tuple[Any, ...], kwargs: dict[str, Any] | None, dynamic_shapes: Any, path: str) -> None:
     """Warn when an axis asked to be dynamic has example size 1.
 
