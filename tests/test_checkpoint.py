@@ -236,10 +236,10 @@ def ddp_gradients_match() -> None:
 
 def test_ddp_single_process():
     # In a fresh interpreter with a time limit: gloo in the test process once waited forever on a futex
-    # (after other tests' threads), which would hang the whole run; loopback only (GLOO_SOCKET_IFNAME=lo).
+    # (after other tests' threads), which would hang the whole run (conftest sets GLOO_SOCKET_IFNAME=lo).
     here = os.path.dirname(os.path.abspath(__file__))
     code = f"import sys; sys.path.insert(0, {here!r}); import test_checkpoint; test_checkpoint.ddp_gradients_match()"
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as e:
