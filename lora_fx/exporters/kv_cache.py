@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ExportError, VerifyError
 from ..graph_module import LoraFxModule, capture_of, copy_module, lora_state
 from . import onnx_files
-from .ort import available_providers, ort_session
+from .ort import available_providers
 
 __all__ = ["DecoderWithCache", "DecoderLayout", "METADATA_KEY", "recapture", "export_with_cache",
            "export_multi_lora_with_cache", "merged_model"]
@@ -312,9 +312,10 @@ def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=N
     Positions the mask hides (padding) are excluded: their values are never read later, and fully
     masked attention rows are undefined (torch and ORT fill them differently).
     """
+    from .segments import bounded_session
     from .verify import NumericCheck, tolerance
 
-    session = ort_session(path, providers=providers or available_providers())
+    session = bounded_session(path, providers=providers or available_providers())
     ref = copy_module(kv, freeze=False).eval()
     model_dtype = next(p.dtype for p in kv.parameters() if p.is_floating_point())
     float_dtype = dtype or model_dtype

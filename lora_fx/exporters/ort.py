@@ -83,13 +83,14 @@ def _usable(provider: str) -> bool:
     return provider in session.get_providers()
 
 
-def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = None, threads: int | None = None,
-                spinning: bool = False, low_memory: bool = False,
-                log_severity: int | None = None) -> onnxruntime.InferenceSession:
+def ort_session(path: str | os.PathLike[str] | bytes, *, providers: list[str] | None = None, threads: int | None = None,
+                spinning: bool = False, low_memory: bool = False, log_severity: int | None = None,
+                data_folder: str | None = None, what: str | None = None) -> onnxruntime.InferenceSession:
     """Open an ONNX Runtime session on ``path``.
 
     Args:
-        path: The ``.onnx`` file (its external data is found beside it).
+        path: The ``.onnx`` file (its external data is found beside it), or a serialized model whose
+            external data lives in ``data_folder``.
         providers: Execution providers; default :func:`available_providers`.
         threads: ``intra_op_num_threads``; ``None`` lets ORT use all cores.
         spinning: Let idle intra-op threads spin. Off by default: a spinning idle session steals a
@@ -102,15 +103,20 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
             TinyLlama file, a run's peak over the session's weights 0.92 GiB -> 0.26 GiB). For
             verification runs, never for timing.
         log_severity: ORT's ``log_severity_level`` (3: errors only); None keeps ORT's default.
+        data_folder: Where a serialized model's external data files are.
+        what: How error messages name a serialized model.
 
     Raises:
         ExportError: onnxruntime is missing, the file does not exist or cannot be loaded.
     """
     ort = _import_ort()
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ExportError(f"ONNX file {path!r} does not exist; write it first with export_onnx()")
+    if not isinstance(path, bytes):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ExportError(f"ONNX file {path!r} does not exist; write it first with export_onnx()")
     options = ort.SessionOptions()
+    if data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", data_folder)
     if log_severity is not None:
         options.log_severity_level = int(log_severity)
     if threads is not None:
@@ -125,7 +131,8 @@ def ort_session(path: str | os.PathLike[str], *, providers: list[str] | None = N
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers or available_providers())
     except Exception as exc:
-        raise ExportError(f"onnxruntime could not load {path!r}: {_first_lines(exc)}") from exc
+        name = what or (repr(path) if isinstance(path, str) else "a serialized model")
+        raise ExportError(f"onnxruntime could not load {name}: {_first_lines(exc)}") from exc
 
 
 def run_onnx(session_or_path: onnxruntime.InferenceSession | str | os.PathLike[str], args: tuple[Any, ...],

@@ -3,7 +3,9 @@
 Three checks: (a) the folded FX graph equals the captured one (fold checks it), (b) the ONNX file has
 the base export's exact structure (ops, topology, attributes, initializer names/shapes/dtypes,
 inputs, outputs) with only adapted initializers' values changed (:mod:`.verify_onnx`), and (c) ONNX
-Runtime on the file matches torch on the unfolded LoRA model on two input shapes::
+Runtime on the file matches torch on the unfolded LoRA model on two input shapes (a file whose weights
+exceed :data:`.segments.DEFAULT_BUDGET` runs as a chain of parts, so the check holds a bounded share
+of them next to the model's own)::
 
     max |ort - torch| / max |torch|  <=  1e-4 (fp32), 1e-8 (fp64), 1e-2 (fp16), 5e-2 (bf16)
 """
@@ -24,7 +26,8 @@ from ..graph_module import copy_module
 from ..passes.dtype import cast_inputs, float_dtype
 from ..passes.fold import FoldReport, fold
 from . import onnx_files
-from .ort import available_providers, ort_session, run_onnx
+from .ort import available_providers, run_onnx
+from .segments import bounded_session
 from .verify_onnx import StructureReport, compare_structure
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -136,8 +139,9 @@ def _aliases(base, task, untied: dict[str, str]) -> dict[str, str]:
 def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | None, list[NumericCheck]]:
     providers = providers or available_providers()
     ref_model = copy_module(lgm, freeze=False).eval()
-    # torch first, then ORT: the session is the only other holder of the weights while it runs,
-    # and it holds them once (low_memory: no constant-folded casts, no pre-packed copies).
+    # torch first, then ORT: the session is the only other holder of the weights while it runs, and
+    # it holds them once (low_memory: no constant-folded casts, no pre-packed copies) or, for a big
+    # file, a bounded share at a time (segments.bounded_session: the graph run as a chain of parts).
     cases = []
     for a, k in variants(args, kwargs):
         with torch.no_grad():
@@ -145,7 +149,7 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
     del ref_model
     checks = []
     try:
-        session = ort_session(task, providers=providers, low_memory=True)
+        session = bounded_session(task, providers=providers)
     except ExportError as e:
         notes.append(f"numeric check skipped: {e}")
         return None, []
