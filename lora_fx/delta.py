@@ -5,7 +5,8 @@ weight's own layout and shape, is::
 
     D[out, in]        = sum_i  scale_i · B_i @ A_i    (B_i @ A_i lands in rows slice_i; all rows if None)
     delta             = to_layout(D, layout, shape)    (per op kind, lora_fx/kinds: "out,in": D,
-                                                        "in,out"/"embedding": D.T, "conv": D.reshape(shape))
+                                                        "in,out"/"embedding": D.T, computed as
+                                                        sum s·Aᵀ@Bᵀ; "conv": D.reshape(shape))
 
 computed in the *compute dtype* (fp32, fp64 for fp64 weights) and rounded once::
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .kinds import LAYOUTS, kind_for_layout
+from .kinds.base import transposed
 
 if TYPE_CHECKING:
     from .sites import Site
@@ -58,7 +60,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]],
             out_features: int, dtype: torch.dtype, ab_dtype: torch.dtype | None = None, *,
-            batched: bool = False) -> torch.Tensor:
+            batched: bool = False, transpose: bool = False) -> torch.Tensor:
     """``D = sum scale · B @ A`` as an (out_features, in*) matrix in ``dtype``.
 
     Args:
@@ -67,6 +69,7 @@ def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, 
             computes with); None uses them as given.
         batched: A (E, r, in), B (E, out, r) (MoE experts): ``D[e] = sum scale · B[e] @ A[e]``,
             (E, out, in), whole-weight pairs only.
+        transpose: return ``Dᵀ`` (in, out), computed as ``sum scale · Aᵀ @ Bᵀ`` (contiguous).
     """
     if batched:
         if any(sl is not None for *_, sl in pairs):
@@ -77,21 +80,26 @@ def product(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float, tuple[int, 
             prod = torch.bmm(cast(b).to(dtype), cast(a).to(dtype).to(b.device)).mul_(scale)
             out = prod if out is None else out.add_(prod)
         return out
-    first_a = pairs[0][0]
-    if len(pairs) == 1 and pairs[0][3] is None:  # one whole-weight branch: no zero buffer to add into
-        a, b, scale, _ = pairs[0]
-        a, b = (a.detach(), b.detach()) if ab_dtype is None else (a.detach().to(ab_dtype), b.detach().to(ab_dtype))
-        prod = b.to(dtype).reshape(b.shape[0], -1) @ a.to(dtype).reshape(a.shape[0], -1)
-        if prod.shape[0] == out_features:
-            return prod.mul_(scale)  # the same products and one rounding each as scale * (B @ A)
-    out = torch.zeros(out_features, first_a[0].numel(), dtype=dtype, device=first_a.device)
-    for a, b, scale, sl in pairs:
-        a, b = a.detach().to(out.device), b.detach().to(out.device)
+    def matmul(a, b):  # B @ A, or (transpose) Aᵀ @ Bᵀ
+        a, b = a.detach(), b.detach()
         if ab_dtype is not None:
             a, b = a.to(ab_dtype), b.to(ab_dtype)
-        prod = b.to(dtype).reshape(b.shape[0], -1) @ a.to(dtype).reshape(a.shape[0], -1)
+        a, b = a.to(dtype).reshape(a.shape[0], -1), b.to(dtype).reshape(b.shape[0], -1)
+        return a.T @ b.T if transpose else b @ a
+
+    first_a = pairs[0][0]
+    if len(pairs) == 1 and pairs[0][3] is None and pairs[0][1].shape[0] == out_features:
+        a, b, scale, _ = pairs[0]  # one whole-weight branch: no zero buffer to add into
+        return matmul(a, b).mul_(scale)  # the same products and one rounding each as scale * (B @ A)
+    rows_first = (out_features, first_a[0].numel())
+    out = torch.zeros(rows_first[::-1] if transpose else rows_first, dtype=dtype, device=first_a.device)
+    for a, b, scale, sl in pairs:
         rows = slice(None) if sl is None else slice(*sl)
-        out[rows] += scale * prod
+        prod = scale * matmul(a.to(out.device), b.to(out.device))
+        if transpose:
+            out[:, rows] += prod
+        else:
+            out[rows] += prod
     return out
 
 
@@ -118,12 +126,17 @@ def delta(branches: Sequence[Branch], tensors: Mapping[str, torch.Tensor] | Call
     get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
     pairs = [(get(br.a), get(br.b), br.scale, br.slice) for br in branches]
     batched = kind_for_layout(site.layout).batched if site.layout in LAYOUTS else False
+    if LAYOUTS.get(site.layout) is transposed:  # Dᵀ computed as such: contiguous like the weight
+        return product(pairs, site.out_features, dtype, ab_dtype, transpose=True)
     return to_layout(product(pairs, site.out_features, dtype, ab_dtype, batched=batched), site.layout, site.shape)
 
 
-def merge(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(round(cdt(W) + delta), cdt(W) + delta)``: the folded weight in W's dtype, and before rounding."""
-    merged = w.detach().to(d.dtype) + d
+def merge(w: torch.Tensor, d: torch.Tensor, *, into_delta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(round(cdt(W) + delta), cdt(W) + delta)``: the folded weight in W's dtype, and before rounding.
+
+    ``into_delta``: add W into ``d``'s buffer (``d`` is consumed): one new weight-sized buffer instead
+    of two, the same values (W is cast to the compute dtype either way)."""
+    merged = d.add_(w.detach()) if into_delta else w.detach().to(d.dtype) + d
     return merged.to(w.dtype), merged
 
 

@@ -43,6 +43,12 @@ CONV = "conv"  # (out, in, *kernel)
 EMBED = "embedding"  # (num_embeddings, dim): a lookup; A is (r, num), B is (dim, r)
 
 
+def transposed(d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The layout that stores D's transpose. :func:`lora_fx.delta.delta` recognizes it and computes
+    Dᵀ = Σ s·Aᵀ@Bᵀ directly, contiguous like the weight (adding a transposed view costs 5x)."""
+    return d.T
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """How to read one op: its kind, which arg is the activation, which the weight, default layout."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EMBED, OpKind, OpSpec, register
+from .base import EMBED, OpKind, OpSpec, register, transposed
 
 aten = torch.ops.aten
 
@@ -24,7 +24,7 @@ class Embedding(OpKind):
     functions = {aten.embedding.default: OpSpec("embedding", 1, 0, EMBED),
                  F.embedding: OpSpec("embedding", 0, 1, EMBED)}
     modules = {nn.Embedding: OpSpec("embedding", 0, -1, EMBED)}
-    layouts = {EMBED: lambda d, shape: d.T}
+    layouts = {EMBED: transposed}
     dropout = False
     float_input = False  # token ids
     kaiming = False

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import IN_OUT, OUT_IN, OpKind, OpSpec, register
+from .base import IN_OUT, OUT_IN, OpKind, OpSpec, register, transposed
 
 aten = torch.ops.aten
 
@@ -42,7 +42,7 @@ class Linear(OpKind):
     }
     methods = {"matmul": OpSpec("linear", 0, 1, IN_OUT)}
     modules = {nn.Linear: OpSpec("linear", 0, -1, OUT_IN)}
-    layouts = {OUT_IN: lambda d, shape: d, IN_OUT: lambda d, shape: d.T}
+    layouts = {OUT_IN: lambda d, shape: d, IN_OUT: transposed}
     slices = True
     peft_modules = {"Linear": "linear", "Conv1D": "addmm"}
 

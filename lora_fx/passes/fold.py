@@ -123,13 +123,15 @@ class _Facts:
 def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Branch], report: FoldReport,
                 facts: _Facts):
     w = gm.get_parameter(site.weight)
-    delta = lora_delta.delta(branches, gm.get_parameter, site, lora_delta.compute_dtype(w.dtype))
-    rounded, merged = lora_delta.merge(w, delta)
-    new = nn.Parameter(rounded, requires_grad=False)
-    if new.numel() and not torch.isfinite(torch.stack(torch.aminmax(new))).all():  # NaN/inf reach min or max
-        _raise_non_finite(gm, site, branches, w, delta, merged, new)  # diagnose only on failure
+    cdt = lora_delta.compute_dtype(w.dtype)
+    delta = lora_delta.delta(branches, gm.get_parameter, site, cdt)
     lo, hi = torch.aminmax(delta) if delta.numel() else (torch.zeros(()), torch.zeros(()))
     report.folded[site.id] = max(-float(lo), float(hi))  # max |delta| in one pass, no |delta| copy
+    rounded, merged = lora_delta.merge(w, delta, into_delta=True)  # delta's buffer becomes W + delta
+    new = nn.Parameter(rounded, requires_grad=False)
+    if new.numel() and not torch.isfinite(torch.stack(torch.aminmax(new))).all():  # NaN/inf reach min or max
+        delta = lora_delta.delta(branches, gm.get_parameter, site, cdt)  # diagnose only on failure
+        _raise_non_finite(gm, site, branches, w, delta, merged, new)
     if node.op == "call_module":
         _merge_module(gm, node, new, report, facts)
     elif facts.reads[site.weight] == 1:  # writing W' under its name changes nothing else
