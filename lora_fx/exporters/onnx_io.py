@@ -128,9 +128,12 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         bind(program)
     optimization = None
     if optimize is not False:
+        from ..graph_module import fold_report_of
         from .optimize import optimize_model
 
-        program.model, optimization = optimize_model(program.model, optimize, model_type=model_type)
+        report = fold_report_of(module)  # a folded module's untied copies count as their weights
+        program.model, optimization = optimize_model(program.model, optimize, model_type=model_type,
+                                                     ties=dict(report.untied) if report else None)
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
     _save(program.model, path, external_data)

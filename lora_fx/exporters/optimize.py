@@ -93,14 +93,17 @@ def check_mode(mode: Any) -> Any:
                       "the default), 'ort' (plus ONNX Runtime's transformer fusions) or False (the exporter's raw graph)")
 
 
-def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert") -> tuple[Any, OptimizeReport]:
+def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
+                   ties: dict[str, str] | None = None) -> tuple[Any, OptimizeReport]:
     """Optimizes an ``onnx_ir.Model`` without letting any decision depend on weight values.
 
     Steps (onnxscript's default optimizer, reordered so that weights are opaque where it matters):
 
     1. inline functions; hide every initializer's value;
     2. constant folding + onnxscript's default rewrite rules + unused-node removal, twice;
-    3. restore the values; fold layout ops on weights (``W' = Transpose(W)``) into initializers;
+    3. restore the values; fold layout ops on weights (``W' = Transpose(W)``) into initializers,
+       for weights read only through layout ops (a tied embedding keeps its Transpose node: one
+       copy in the file, as in a plain export);
     4. lift ``Constant`` nodes to initializers, deduplicate *non-weight* initializers, CSE, fix names;
     5. ``mode="ort"``: :func:`ort_fusions`.
 
@@ -109,6 +112,9 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert") ->
             ``onnx.ModelProto`` (not changed; an optimized ModelProto is returned).
         mode: ``True`` or ``"ort"`` (``False`` returns at once).
         model_type: for ``"ort"``: ``onnxruntime.transformers`` model type (``bert``, ``gpt2``...).
+        ties: ``{untied copy: weight}`` (a fold report's ``untied``): a weight and its untied copies
+            count as one weight when deciding what to fold, so a folded export folds what its base
+            export folds.
 
     Returns:
         (the optimized model: ``model`` itself, or a new one for ``"ort"`` or a ModelProto input,
@@ -125,7 +131,7 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert") ->
 
     mode = check_mode(mode)
     if not isinstance(model, ir.Model):  # an onnx.ModelProto: same steps, a ModelProto back
-        optimized, report = optimize_model(ir.serde.deserialize_model(model), mode, model_type=model_type)
+        optimized, report = optimize_model(ir.serde.deserialize_model(model), mode, model_type=model_type, ties=ties)
         return ir.serde.serialize_model(optimized), report
     start = time.perf_counter()
     report = OptimizeReport(mode, _count(model), _count(model))
@@ -142,7 +148,7 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert") ->
             common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
         ], steps=2, early_stop=True)(model)
     weights = {v for g in model.graphs() for v in g.initializers.values() if v in weights}
-    report.derived = _fold_layout(model, weights)
+    report.derived = _fold_layout(model, weights, ties or {})
     weights |= {v for g in model.graphs() for v in g.initializers.values() if v.name in report.derived}
     common.RemoveUnusedNodesPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -178,19 +184,26 @@ class _hidden:
             v.const_value = t
 
 
-def _fold_layout(model: Any, weights: set) -> dict[str, dict[str, Any]]:
+def _fold_layout(model: Any, weights: set, ties: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Folds chains of layout ops applied to weights into new initializers named ``<weight>::<Op>``.
 
-    The decision depends only on op types and on which inputs are weights (never on values, sizes or
-    consumer counts), so base and folded exports fold the same nodes.
+    Only weights that nothing but layout ops reads: one read as is too (a tied embedding's Gather)
+    keeps its Transpose node, else the file would hold it twice. The decision depends only on op
+    types and on which inputs are weights, a weight and its untied copies (``ties``) counted as one
+    (never on values, sizes or consumer counts), so base and folded exports fold the same nodes.
     """
     import onnx_ir as ir
 
     derived: dict[str, dict[str, Any]] = {}
-    origin = {v: (v.name, []) for v in weights}  # value -> (source weight, ops applied)
+    groups: dict[str, list[Any]] = {}
+    for v in weights:
+        groups.setdefault(_tied_name(v.name, ties), []).append(v)
+    layout_only = {v for vs in groups.values()
+                   if all(_is_layout(use.node) and use.idx == 0 for v in vs for use in v.uses()) for v in vs}
+    origin = {v: (v.name, []) for v in layout_only}  # value -> (source weight, ops applied)
     done: dict[tuple[int, str], Any] = {}  # (value, op) -> the initializer it folded into
     for node in list(model.graph):  # topological order: a chain folds link by link
-        if node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+        if not _is_layout(node) or not node.inputs:
             continue
         data, rest = node.inputs[0], [x for x in node.inputs[1:] if x is not None]
         if data not in origin or any(x.const_value is None for x in rest) or len(node.outputs) != 1:
@@ -223,6 +236,18 @@ def _fold_layout(model: Any, weights: set) -> dict[str, dict[str, Any]]:
         derived[name] = {"source": source, "ops": ops}
     # Drop chain links nobody reads any more (a weight read only through its transpose, say).
     return {k: v for k, v in derived.items() if model.graph.initializers[k].uses()}
+
+
+def _is_layout(node: Any) -> bool:
+    return node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx")
+
+
+def _tied_name(name: str, ties: dict[str, str]) -> str:
+    """The weight an initializer is an untied copy of (``ties``: parameter or module names)."""
+    for new, old in ties.items():
+        if name == new or name.startswith(new + "."):
+            return old + name[len(new):]
+    return name
 
 
 def _attr(attr: Any) -> Any:
