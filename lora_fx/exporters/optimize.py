@@ -187,10 +187,11 @@ class _hidden:
 def _fold_layout(model: Any, weights: set, ties: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Folds chains of layout ops applied to weights into new initializers named ``<weight>::<Op>``.
 
-    Only weights that nothing but layout ops reads: one read as is too (a tied embedding's Gather)
-    keeps its Transpose node, else the file would hold it twice. The decision depends only on op
-    types and on which inputs are weights, a weight and its untied copies (``ties``) counted as one
-    (never on values, sizes or consumer counts), so base and folded exports fold the same nodes.
+    Which weights, as torch's default optimizer decides (onnxscript constant folding): those that
+    nothing but layout ops reads, and small ones (<= 8192 elements). A big weight also read as is (a
+    tied embedding's Gather) keeps its Transpose node, else the file would hold it twice. The decision
+    depends only on op types, shapes and which inputs are weights, a weight and its untied copies
+    (``ties``) counted as one, never on values, so base and folded exports fold the same nodes.
     """
     import onnx_ir as ir
 
@@ -198,9 +199,12 @@ def _fold_layout(model: Any, weights: set, ties: dict[str, str]) -> dict[str, di
     groups: dict[str, list[Any]] = {}
     for v in weights:
         groups.setdefault(_tied_name(v.name, ties), []).append(v)
-    layout_only = {v for vs in groups.values()
-                   if all(_is_layout(use.node) and use.idx == 0 for v in vs for use in v.uses()) for v in vs}
-    origin = {v: (v.name, []) for v in layout_only}  # value -> (source weight, ops applied)
+    from onnxscript.optimizer._constant_folding import DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT as small
+
+    foldable = {v for vs in groups.values()
+                if all(_is_layout(use.node) and use.idx == 0 for v in vs for use in v.uses())
+                or all(_numel(v) <= small for v in vs) for v in vs}
+    origin = {v: (v.name, []) for v in foldable}  # value -> (source weight, ops applied)
     done: dict[tuple[int, str], Any] = {}  # (value, op) -> the initializer it folded into
     for node in list(model.graph):  # topological order: a chain folds link by link
         if not _is_layout(node) or not node.inputs:
@@ -240,6 +244,10 @@ def _fold_layout(model: Any, weights: set, ties: dict[str, str]) -> dict[str, di
 
 def _is_layout(node: Any) -> bool:
     return node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx")
+
+
+def _numel(v: Any) -> int:
+    return int(np.prod([int(d) for d in v.shape])) if v.shape is not None else 0
 
 
 def _tied_name(name: str, ties: dict[str, str]) -> str:
