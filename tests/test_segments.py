@@ -134,3 +134,19 @@ def test_a_failing_part_names_its_first_node(tmp_path):
     seg = SegmentedSession(path, budget=1)
     with pytest.raises(ExportError, match="bad_reshape"):
         run_onnx(seg, (torch.ones(2),))
+
+
+def test_a_part_whose_values_nobody_reads_is_skipped(tmp_path):
+    """A raw export can leave dead nodes (a dropout mask nobody reads): their part has no outputs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("MatMul", ["x", "V"], ["dead"]),
+             helper.make_node("MatMul", ["y", "W"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.eye(2, dtype=np.float32) * 2, "W"),
+                                           numpy_helper.from_array(np.ones((2, 2), np.float32), "V")])
+    path = tmp_path / "dead.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    seg = SegmentedSession(path, budget=1)
+    assert [s.outputs for s in seg.segments] == [("y",), (), ("out",)]
+    assert np.array_equal(run_onnx(seg, (np.ones((1, 2), np.float32),))[0], np.full((1, 2), 4, np.float32))

@@ -142,6 +142,8 @@ class SegmentedSession:
         values: dict[str, np.ndarray] = dict(feeds)
         initializers = {t.name: t for t in graph.initializer}
         for k, segment in enumerate(self.segments):
+            if not segment.outputs:  # nothing later or outside reads what it computes
+                continue
             outs = self._run_segment(segment, values, initializers)
             values.update(zip(segment.outputs, outs, strict=True))
             later = {n for s in self.segments[k + 1:] for n in s.inputs}
