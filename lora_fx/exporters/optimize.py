@@ -20,8 +20,10 @@ rewriting and deduplication passes run, so no rule can read it. Those passes the
 same graph for any weights, and decide the same. Afterwards one value-agnostic step folds layout ops
 applied to weights (``Transpose``, ``Cast``, ``Reshape``, ``Unsqueeze``, ``Squeeze``, ``Flatten``,
 ``Identity``, and ``Expand`` when it adds no elements: BERT's ``token_type_ids`` buffer) into new
-initializers, *always* (regardless of values or how many nodes read the weight), so weights reach
-``MatMul``/``Gemm`` directly. The new initializer is named
+initializers, regardless of values, when nothing but layout ops reads the weight or it is small
+(<= 8192 elements: torch's default optimizer's rule), so weights reach ``MatMul``/``Gemm`` directly;
+a big weight also read as is (a tied embedding's ``Gather``) keeps its ``Transpose`` node, as in the
+plain export, instead of being stored twice. The new initializer is named
 ``<weight>::<Op>`` (e.g. ``h.0.attn.c_proj.weight::Transpose``) and the chain of ops is recorded in the
 model's metadata (:data:`DERIVED_KEY`), so tools that rewrite weights in the file (refold, the
 quantizer) can find them. Result on GPT-2 6L/512: 357 nodes, the plain optimized export's count.
@@ -36,7 +38,8 @@ the two results differ.
 
 Contract used by quantization (``MatMulNBitsQuantizer`` converts a ``MatMul`` whose B is an
 initializer): after :func:`optimize_model` every ``MatMul``/``Gemm`` weight operand that came from a
-parameter is an initializer, and that holds for any weight values.
+parameter is an initializer, except a big tied weight's ``Transpose`` (``quantize.prepare`` stores its
+transpose), and that holds for any weight values.
 """
 
 from __future__ import annotations
