@@ -19,6 +19,7 @@ from helpers import randomize_lora
 import lora_fx
 from lora_fx.errors import ExportError, VerifyError
 from lora_fx.exporters import optimize as opt
+from lora_fx.exporters import ort_fusions
 from lora_fx.exporters.onnx_io import export_onnx
 from lora_fx.exporters.verify_onnx import compare_structure
 from lora_fx.graph_module import capture_of
@@ -110,10 +111,10 @@ def test_ort_fusions_that_read_weights_are_refused(monkeypatch):
             out.graph.node[0].op_type = "Sum"  # "fused" only because the bias is zero
         return out, {"Sum": 1}
 
-    monkeypatch.setattr(opt, "_fuse", value_dependent)
+    monkeypatch.setattr(ort_fusions, "_fuse", value_dependent)
     with pytest.raises(ExportError, match=r"optimize='ort' refused: .*depend on weight values.*node 0"):
-        opt.ort_fusions(model, weights={"bias"})
-    fused, _ = opt.ort_fusions(model, weights=set())  # a graph constant, not a weight: may be read
+        ort_fusions.ort_fusions(model, weights={"bias"})
+    fused, _ = ort_fusions.ort_fusions(model, weights=set())  # a graph constant, not a weight: may be read
     assert fused.graph.node[0].op_type == "Sum"
 
 
