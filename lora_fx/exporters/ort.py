@@ -193,10 +193,16 @@ def _tensor_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[
     return leaves
 
 
+def ort_type(dtype: Any) -> str:
+    """ONNX Runtime's type string of a numpy dtype, as ``NodeArg.type`` reads (``tensor(float)``)."""
+    name = np.dtype(dtype).name
+    return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(name, name) })"
+
+
 def _fits(node_arg: Any, array: np.ndarray) -> bool:
     """Whether ``array`` can feed ``node_arg``: ORT type string, rank and static dims agree."""
-    shape, name = node_arg.shape, {"float32": "float", "float64": "double"}.get(array.dtype.name, array.dtype.name)
-    if node_arg.type != f"tensor({name})" or len(shape) != array.ndim:
+    shape = node_arg.shape
+    if node_arg.type != ort_type(array.dtype) or len(shape) != array.ndim:
         return False
     return all(not isinstance(d, int) or d == n for d, n in zip(shape, array.shape, strict=True))
 

@@ -70,11 +70,12 @@ def plan(graph: GraphProto, budget: int) -> list[Segment]:
     A node whose own weights exceed the budget gets a segment to itself; an initializer read in
     several segments (a tied embedding and head) is held by each of them in turn."""
     sizes = {t.name: onnx_files.stored_nbytes(t) for t in graph.initializer}
+    reads_of = [_reads(node) for node in graph.node]
     groups: list[list[int]] = []
     held: set[str] = set()
     nbytes = 0
-    for i, node in enumerate(graph.node):
-        weights = {n for n in _reads(node) if n in sizes}
+    for i, reads in enumerate(reads_of):
+        weights = {n for n in reads if n in sizes}
         extra = sum(sizes[n] for n in weights - held)
         if not groups or groups[-1] and extra and nbytes + extra > budget:
             groups.append([])
@@ -86,11 +87,11 @@ def plan(graph: GraphProto, budget: int) -> list[Segment]:
     last_read: dict[str, int] = {name.name: len(groups) for name in graph.output}  # graph outputs: kept to the end
     for s, group in enumerate(groups):
         for i in group:
-            for name in _reads(graph.node[i]):
+            for name in reads_of[i]:
                 last_read[name] = max(last_read.get(name, -1), s)
     segments = []
     for s, group in enumerate(groups):
-        reads = list(dict.fromkeys(n for i in group for n in _reads(graph.node[i])))
+        reads = list(dict.fromkeys(n for i in group for n in reads_of[i]))
         inits = tuple(n for n in reads if n in sizes)
         inputs = tuple(n for n in reads if n not in sizes and producer.get(n, -1) != s)
         outputs = tuple(o for i in group for o in graph.node[i].output if o and last_read.get(o, -1) > s)
@@ -117,6 +118,7 @@ class SegmentedSession:
         self._providers = providers
         graph = self._proto.graph
         self.segments = plan(graph, budget)
+        self._last_read = {n: k for k, s in enumerate(self.segments) for n in s.inputs}  # values dropped after it
         initializers = {t.name for t in graph.initializer}
         self._inputs = [i for i in graph.input if i.name not in initializers]
 
@@ -127,13 +129,14 @@ class SegmentedSession:
 
     def get_inputs(self) -> list[SimpleNamespace]:
         """Graph inputs in the form ``run_onnx`` matches against (``name``, ``type``, ``shape``)."""
+        from .ort import ort_type
+
         out = []
         for i in self._inputs:
             t = i.type.tensor_type
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-            name = {"float32": "float", "float64": "double"}.get(np.dtype(dtype).name, np.dtype(dtype).name)
             shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-            out.append(SimpleNamespace(name=i.name, type=f"tensor({name})", shape=shape))
+            out.append(SimpleNamespace(name=i.name, type=ort_type(helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                                       shape=shape))
         return out
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -146,8 +149,7 @@ class SegmentedSession:
                 continue
             outs = self._run_segment(segment, values, initializers)
             values.update(zip(segment.outputs, outs, strict=True))
-            later = {n for s in self.segments[k + 1:] for n in s.inputs}
-            values = {name: v for name, v in values.items() if name in later or name in wanted}
+            values = {name: v for name, v in values.items() if self._last_read.get(name, -1) > k or name in wanted}
         missing = [n for n in wanted if n not in values and n not in initializers]
         if missing:
             raise ExportError(f"segmented run of {self._path!r} did not produce outputs {missing}")
