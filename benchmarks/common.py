@@ -165,15 +165,17 @@ def lm_step(net: Any, params: list, ids: Any) -> Callable[[], float]:
     import torch
     import torch.nn.functional as F
 
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # none: a no-LoRA floor (backward only)
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         logits = logits_of(net(ids)).float()
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
-        opt.step()
-        return float(loss)
+        if opt is not None:
+            opt.step()
+        return float(loss.detach())
 
     step.trainable = sum(p.numel() for p in params)  # type: ignore[attr-defined]
     return step

@@ -8,7 +8,11 @@ torch thread.
 Variants: ``full`` (full fine-tuning), ``peft``, ``peft+ckpt`` (Hugging Face
 ``gradient_checkpointing_enable(use_reentrant=False)``), ``lora-fx``, ``lora-fx+ckpt``
 (``lora_fx.checkpoint(lgm, "*.layers.*")``), ``lora-fx+sel`` (the selective policy), ``lora-fx+compile``
-(``torch.compile(lgm)``). bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32
+(``torch.compile(lgm)``), and the **floor** (``floor``, ``floor+compile``): the same model with no
+LoRA and every weight frozen, its embedding output requiring grad, so forward and backward run the
+base matmuls, attention and loss that any LoRA implementation runs, and nothing else (it also computes
+the first layer's input gradient, 3 small matmuls LoRA training skips). A LoRA step cannot be faster
+than its floor by much: the floor tells which goals a machine allows. bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32
 references run at batch 1 x seq 32 (``@1x32``): this CPU has no bf16 instructions and its bf16 GEMMs
 run 4-80x slower than fp32, so one bf16 step at the full shape would take many minutes.
 
@@ -52,7 +56,8 @@ from .common import (
 )
 
 NAME = "training_llm"
-VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel", "lora-fx+compile")
+VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel", "lora-fx+compile", "floor",
+            "floor+compile")
 # bf16 bases (fp32 A/B) and their fp32 references at a small shape (SMALL): bf16 GEMMs on a CPU without
 # bf16 instructions (AVX2 only) run 4-80x slower than fp32, so a bf16 step at the full shape takes minutes.
 SMALL = "@1x32"
@@ -105,6 +110,11 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None) -> Calla
     model = None if cached else _model(c, dtype)
     if kind == "full":
         net, params = model, list(model.parameters())
+    elif kind.startswith("floor"):  # no LoRA: the base's matmuls and attention, forward and input gradients
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # the backward runs through every layer, as LoRA's does
+        net, params = (torch.compile(model) if kind == "floor+compile" else model), []
     elif kind.startswith("peft"):
         from peft import LoraConfig, get_peft_model
 
@@ -282,6 +292,12 @@ def _markdown(data: dict[str, Any]) -> str:
         "the CPU-time ratio (process CPU seconds per step, 1 thread) is the same pairing, less sensitive to "
         "other processes on the cores. Peak memory: a fresh subprocess per variant, kernel peak RSS over 1 step "
         "after a warm-up step, minus the RSS after imports.", "", table, "", goals]
+    floors = {v: data["step_vs_peft"][v] for v in ("floor", "floor+compile") if v in data["step_vs_peft"]}
+    if floors:
+        parts += ["", "Floor (no LoRA, every weight frozen, backward through every layer: the base matmuls, attention "
+                  "and loss any LoRA step runs) / PEFT: " + ", ".join(f"{v} {r.fmt(3)}" for v, r in floors.items())
+                  + ". A LoRA step adds its A/B work to its floor, so a time goal below the floor's ratio is "
+                  "out of reach of any LoRA implementation on this machine."]
     bf16 = data.get("bf16_variants") or []
     if bf16:
         small = c["small"]

@@ -155,7 +155,7 @@ def test_training_llm_smoke(tmp_path):
     from benchmarks import training_llm
 
     quiet()
-    variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt")
+    variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "floor")
     bf16 = ("lora-fx-bf16" + training_llm.SMALL,)
     paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16)
     with open(paths["json"]) as f:
@@ -163,12 +163,12 @@ def test_training_llm_smoke(tmp_path):
     assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16) and not d["failed"]
     for s in [*d["step_s"].values(), *d["ratios"].values(), *d["cpu_ratios"].values(), *d["step_vs_peft"].values()]:
         _stats(s)
-    assert len({d["trainable"][v] for v in variants}) == 1
+    assert len({d["trainable"][v] for v in variants if v != "floor"}) == 1 and d["trainable"]["floor"] == 0
     assert set(d["goals"]) == {"memory lora-fx+ckpt / peft+ckpt", "time lora-fx+ckpt / peft+ckpt",
                                "time lora-fx / peft"}  # the compile goal needs the compile variant
     with open(paths["md"]) as f:
         text = f.read()
-    assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text
+    assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text and "Floor (no LoRA" in text
 
 
 @pytest.mark.slow  # spawns a child per measurement (tiny Llamas): minutes on a busy 2-core machine
