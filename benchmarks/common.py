@@ -34,6 +34,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch's kernels use
+        "cpu_bf16": _cpu_has_bf16(),  # bf16 dot-product instructions (AVX512-BF16 / AMX): fast bf16 GEMMs
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         # The machine is shared: 1/5/15-minute load averages say how contended the run was.
@@ -45,6 +47,15 @@ def environment() -> dict[str, Any]:
         except Exception:  # optional: a missing library is recorded, not fatal
             info[mod] = None
     return info
+
+
+def _cpu_has_bf16() -> bool | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return None
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) if flags else None
 
 
 def _cpu_model() -> str:

@@ -11,10 +11,11 @@ Variants: ``full`` (full fine-tuning), ``peft``, ``peft+ckpt`` (Hugging Face
 (``torch.compile(lgm)``), and the **floor** (``floor``, ``floor+compile``): the same model with no
 LoRA and every weight frozen, its embedding output requiring grad, so forward and backward run the
 base matmuls, attention and loss that any LoRA implementation runs, and nothing else (it also computes
-the first layer's input gradient, 3 small matmuls LoRA training skips). A LoRA step cannot be faster
-than its floor by much: the floor tells which goals a machine allows. bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32
-references run at batch 1 x seq 32 (``@1x32``): this CPU has no bf16 instructions and its bf16 GEMMs
-run 4-80x slower than fp32, so one bf16 step at the full shape would take many minutes.
+the input gradient of the first layer's q/k/v, 3 of the 57 base backward matmuls, which LoRA training
+skips). A LoRA step cannot be faster than its floor by more than that: the floor tells which goals a
+machine allows. bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32 references run
+at batch 1 x seq 32 (``@1x32``): on a CPU without bf16 instructions (AVX2 only) bf16 GEMMs run 4-80x
+slower than fp32, so one bf16 step at the full shape would take many minutes.
 
 * **Step time**: one process holds every full-shape variant; after a warm-up step, steps are taken
   round-robin with the order rotated each round, so machine load hits all alike; ratios to PEFT are
@@ -309,10 +310,13 @@ def _markdown(data: dict[str, Any]) -> str:
                 continue
             brows.append([v, f"{m['seconds'] / m['steps']:.2f}", f"{m['rss_setup_mb'] - m['rss_imports_mb']:.0f}",
                           f"{used[v]:.0f}"])
+        cpu = data["env"].get("cpu_bf16")
+        isa = ("this CPU has bf16 instructions (AVX512-BF16/AMX)" if cpu else
+               "on a CPU without bf16 instructions (AVX2 only) bf16 GEMMs run 4-80x slower than fp32" if cpu is False
+               else "bf16 GEMM speed depends on the CPU's bf16 instructions")
         parts += ["", f"bf16 bases (LoRA A/B fp32) and their fp32 references, same model at batch {small['batch']} "
-                  f"x seq {small['seq']}: bf16 matmuls on this CPU (AVX2, no bf16 instructions) run 4-80x slower "
-                  "than fp32, so a bf16 step at the full shape would take many minutes. One measured step each "
-                  "(after a warm-up step), in its memory subprocess, not interleaved.", "",
+                  f"x seq {small['seq']} (a small shape so that machines without bf16 instructions finish; {isa}). "
+                  "One measured step each (after a warm-up step), in its memory subprocess, not interleaved.", "",
                   md_table(["variant", "step s (1 step)", "MB after setup (weights + state)",
                             "peak MB over imports"], brows)]
     return "\n".join(parts)
