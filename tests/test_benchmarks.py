@@ -59,7 +59,7 @@ def test_inference_smoke(tmp_path):
     assert model["verified"] == model["structure_identical"] == {"lorafx": True, "lorafx_ort": True}
     nodes = model["nodes"]
     assert nodes["lorafx"] <= nodes["plain"] and nodes["lorafx_ort"] < nodes["lorafx"] < nodes["unfolded"]
-    same = model["same_ops_as_plain"]  # the default export runs exactly the plain export's operators
+    same = model["same_graph_as_plain"]  # the default export is the plain export's graph, node for node
     assert same["lorafx"] and same["peft"] and not same["unfolded"] and not same["lorafx_ort"]
     assert model["goal"]["verdict"] in ("MET", "MISSED")
     assert "lorafx/plain" in r["md"]
