@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, ExportError
+from .graph_facts import symbolic_dims
 from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, capture_of, wrap
 
 aten = torch.ops.aten
@@ -104,6 +105,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         for m, mode in modes.items():
             m.training = mode
 
+    if dynamic and dynamic_shapes is None:
+        notes += _fixed_notes(gm.graph, args, kwargs)
     notes += _rewire_modes(gm.graph, train_rates)
     out = wrap(gm)
     out.training = modes[model]
@@ -156,17 +159,34 @@ def _named_positional(model: nn.Module) -> int | None:
     return None
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
+def _auto_dims(t: object) -> tuple[int, ...]:
+    """The dimensions ``dynamic=True`` makes dynamic: batch (dim 0), and sequence (dim 1) of token ids."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return ()
+    return (0, 1) if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()) else (0,)
 
+
+def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
     def spec(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return None
-        dims = {0: torch.export.Dim.AUTO}
-        if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()):
-            dims[1] = torch.export.Dim.AUTO
-        return dims
+        return {d: torch.export.Dim.AUTO for d in _auto_dims(t)} or None
 
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
+
+
+def _fixed_notes(graph: fx.Graph, args: tuple, kwargs: dict) -> list[str]:
+    """Notes on dimensions ``dynamic=True`` asked for that the model's code fixed to the example size
+    (torch.export specialises them without a word, e.g. a Python loop over the sequence)."""
+    symbolic = symbolic_dims(graph, (args, kwargs))
+    if symbolic is None:
+        return []
+    notes = []
+    for k, t in enumerate(pytree.tree_leaves((args, kwargs))):
+        fixed = [d for d in _auto_dims(t) if d not in symbolic.get(k, ())]
+        if fixed:
+            notes.append(f"the model's code fixed dimension(s) {fixed} of input {k} (shape {tuple(t.shape)}) to the "
+                         "example's size (a Python loop or size check over it): the captured graph, and every "
+                         "export of it, accept only that size there")
+    return notes
 
 
 def example_inputs(gm: nn.Module, example_args: tuple | None = None, example_kwargs: dict | None = None,

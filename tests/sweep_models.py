@@ -119,6 +119,17 @@ HF_MODELS: list[SweepModel] = [
     _m("decoder", "glm", QKV),
     _m("decoder", "biogpt", QKV),
     _m("decoder", "xglm", QKV),
+    _m("decoder", "gpt_bigcode", ["c_attn"]),
+    _m("decoder", "persimmon", ["query_key_value"]),
+    _m("decoder", "nemotron", QKV),
+    _m("decoder", "olmo", QKV),
+    _m("decoder", "exaone4", QKV),
+    _m("decoder", "hunyuan_v1_dense", QKV),
+    _m("decoder", "seed_oss", QKV),
+    _m("decoder", "apertus", QKV),
+    _m("decoder", "lfm2", ["q_proj"]),  # hybrid: short convolutions and attention
+    _m("decoder", "falcon_h1", QKV),  # hybrid: Mamba-2 mixers beside attention
+    _m("decoder", "mamba", ["in_proj"]),  # state space, a Python loop over the sequence: static length
     # mixture of experts
     _m("moe", "mixtral", QKV),
     _m("moe", "qwen2_moe", QKV),
@@ -126,6 +137,7 @@ HF_MODELS: list[SweepModel] = [
     _m("moe", "olmoe", QKV),
     _m("moe", "granitemoe", QKV),
     _m("moe", "phimoe", QKV),
+    _m("moe", "gpt_oss", QKV),
     # encoders
     _m("encoder", "bert", BERT, fast=True),
     _m("encoder", "roberta", BERT),
@@ -137,6 +149,9 @@ HF_MODELS: list[SweepModel] = [
     _m("encoder", "modernbert", ["Wqkv"]),
     _m("encoder", "esm", BERT),
     _m("encoder", "roformer", BERT),
+    _m("encoder", "xlm-roberta", BERT),
+    _m("encoder", "mobilebert", BERT),
+    _m("encoder", "canine", BERT),  # characters downsampled by a strided conv: static length
     # encoder-decoders
     _m("encoder-decoder", "t5", ["q", "v"]),
     _m("encoder-decoder", "bart", QKV),
@@ -144,6 +159,8 @@ HF_MODELS: list[SweepModel] = [
     _m("encoder-decoder", "pegasus", QKV),
     _m("encoder-decoder", "marian", QKV),
     _m("encoder-decoder", "m2m_100", QKV),
+    _m("encoder-decoder", "blenderbot", QKV),
+    _m("encoder-decoder", "plbart", QKV),
     # vision
     _m("vision", "vit", QKV),
     _m("vision", "deit", QKV),
@@ -152,6 +169,8 @@ HF_MODELS: list[SweepModel] = [
     _m("vision", "swin", QKV, num_heads=[2, 2], window_size=2, num_attention_heads=None),
     _m("vision", "convnext", ["pwconv1"]),
     _m("vision", "resnet", ["convolution"], layer_type="basic"),
+    _m("vision", "clip_vision_model", QKV),
+    _m("vision", "siglip_vision_model", QKV),
     # audio
     _m("audio", "wav2vec2", ["q_proj", "v_proj"]),
     _m("audio", "hubert", ["q_proj", "v_proj"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -128,3 +129,41 @@ def test_sites_only_capture_is_one_static_export(monkeypatch):
     gm = lora_fx.trace(_AttnDropout().eval(), (torch.randn(2, 5, 8),), dynamic=False, train_capture=False)
     assert calls == [(False, None)]
     assert [s.id for s in lora_fx.sites(gm)] == ["qkv"]
+
+
+class _Scan(nn.Module):
+    """A recurrence written as a Python loop over the sequence (like Mamba's slow path): torch.export
+    unrolls it, which fixes the sequence length to the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h, state, out = self.emb(ids), None, []
+        for t in range(ids.shape[1]):
+            step = self.proj(h[:, t])
+            state = torch.tanh(step if state is None else step + state)
+            out.append(state)
+        return torch.stack(out, 1)
+
+
+def test_a_size_fixed_by_the_model_code_is_reported_and_verification_keeps_it(tmp_path):
+    ids = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"fixed dimension\(s\) \[1\] of input 0 \(shape \(2, 6\)\)"):
+        gm = lora_fx.trace(_Scan(), (ids,))
+    assert [n for n in lora_fx.graph_module.capture_of(gm).mode_notes if "fixed dimension" in n]
+    lgm = lora_fx.lorafy(gm, "proj", rank=2)
+    torch.nn.init.normal_(lora_fx.lora_parameters(lgm)[1])
+    rep = lora_fx.fold_and_export(lgm, str(tmp_path / "scan.onnx"))
+    assert rep.verification.ok
+    # the batch grows (still dynamic), the sequence stays at 6 (the graph has 6 unrolled steps)
+    assert [c.shapes for c in rep.verification.numerics] == ["(2, 6)", "(3, 6)"]
+
+
+def test_dynamic_token_inputs_raise_no_fixed_size_note():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note would be a UserWarning
+        gm = lora_fx.trace(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)), (torch.randint(0, 10, (2, 5)),))
+    assert not lora_fx.graph_module.capture_of(gm).mode_notes

@@ -106,3 +106,23 @@ def test_export_report_says_base_weights_and_file_size(tmp_path):
     with torch.no_grad():
         lora_fx.lora_parameters(lgm)[1].fill_(0.1)
     assert "(folded LoRA)" in str(lora_fx.fold_and_export(lgm, path, verify=False))
+
+
+class _ComplexRotary(nn.Module):
+    """Rotary embedding in complex form (torch.polar + view_as_complex), as Llama 4's code computes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.register_buffer("freqs", torch.polar(torch.ones(4), torch.arange(4.0)), persistent=False)
+
+    def forward(self, x):
+        q = torch.view_as_complex(self.q(x).float().reshape(*x.shape[:-1], 4, 2))
+        return torch.view_as_real(q * self.freqs.unsqueeze(0)).flatten(-2)
+
+
+def test_complex_valued_model_is_refused_naming_the_cause(tmp_path):
+    lgm = lora_fx.lorafy(lora_fx.trace(_ComplexRotary(), (torch.randn(2, 5, 8),)), "q", rank=2)
+    with pytest.raises(ExportError, match=r"complex tensors \(the op aten\.\w+ reads one\).*cos/sin form"):
+        lora_fx.fold_and_export(lgm, str(tmp_path / "a.onnx"))
+    assert os.listdir(tmp_path) == []  # nothing half-written

@@ -315,7 +315,7 @@ def _verify(job: ExportJob) -> None:
 def _quantize(job: ExportJob) -> None:
     """Quantizes the verified fp32 task (and base) files; proves and measures (exporters/quantized_export)."""
     o = job.options
-    job.staged = quantize_staged(job.report, job.staged, o.quantize, job.lgm, variants(job.args, job.kwargs),
+    job.staged = quantize_staged(job.report, job.staged, o.quantize, job.lgm, variants(job.args, job.kwargs, job.lgm),
                                  o.providers)
 
 

@@ -128,6 +128,11 @@ def explain(text: str, first: str) -> str:
     node = _NODE.search(text)
     if node:
         where = f" at node {node.group(1)} ({node.group(2)})"
+    if (m := _NO_FUNCTION.search(text)) and "complex-valued" in text:
+        return (f"the model computes with complex tensors (the op {m.group(1)}{where} reads one), which ONNX "
+                "cannot represent. What to do: make the model use a real-valued implementation of that layer "
+                "(for rotary embeddings: the cos/sin form instead of torch.polar / view_as_complex), or keep the "
+                f"adapter unfolded in PyTorch. Exporter said: {first[:600]}")
     if m := _NO_FUNCTION.search(text):
         return (f"torch's ONNX exporter has no translation for the op {m.group(1)}{where}. What to do: register one "
                 f"with torch.onnx.export(custom_translation_table={{op: onnxscript_function}}), or make the model use "

@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import example_inputs
 from ..errors import ExportError, VerifyError
+from ..graph_facts import symbolic_dims
 from ..graph_module import copy_module
 from ..passes.dtype import cast_inputs, float_dtype
 from ..passes.fold import FoldReport, fold
@@ -143,7 +144,7 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
     # it holds them once (low_memory: no constant-folded casts, no pre-packed copies) or, for a big
     # file, a bounded share at a time (segments.bounded_session: the graph run as a chain of parts).
     cases = []
-    for a, k in variants(args, kwargs):
+    for a, k in variants(args, kwargs, lgm):
         with torch.no_grad():
             cases.append((a, k, [t for t in pytree.tree_leaves(ref_model(*a, **k)) if isinstance(t, torch.Tensor)]))
     del ref_model
@@ -173,18 +174,26 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
     return provider, checks
 
 
-def variants(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-    """The example inputs, and the same with batch + 1 and (token inputs) sequence + 3."""
+def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> list[tuple[tuple, dict]]:
+    """The example inputs, and the same with batch + 1 and (token inputs) sequence + 3.
+
+    With ``gm`` (the captured module) a dimension grows only where its graph keeps it symbolic: a
+    model whose capture specialised a size (e.g. Mamba's sequence loop unrolled to the example length)
+    is checked on the sizes its graph, and so its ONNX file, accepts. No dimension left to grow: the
+    example inputs only."""
     gen = torch.Generator().manual_seed(0)
+    dynamic = None if gm is None else symbolic_dims(gm.graph, (args, kwargs))
+    leaves = iter(range(len(pytree.tree_leaves((args, kwargs)))))
 
     def grow(t):
+        k = next(leaves)
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         shape = list(t.shape)
-        shape[0] += 1
         token = not t.is_floating_point()
-        if token and t.dim() >= 2:
-            shape[1] += 3
+        for d, step in ((0, 1), (1, 3 if token else 0)):
+            if d < t.dim() and step and (dynamic is None or d in dynamic.get(k, ())):
+                shape[d] += step
         if t.is_floating_point():
             return torch.randn(shape, generator=gen, dtype=t.dtype)
         hi = int(t.max()) + 1 if t.numel() else 2
@@ -192,4 +201,7 @@ def variants(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
             return torch.ones(shape, dtype=t.dtype)
         return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype)
 
-    return [(args, kwargs), pytree.tree_map(grow, (args, kwargs))]
+    grown = pytree.tree_map(grow, (args, kwargs))
+    same = all(not isinstance(a, torch.Tensor) or a.shape == b.shape
+               for a, b in zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(grown), strict=True))
+    return [(args, kwargs)] if same else [(args, kwargs), grown]
