@@ -183,10 +183,8 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
     example inputs only."""
     gen = torch.Generator().manual_seed(0)
     dynamic = None if gm is None else symbolic_dims(gm.graph, (args, kwargs))
-    leaves = iter(range(len(pytree.tree_leaves((args, kwargs)))))
 
-    def grow(t):
-        k = next(leaves)
+    def grow(k, t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         shape = list(t.shape)
@@ -201,7 +199,8 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
             return torch.ones(shape, dtype=t.dtype)
         return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype)
 
-    grown = pytree.tree_map(grow, (args, kwargs))
-    same = all(not isinstance(a, torch.Tensor) or a.shape == b.shape
-               for a, b in zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves(grown), strict=True))
-    return [(args, kwargs)] if same else [(args, kwargs), grown]
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    grown = [grow(k, t) for k, t in enumerate(flat)]
+    if all(not isinstance(a, torch.Tensor) or a.shape == b.shape for a, b in zip(flat, grown, strict=True)):
+        return [(args, kwargs)]  # nothing the graph lets grow
+    return [(args, kwargs), pytree.tree_unflatten(grown, spec)]
