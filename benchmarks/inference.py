@@ -112,7 +112,6 @@ def _peft_merged(model, lgm, folder: str):
 
 def _export_all(model, args, kwargs, patterns, folder) -> dict[str, Any]:
     """Writes every variant's file; returns paths, node counts, verification and export times."""
-    import onnx
 
     import lora_fx
 
@@ -130,10 +129,11 @@ def _export_all(model, args, kwargs, patterns, folder) -> dict[str, Any]:
     unfolded = lora_fx.fold_and_export(lgm, paths["unfolded"], folded=False, verify=False)
     for name, rep in (("lorafx", default), ("lorafx_ort", fused), ("unfolded", unfolded)):
         seconds[name] = sum(rep.seconds.values())
+    layouts = {v: _layout(p) for v, p in paths.items()}  # each file read once
     return {
         "paths": paths,
-        "nodes": {v: len(onnx.load(p, load_external_data=False).graph.node) for v, p in paths.items()},
-        "same_graph_as_plain": {v: _layout(p) == _layout(paths["plain"]) for v, p in paths.items() if v != "plain"},
+        "nodes": {v: len(layout) for v, layout in layouts.items()},
+        "same_graph_as_plain": {v: layouts[v] == layouts["plain"] for v in paths if v != "plain"},
         "verified": {"lorafx": default.verification.ok, "lorafx_ort": fused.verification.ok},
         "structure_identical": {"lorafx": default.verification.structure.ok,
                                 "lorafx_ort": fused.verification.structure.ok},

@@ -159,7 +159,7 @@ def _named_positional(model: nn.Module) -> int | None:
     return None
 
 
-def _auto_dims(t: object) -> tuple[int, ...]:
+def auto_dims(t: object) -> tuple[int, ...]:
     """The dimensions ``dynamic=True`` makes dynamic: batch (dim 0), and sequence (dim 1) of token ids."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return ()
@@ -168,7 +168,7 @@ def _auto_dims(t: object) -> tuple[int, ...]:
 
 def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
     def spec(t):
-        return {d: torch.export.Dim.AUTO for d in _auto_dims(t)} or None
+        return {d: torch.export.Dim.AUTO for d in auto_dims(t)} or None
 
     return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 
@@ -181,7 +181,7 @@ def _fixed_notes(graph: fx.Graph, args: tuple, kwargs: dict) -> list[str]:
         return []
     notes = []
     for k, t in enumerate(pytree.tree_leaves((args, kwargs))):
-        fixed = [d for d in _auto_dims(t) if d not in symbolic.get(k, ())]
+        fixed = [d for d in auto_dims(t) if d not in symbolic.get(k, ())]
         if fixed:
             notes.append(f"the model's code fixed dimension(s) {fixed} of input {k} (shape {tuple(t.shape)}) to the "
                          "example's size (a Python loop or size check over it): the captured graph, and every "

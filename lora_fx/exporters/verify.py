@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..capture import example_inputs
+from ..capture import auto_dims, example_inputs
 from ..errors import ExportError, VerifyError
 from ..graph_facts import symbolic_dims
 from ..graph_module import copy_module
@@ -188,10 +188,9 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         shape = list(t.shape)
-        token = not t.is_floating_point()
-        for d, step in ((0, 1), (1, 3 if token else 0)):
-            if d < t.dim() and step and (dynamic is None or d in dynamic.get(k, ())):
-                shape[d] += step
+        for d in auto_dims(t):  # batch + 1, token sequence + 3: the dims trace makes dynamic
+            if dynamic is None or d in dynamic.get(k, ()):
+                shape[d] += 1 if d == 0 else 3
         if t.is_floating_point():
             return torch.randn(shape, generator=gen, dtype=t.dtype)
         hi = int(t.max()) + 1 if t.numel() else 2
