@@ -109,7 +109,7 @@ class ExportReport:
 
 def _file_mib(path: str) -> float:
     """Size of the .onnx file and its external data file, MiB (0 before they exist)."""
-    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p)) / 2**20
+    return onnx_files.file_bytes(path) / 2**20
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,11 @@ def external(t: TensorProto) -> External:
                     int(info["length"]) if "length" in info else None)
 
 
+def file_bytes(path: str) -> int:
+    """Bytes of an .onnx file and its external data file (0 for what does not exist yet)."""
+    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p))
+
+
 def stored_nbytes(t: TensorProto) -> int:
     """Bytes a TensorProto's values take as stored, without loading external data."""
     if is_external(t) and external(t).length is not None:

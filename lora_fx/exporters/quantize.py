@@ -39,6 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from . import onnx_files
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_config", "output_heads", "prepare", "quantize_file",
            "read_config"]
@@ -250,7 +251,7 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
                         location=os.path.basename(dst) + ".data", size_threshold=1024)
     else:
         onnx.save_model(out, dst)
-    return QuantizeInfo(dst, cfg, rewrites, counts, _file_bytes(src), _file_bytes(dst), heads)
+    return QuantizeInfo(dst, cfg, rewrites, counts, onnx_files.file_bytes(src), onnx_files.file_bytes(dst), heads)
 
 
 def _nbits_passes(model: onnx.ModelProto, cfg: QuantizeConfig, exclude: list[str],
@@ -345,10 +346,6 @@ def _excluded_nodes(model: onnx.ModelProto, cfg: QuantizeConfig) -> list[str]:
         names = sorted({t.name for t in model.graph.initializer if len(t.dims) == 2})[:8]
         raise ExportError(f"exclude={list(cfg.exclude)} matches no weight read by a node; 2-D weights are e.g. {names}")
     return out
-
-
-def _file_bytes(path: str) -> int:
-    return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
 
 
 @dataclass
