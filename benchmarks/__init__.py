@@ -7,5 +7,6 @@ writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``benchmarks/resul
 
 BENCHMARKS = ("inference", "training", "training_llm", "overhead", "precision", "refold", "generation", "quantize",
               "scale")
+GPU_BENCHMARKS = ("training_gpu",)  # need a CUDA device (their --smoke runs on the CPU); not part of "all"
 
-__all__ = ["BENCHMARKS"]
+__all__ = ["BENCHMARKS", "GPU_BENCHMARKS"]

@@ -9,14 +9,14 @@ import sys
 import time
 from typing import Any
 
-from . import BENCHMARKS
+from . import BENCHMARKS, GPU_BENCHMARKS
 from .common import load_results, log, out_dir, quiet, write_outputs
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the named benchmark(s); returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("name", choices=[*BENCHMARKS, *GPU_BENCHMARKS, "all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; numbers are meaningless")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results)")
     parser.add_argument("--render", action="store_true",
@@ -50,7 +50,7 @@ def write_summary(out: str) -> str:
     """Concatenates the benchmarks' markdown files present in ``out`` into ``out/README.md``."""
     parts = ["# lora-fx benchmark results", "",
              "Written by `python -m benchmarks NAME`; each section links its JSON (all samples) and plot.", ""]
-    for name in BENCHMARKS:
+    for name in BENCHMARKS + GPU_BENCHMARKS:
         md = os.path.join(out, f"{name}.md")
         if os.path.isfile(md):
             with open(md) as f:

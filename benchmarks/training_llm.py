@@ -82,23 +82,26 @@ def _config(smoke: bool, small: bool = False) -> dict[str, int]:
     return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, **shape}
 
 
-def _model(c: dict[str, int], dtype: torch.dtype) -> torch.nn.Module:
+def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["mlp"],
                          num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                         num_key_value_heads=c["heads"], max_position_embeddings=max(1024, c["seq"]),
-                         use_cache=False)
-    return LlamaForCausalLM(config).to(dtype)
+                         num_key_value_heads=c.get("kv_heads", c["heads"]),
+                         max_position_embeddings=max(1024, c["seq"]), use_cache=False)
+    with torch.device(device):  # built where it trains: a 1B model is not copied over from the CPU
+        return LlamaForCausalLM(config).to(dtype)
 
 
-def _batch(c: dict[str, int]) -> torch.Tensor:
-    return torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(0))
+def _batch(c: dict[str, int], device: str = "cpu") -> torch.Tensor:
+    ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(0))
+    return ids.to(device)
 
 
-def _setup(variant: str, c: dict[str, int], shared: dict | None = None) -> Callable[[], float]:
-    """Builds the model for ``variant``; returns a function doing one training step (returns the loss).
+def _setup(variant: str, c: dict[str, int], shared: dict | None = None, device: str = "cpu") -> Callable[[], float]:
+    """Builds the model for ``variant`` on ``device``; returns a function doing one training step (returns
+    the loss).
 
     ``shared`` (timing process only): lora-fx variants of one dtype reuse one lorafied module (checkpoint
     and compile wrap it and share its parameters), which keeps the all-variants process under 4 GB.
@@ -106,9 +109,9 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None) -> Calla
     name = variant.removesuffix(SMALL)
     dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
     kind = name.removesuffix("-bf16")
-    ids = _batch(c)
+    ids = _batch(c, device)
     cached = kind.startswith("lora-fx") and shared is not None and dtype in shared
-    model = None if cached else _model(c, dtype)
+    model = None if cached else _model(c, dtype, device)
     if kind == "full":
         net, params = model, list(model.parameters())
     elif kind.startswith("floor"):  # no LoRA: the base's matmuls and attention, forward and input gradients

@@ -51,7 +51,7 @@ def test_causal_mask_runs_as_is_causal_with_the_same_gradients(monkeypatch):
     assert sum(n.target is causal_sdpa for n in lgm.graph.nodes) == 2  # one per layer
     seen, switch = _spy(monkeypatch, attention, "_is_causal_mask")
     out, grads = _grads(lgm, args)
-    assert seen and all(seen)  # every layer took the is_causal path
+    assert seen == [True]  # one check for the one mask every layer reads, and each took the is_causal path
     switch[0] = False  # as before this pass: the materialized mask
     ref_out, ref = _grads(lgm, args)
     assert _rel(out, ref_out) <= 1e-6

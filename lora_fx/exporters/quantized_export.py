@@ -124,7 +124,7 @@ def quantized_error(path: str, model, variants, providers=None) -> tuple[str, di
     rms = mx = 0.0
     for args, kwargs in variants:
         with torch.no_grad():
-            expected = [t.detach().double().numpy() for t in pytree.tree_leaves(ref(*args, **kwargs))
+            expected = [t.detach().cpu().double().numpy() for t in pytree.tree_leaves(ref(*args, **kwargs))
                         if isinstance(t, torch.Tensor)]
         got = run_onnx(session, args, kwargs)
         diff = np.concatenate([(g.astype(np.float64) - e).ravel() for g, e in zip(got, expected, strict=True)])

@@ -165,7 +165,7 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
             return provider, checks
         err, scale = 0.0, 0.0
         for g, e in zip(got, expected, strict=False):
-            e = e.detach().double().numpy()
+            e = e.detach().cpu().double().numpy()  # a GPU module's outputs: compared on the host
             err = max(err, float(np.abs(g.astype(np.float64) - e).max(initial=0.0)))
             scale = max(scale, float(np.abs(e).max(initial=0.0)))
         rel = err / max(scale, 1e-12)
@@ -192,11 +192,11 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
             if dynamic is None or d in dynamic.get(k, ()):
                 shape[d] += 1 if d == 0 else 3
         if t.is_floating_point():
-            return torch.randn(shape, generator=gen, dtype=t.dtype)
+            return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
         hi = int(t.max()) + 1 if t.numel() else 2
         if hi <= 2:  # a mask
-            return torch.ones(shape, dtype=t.dtype)
-        return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype)
+            return torch.ones(shape, dtype=t.dtype, device=t.device)
+        return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype).to(t.device)
 
     flat, spec = pytree.tree_flatten((args, kwargs))
     grown = [grow(k, t) for k, t in enumerate(flat)]

@@ -5,7 +5,8 @@ causal mask as a boolean tensor and passes it to every ``scaled_dot_product_atte
 Hugging Face skips the mask and sets ``is_causal=True`` when it can). Attention with an explicit mask
 turns the mask into an additive float mask and attends to every block of keys; with ``is_causal`` the
 kernel skips the blocks above the diagonal. This pass points each mask-taking sdpa call at
-:func:`causal_sdpa`, which checks at run time whether the mask *is* the causal one and then drops it::
+:func:`causal_sdpa`, which checks at run time whether the mask *is* the causal one (once per mask
+tensor, not once per layer) and then drops it::
 
     before:  o = scaled_dot_product_attention(q, k, v, mask, scale=s)
     after:   o = causal_sdpa(q, k, v, mask, scale=s)
@@ -16,19 +17,19 @@ Same values and gradients (the masked-out keys get probability 0 either way; the
 gives bitwise-equal results). The check is one comparison of the boolean mask per call. It is skipped
 (the original call runs) under ``torch.export`` (nothing of this reaches an exported graph), under
 torch.compile (a data-dependent branch would break the graph), with attention dropout (the kernels
-may draw dropout masks differently) and for non-boolean masks. Fold points the nodes back at the aten
-op (:func:`restore`), so the folded graph is the captured one.
+may draw dropout masks differently) and for non-boolean masks. lorafy points the nodes at it and fold
+points them back at the aten op (both in :mod:`lora_fx.passes.stand_ins`), so the folded graph is the
+captured one.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
-from torch import fx
 
 aten = torch.ops.aten
-NODE_CAUSAL = "lora_fx_causal"  # node.meta flag: this node was an aten sdpa call
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -37,10 +38,26 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, att
     """``aten.scaled_dot_product_attention`` with a causal boolean mask run as ``is_causal=True``."""
     if (attn_mask is not None and not is_causal and not dropout_p and attn_mask.dtype == torch.bool
             and not torch.compiler.is_exporting() and not torch.compiler.is_compiling()
-            and _is_causal_mask(attn_mask, query.shape[-2], key.shape[-2])):
+            and _causal_cached(attn_mask, query.shape[-2], key.shape[-2])):
         attn_mask, is_causal = None, True
     return aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, is_causal,
                                                      scale=scale, enable_gqa=enable_gqa)
+
+
+_LAST: list = [None, None, False]  # (weakref to the mask last checked, its key, the answer)
+
+
+def _causal_cached(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """:func:`_is_causal_mask`, computed once per mask tensor: a decoder passes one mask to every layer,
+    and the check's comparison reads the mask back to the host (on a GPU a synchronization, which
+    would stall the host once per layer instead of once per forward)."""
+    ref, key, answer = _LAST
+    now = (mask._version, q_len, k_len)
+    if ref is not None and ref() is mask and key == now:
+        return answer
+    answer = _is_causal_mask(mask, q_len, k_len)
+    _LAST[:] = [weakref.ref(mask), now, answer]
+    return answer
 
 
 def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
@@ -52,29 +69,3 @@ def _is_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
 @functools.lru_cache(maxsize=16)
 def _tril(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-
-
-def _mask_arg(node: fx.Node):
-    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-
-
-def causal_attention(graph: fx.Graph) -> int:
-    """Points every sdpa call that takes a mask tensor at :func:`causal_sdpa`; returns how many."""
-    n = 0
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default \
-                and isinstance(_mask_arg(node), fx.Node):
-            node.target = causal_sdpa
-            node.meta[NODE_CAUSAL] = True
-            n += 1
-    return n
-
-
-def restore(graph: fx.Graph) -> int:
-    """Undoes :func:`causal_attention` (the aten op again); returns how many nodes it restored."""
-    n = 0
-    for node in graph.nodes:
-        if node.meta.pop(NODE_CAUSAL, False):
-            node.target = aten.scaled_dot_product_attention.default
-            n += 1
-    return n

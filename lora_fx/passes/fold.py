@@ -43,10 +43,10 @@ from ..graph_module import (
 )
 from ..sites import Site
 from ..weights import check_materialized
-from .attention import restore as restore_attention
 from .fused import lora_addmm
 from .lorafy import LoraState
 from .quantize_base import dequantized
+from .stand_ins import restore as restore_stand_ins
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
             site = branches[0].site
             _merge_site(out, facts.nodes[site.node], site, branches, report, facts)
     _erase_lora(out, state)
-    restore_attention(graph)
+    restore_stand_ins(graph)
     graph.lint()
     out.recompile()
     del out.meta[LORA_KEY]

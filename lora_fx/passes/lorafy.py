@@ -38,8 +38,8 @@ from ..graph_module import (
 )
 from ..sites import Site, module_path, sites
 from ..targets import Selection, as_targets, matches, owner_path, select
-from .attention import causal_attention
 from .fused import fuse_shared_inputs
+from .stand_ins import stand_in
 
 aten = torch.ops.aten
 
@@ -126,7 +126,7 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     for sel in chosen:
         branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype, training)
     fuse_shared_inputs(graph)
-    causal_attention(graph)  # training speed: a causal mask runs as is_causal (fold undoes it)
+    stand_in(graph)  # eager training: causal masks as is_causal, autocast-safe regions (fold undoes it)
     graph.lint()
     out.recompile()
 

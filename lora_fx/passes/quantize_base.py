@@ -75,7 +75,7 @@ class QuantizedWeight(nn.Module):
         elif scheme == "int4":
             codes = _pack(torch.round(blocks / m * 7).to(torch.int16) + 8)
         else:  # nearest level: bucketize against the midpoints (no n x 16 temporary)
-            table = torch.tensor(NF4)
+            table = torch.tensor(NF4, device=w.device)
             codes = _pack(torch.bucketize(blocks / m, (table[1:] + table[:-1]) / 2).to(torch.int16))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", m.squeeze(1).to(torch.float32))

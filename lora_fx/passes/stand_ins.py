@@ -1,0 +1,94 @@
+"""Stand-ins for captured ops while a lorafied module trains: lorafy points nodes at them, fold points
+them back, so the folded graph is the captured one.
+
+Each stand-in computes what the captured op computes; it only changes *how* in eager training::
+
+    captured op                                    stand-in (training)
+    scaled_dot_product_attention(q, k, v, mask)    causal_sdpa: is_causal=True when mask is the causal one
+    wrap_with_set_grad_enabled(False, region, *a)  no_grad_region: the region with autocast off
+    _assert_tensor_metadata(t, dtype=d, ...)       metadata_check: no dtype check under autocast
+
+Autocast: a captured graph records the dtypes the model computed in. Under ``torch.autocast`` its
+matmuls run in the autocast dtype, which (a) changes what the model computes in regions it computes
+without gradients (Hugging Face builds its rotary tables in fp32 with autocast disabled, but its
+``maybe_autocast`` enters no context when autocast is off at capture, so nothing of it is in the
+graph), and (b) trips the dtype assertions torch.export places before each ``.to(dtype)``. The
+stand-ins give autocast training what eager autocast gives the model: no-grad regions run as captured
+(autocast off), and the assertions check device and layout but not the dtype autocast chose.
+Outside autocast every stand-in calls the captured op unchanged.
+
+The node's ``meta[NODE_STAND_IN]`` names the op it stands in for; :func:`restore` puts it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx
+
+from .attention import causal_sdpa
+
+aten = torch.ops.aten
+NODE_STAND_IN = "lora_fx_stand_in"  # node.meta: the name of the captured op this node's target stands in for
+_no_grad_hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+
+
+def _autocasting(args: tuple) -> list[str]:
+    """The device types among ``args``' tensors (CPU and CUDA when there are none) where autocast is on."""
+    devices = {a.device.type for a in args if isinstance(a, torch.Tensor)} or {"cpu", "cuda"}
+    return [d for d in sorted(devices) if torch.is_autocast_enabled(d)]
+
+
+def no_grad_region(enable: bool, region: Callable, *args: Any) -> Any:
+    """``wrap_with_set_grad_enabled(enable, region, *args)``, with autocast off while the region runs."""
+    on = _autocasting(args)
+    if not on:
+        return _no_grad_hop(enable, region, *args)
+    with torch.autocast(on[0], enabled=False):
+        return no_grad_region(enable, region, *args)  # a second autocast device, if any, on the next call
+
+
+def metadata_check(a: torch.Tensor, size=None, stride=None, dtype=None, *, device=None, layout=None) -> None:
+    """``_assert_tensor_metadata``, without the dtype check while autocast is on for ``a``'s device."""
+    if dtype is not None and torch.is_autocast_enabled(a.device.type):
+        dtype = None
+    aten._assert_tensor_metadata.default(a, size, stride, dtype, device=device, layout=layout)
+
+
+def _has_mask(node: fx.Node) -> bool:
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    return isinstance(mask, fx.Node)
+
+
+# captured op -> (stand-in, which of its nodes it applies to)
+STAND_INS: dict[Any, tuple[Callable, Callable[[fx.Node], bool]]] = {
+    aten.scaled_dot_product_attention.default: (causal_sdpa, _has_mask),
+    _no_grad_hop: (no_grad_region, lambda node: node.args[0] is False),
+    aten._assert_tensor_metadata.default: (metadata_check, lambda node: True),
+}
+_CAPTURED = {str(op): op for op in STAND_INS}  # node.meta holds names (plain data), not op objects
+
+
+def stand_in(graph: fx.Graph) -> int:
+    """Points every node :data:`STAND_INS` covers at its stand-in; returns how many."""
+    n = 0
+    for node in graph.nodes:
+        entry = STAND_INS.get(node.target) if node.op == "call_function" else None
+        if entry is not None and entry[1](node):
+            node.meta[NODE_STAND_IN] = str(node.target)
+            node.target = entry[0]
+            n += 1
+    return n
+
+
+def restore(graph: fx.Graph) -> int:
+    """Undoes :func:`stand_in` (each node's captured op again); returns how many nodes it restored."""
+    n = 0
+    for node in graph.nodes:
+        original = node.meta.pop(NODE_STAND_IN, None)
+        if original is not None:
+            node.target = _CAPTURED[original]
+            n += 1
+    return n
