@@ -159,9 +159,9 @@ def run(out: str, smoke: bool = False, shapes: tuple[str, ...] | None = None,
 def _markdown(data: dict[str, Any]) -> str:
     c = data["config"]
     env = data["env"]
-    parts = ["## LLM LoRA training on a GPU: lora-fx vs PEFT", "", env_line(env)
-             + (f"; GPU: {env.get('gpu')}, CUDA {env.get('cuda')}, TF32 matmul {env.get('tf32_matmul')}"
-                if data["device"] == "cuda" else "; no GPU (smoke run on the CPU)"), "",
+    gpu = (f"GPU: {env.get('gpu')}, CUDA {env.get('cuda')}, TF32 matmul {env.get('tf32_matmul')}."
+           if data["device"] == "cuda" else "No GPU: a smoke run on the CPU.")
+    parts = ["## LLM LoRA training on a GPU: lora-fx vs PEFT", "", f"{env_line(env)} {gpu}", "",
              f"LoRA r={c['rank']} alpha={c['alpha']} on all 7 projections, {c['optimizer']}. Step time: "
              f"{c['warmup']} warm-up steps, then {c['rounds']} interleaved rounds of {c['inner']} steps (order "
              "rotated), paired per-round ratios to PEFT; `peft#2` (a second identical PEFT model) is the noise "

@@ -173,6 +173,30 @@ def test_training_llm_smoke(tmp_path):
     assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text and "Floor (no LoRA" in text
 
 
+@pytest.mark.slow  # ~20 s (a trace, plots)
+def test_training_gpu_smoke(tmp_path):
+    """The GPU benchmark's smoke shape runs on the CPU where there is no GPU (no memory then); every
+    variant it names is set up by training_llm's builder and timed against PEFT."""
+    from benchmarks import training_gpu
+
+    quiet()
+    variants = ("peft", "peft#2", "lora-fx", "floor")
+    paths = training_gpu.run(str(tmp_path), smoke=True, variants=variants)
+    with open(paths["json"]) as f:
+        d = json.load(f)
+    (shape,) = d["shapes"].values()
+    assert not shape["failed"] and list(shape["step_vs_peft"]) == list(variants)
+    for s in shape["step_vs_peft"].values():
+        _stats(s)
+    assert shape["trainable"]["peft"] == shape["trainable"]["lora-fx"] > 0 == shape["trainable"]["floor"]
+    gpu = d["device"] == "cuda"
+    assert all((m is not None) == gpu for m in shape["memory_mb"].values())
+    assert shape["goals"]["time lora-fx / peft"]["value"] is not None
+    assert shape["goals"]["time lora-fx+compile / peft"]["verdict"] == "NOT MEASURED"
+    with open(paths["md"]) as f:
+        assert "| peft#2 |" in f.read()
+
+
 @pytest.mark.slow  # spawns a child per measurement (tiny Llamas): minutes on a busy 2-core machine
 def test_scale_smoke(tmp_path):
     r = _run("scale", str(tmp_path))
