@@ -217,9 +217,9 @@ def redevice(gm: fx.GraphModule, device: torch.device, old: torch.device | str =
     export moves a CPU capture to meta); returns how many nodes changed.
 
     ``lorafy``'s record of the captured graph is rewritten alike, so ``fold`` still proves that the
-    folded graph is the captured one.
+    folded graph is the captured one (and generates its code: the captured code names the old device).
     """
-    from .graph_module import has_lora, lora_state
+    from .graph_module import GeneratedCode, has_lora, lora_state
 
     meta = torch.device(old)
 
@@ -244,6 +244,7 @@ def redevice(gm: fx.GraphModule, device: torch.device, old: torch.device | str =
             state = lora_state(gm, "materialize")
             old, new = repr(meta), repr(device)
             state.base_signature[:] = [line.replace(old, new) for line in state.base_signature]
+            state.base_code = GeneratedCode()  # the captured code names the old device: fold generates anew
     return changed
 
 

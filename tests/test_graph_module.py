@@ -69,3 +69,53 @@ def test_copy_keeps_hooks_of_modules_that_have_them(captured):
     new = copy_module(src, freeze=False)
     copied = next(m for n, m in new.named_modules() if n)
     assert copied is not child and len(copied._forward_hooks) == 1  # deep-copied the usual way
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    return lora_fx.trace(model, (torch.randn(3, 8),)), torch.randn(3, 8)
+
+
+def test_fold_adopts_the_captured_code():
+    """fold gives back the captured graph, so its module runs the captured module's code: the same
+    source and the same compiled function, not generated and compiled again."""
+    from helpers import randomize_lora
+
+    captured, x = _mlp()
+    lgm = lora_fx.lorafy(captured, ["0", "2"], rank=2)
+    randomize_lora(lgm)
+    folded = lora_fx.fold(lgm)
+    assert folded.code == captured.code and type(folded).forward is type(captured).forward
+    assert type(lgm).forward is not type(captured).forward
+    torch.testing.assert_close(folded(x), lgm(x))
+    assert not torch.allclose(folded(x), captured(x))  # the new weights, read through the same code
+    assert lora_fx.strip(lgm).code == captured.code
+
+
+def test_untied_fold_generates_its_own_code(captured):
+    """A fold that unties a shared weight changes the graph: its code is generated for that graph."""
+    from helpers import randomize_lora
+
+    lgm = lora_fx.lorafy(captured, ["head"], rank=2)
+    randomize_lora(lgm)
+    folded = lora_fx.fold(lgm)
+    assert folded.fold_report.untied and type(folded).forward is not type(captured).forward
+    ids = torch.randint(0, 16, (2, 5))
+    torch.testing.assert_close(folded(ids), lgm(ids))
+
+
+def test_generated_code_is_shared_by_copies_and_dropped_by_pickle():
+    import pickle
+
+    from lora_fx.graph_module import GeneratedCode, recompile_as
+
+    captured, x = _mlp()
+    code = GeneratedCode(captured)
+    assert code.code is not None and code.code.src == captured.code and copy.deepcopy(code) is code
+    assert pickle.loads(pickle.dumps(code)).code is None
+    ckpt = lora_fx.checkpoint(lora_fx.lorafy(captured, ["0"], rank=2), "0")
+    assert GeneratedCode(ckpt).code is None  # its forward is not the flat code fx generated
+    empty = copy_module(captured, freeze=False)
+    recompile_as(empty, GeneratedCode())  # nothing to adopt: generated as usual
+    torch.testing.assert_close(empty(x), captured(x))

@@ -39,6 +39,7 @@ from ..graph_module import (
     has_attr_path,
     lora_state,
     prune_empty_modules,
+    recompile_as,
     set_attr_path,
 )
 from ..sites import Site
@@ -99,10 +100,10 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     _erase_lora(out, state)
     restore_stand_ins(graph)
     graph.lint()
-    out.recompile()
+    _check(out, state, report)  # the graph is the captured one: its code can be the captured code
+    recompile_as(out, None if report.untied else state.base_code)
     del out.meta[LORA_KEY]
     out.meta[FOLD_KEY] = report
-    _check(out, state, report)
     return out
 
 

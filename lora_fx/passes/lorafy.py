@@ -29,6 +29,7 @@ from ..graph_facts import branch_leaf
 from ..graph_module import (
     LORA_KEY,
     NODE_LORA,
+    GeneratedCode,
     LoraFxModule,
     copy_module,
     graph_signature,
@@ -82,6 +83,7 @@ class LoraState:
     branches: list[Branch]
     base_signature: list[str]
     report: LoraReport
+    base_code: GeneratedCode | None = None  # the captured module's code: fold's result adopts it
 
 
 def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None = None,
@@ -136,7 +138,8 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     report = LoraReport(branches, trainable, total, use_rslora, notes)
     for note in notes:
         warnings.warn(f"lora_fx.lorafy: {note}", stacklevel=2)
-    out.meta[LORA_KEY] = LoraState(branches, base_signature, report)
+    base_code = prior.base_code if prior else GeneratedCode(gm)
+    out.meta[LORA_KEY] = LoraState(branches, base_signature, report, base_code)
     return out
 
 
