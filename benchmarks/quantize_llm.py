@@ -207,10 +207,17 @@ def render(res: dict) -> str:
         f"{c['head_bits']}-bit; embedding Gather int4 (GatherBlockQuantized). Logit error: relative RMS against the "
         "unmerged fp32 LoRA model on the example inputs.", "",
         md_table(["", "held-out exact match", "logit error (rel. RMS)", "file MiB", "x fp32 file", "proof"], rows),
-        "", f"The fp32 folded file ({d['fp32_mib']:.0f} MiB) stores the tied 49152 x 576 embedding twice (the "
-        "Gather's rows and the lm_head MatMul's transposed copy, as the weight-opaque optimizer writes it); the "
-        f"model's fp32 parameters are {res['fp32_params_mib']:.0f} MiB, so the default int4 file is "
-        f"{d['mib'] / res['fp32_params_mib']:.3f}x those."])
+        "", _fp32_file_note(d, res)])
+
+
+def _fp32_file_note(d: dict, res: dict) -> str:
+    """What the fp32 file holds next to the model's parameters (a tied embedding stored once or twice)."""
+    params = res["fp32_params_mib"]
+    twice = d["fp32_mib"] > 1.1 * params
+    how = ("stores the tied 49152 x 576 embedding twice (the Gather's rows and the lm_head MatMul's transposed "
+           "copy)" if twice else "stores the tied embedding once (the lm_head reads it through a Transpose node)")
+    return (f"The fp32 folded file ({d['fp32_mib']:.0f} MiB) {how}; the model's fp32 parameters are {params:.0f} "
+            f"MiB, so the default int4 file is {d['mib'] / params:.3f}x those.")
 
 
 def main(argv=None) -> int:
