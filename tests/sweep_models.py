@@ -130,6 +130,22 @@ HF_MODELS: list[SweepModel] = [
     _m("decoder", "lfm2", ["q_proj"]),  # hybrid: short convolutions and attention
     _m("decoder", "falcon_h1", QKV),  # hybrid: Mamba-2 mixers beside attention
     _m("decoder", "mamba", ["in_proj"]),  # state space, a Python loop over the sequence: static length
+    _m("decoder", "gptj", QKV, rotary_dim=4),  # parallel attention + MLP, partial rotary
+    _m("decoder", "codegen", ["qkv_proj"], rotary_dim=4),  # fused qkv in model-parallel order
+    _m("decoder", "gpt_neo", QKV, attention_types=[[["global", "local"], 1]], num_layers=2),  # local attention
+    _m("decoder", "falcon", ["query_key_value"], head_dim=None),
+    _m("decoder", "cohere2", QKV),  # sliding-window and global layers
+    _m("decoder", "diffllama", QKV),  # differential attention
+    _m("decoder", "doge", QKV),  # dynamic mask attention
+    _m("decoder", "bitnet", QKV),
+    _m("decoder", "vaultgemma", QKV),
+    _m("decoder", "olmo3", QKV),
+    _m("decoder", "ministral", QKV),
+    _m("decoder", "nanochat", QKV),
+    _m("decoder", "cwm", QKV),
+    _m("decoder", "internlm3", QKV),
+    _m("decoder", "exaone", QKV),
+    _m("decoder", "ernie4_5", QKV),
     # mixture of experts
     _m("moe", "mixtral", QKV),
     _m("moe", "qwen2_moe", QKV),
@@ -138,6 +154,13 @@ HF_MODELS: list[SweepModel] = [
     _m("moe", "granitemoe", QKV),
     _m("moe", "phimoe", QKV),
     _m("moe", "gpt_oss", QKV),
+    _m("moe", "dots1", QKV, n_group=1, topk_group=1),
+    _m("moe", "glm4_moe", QKV, n_group=1, topk_group=1),
+    _m("moe", "ernie4_5_moe", QKV),
+    _m("moe", "hunyuan_v1_moe", QKV),
+    _m("moe", "flex_olmo", QKV),
+    _m("moe", "granitemoeshared", QKV),
+    _m("moe", "lfm2_moe", ["q_proj"], layer_types=["full_attention", "conv"], num_dense_layers=0),
     # encoders
     _m("encoder", "bert", BERT, fast=True),
     _m("encoder", "roberta", BERT),
