@@ -14,7 +14,7 @@ tensor, not once per layer) and then drops it::
              #   exactly tril(ones(L, S)) (broadcast over batch and heads) and L == S; else the call above
 
 Same values and gradients (the masked-out keys get probability 0 either way; the CPU flash kernel
-gives bitwise-equal results). The check is one comparison of the boolean mask per call. It is skipped
+gives bitwise-equal results). The check is one comparison of the boolean mask per mask tensor. It is skipped
 (the original call runs) under ``torch.export`` (nothing of this reaches an exported graph), under
 torch.compile (a data-dependent branch would break the graph), with attention dropout (the kernels
 may draw dropout masks differently) and for non-boolean masks. lorafy points the nodes at it and fold
@@ -51,6 +51,8 @@ def _causal_cached(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
     """:func:`_is_causal_mask`, computed once per mask tensor: a decoder passes one mask to every layer,
     and the check's comparison reads the mask back to the host (on a GPU a synchronization, which
     would stall the host once per layer instead of once per forward)."""
+    if mask.is_inference():  # no version counter to tell an in-place change: checked every time
+        return _is_causal_mask(mask, q_len, k_len)
     ref, key, answer = _LAST
     now = (mask._version, q_len, k_len)
     if ref is not None and ref() is mask and key == now:
