@@ -80,6 +80,7 @@ def test_metadata_check_skips_only_the_dtype_under_autocast():
         stand_ins.metadata_check(t, dtype=torch.float32)  # autocast chose bf16: accepted
         with pytest.raises(RuntimeError, match="[Dd]evice"):
             stand_ins.metadata_check(t, dtype=torch.float32, device=torch.device("meta"))
+    stand_ins.metadata_check(torch.ones(2, device="meta"), dtype=torch.float32)  # meta: no autocast to ask
 
 
 def test_llama_stand_ins_counted_and_restored_by_fold():

@@ -35,10 +35,17 @@ NODE_STAND_IN = "lora_fx_stand_in"  # node.meta: the name of the captured op thi
 _no_grad_hop = torch.ops.higher_order.wrap_with_set_grad_enabled
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
+
+
 def _autocasting(args: tuple) -> list[str]:
     """The device types among ``args``' tensors (CPU and CUDA when there are none) where autocast is on."""
     devices = {a.device.type for a in args if isinstance(a, torch.Tensor)} or {"cpu", "cuda"}
-    return [d for d in sorted(devices) if torch.is_autocast_enabled(d)]
+    return [d for d in sorted(devices) if _autocast_on(d)]
 
 
 def no_grad_region(enable: bool, region: Callable, *args: Any) -> Any:
@@ -52,7 +59,7 @@ def no_grad_region(enable: bool, region: Callable, *args: Any) -> Any:
 
 def metadata_check(a: torch.Tensor, size=None, stride=None, dtype=None, *, device=None, layout=None) -> None:
     """``_assert_tensor_metadata``, without the dtype check while autocast is on for ``a``'s device."""
-    if dtype is not None and torch.is_autocast_enabled(a.device.type):
+    if dtype is not None and _autocast_on(a.device.type):
         dtype = None
     aten._assert_tensor_metadata.default(a, size, stride, dtype, device=device, layout=layout)
 
