@@ -85,10 +85,13 @@ def test_overhead_smoke(tmp_path):
     assert len(d["skipped"]) == 1 and d["skipped"][0].startswith("2 layers")  # over the smoke budget
     for s in d["sizes"]:
         assert set(s["seconds"]) == {"trace", "lorafy", "fold", "fold_and_export", "fold_and_export_verified",
-                                     "plain_export"}
+                                     "plain_export", "plain_export_again"}
         _stats(s["export_ratio"])
         _stats(s["verified_ratio"])
-    assert len(d["goals"]) == 2 and "Skipped" in r["md"]
+        _stats(s["noise_ratio"])  # the control: the plain export timed twice
+    assert len(d["goals"]) == 2 and "Skipped" in r["md"] and "noise control" in r["md"]
+    export_goal = d["goals"]["fold_and_export/plain <= 1.1"]
+    assert export_goal["noise_max"] >= 1 and export_goal["verdict"] in ("MET", "MISSED", "WITHIN NOISE")
 
 
 def test_precision_smoke(tmp_path):
