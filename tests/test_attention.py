@@ -1,5 +1,6 @@
-"""Causal attention in training (passes/attention.py) and the in-place LoRA addmm (passes/fused.py):
-the same values and gradients as before, only faster."""
+"""Causal attention in training (passes/attention.py: the causal mask as ``is_causal``, grouped-query
+keys/values not repeated) and the in-place LoRA addmm (passes/fused.py): the same values and gradients
+as before, only faster."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from helpers import randomize_lora
 
 import lora_fx
 from lora_fx.passes import attention, fused
-from lora_fx.passes.attention import causal_sdpa
+from lora_fx.passes.attention import RepeatedKV, causal_sdpa, repeat_kv
 
 aten = torch.ops.aten
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,6 +62,64 @@ def test_causal_mask_runs_as_is_causal_with_the_same_gradients(monkeypatch):
     folded = lora_fx.fold(lgm)  # fold puts the aten op back (and proves the graph is the captured one)
     assert not any(n.target is causal_sdpa for n in folded.graph.nodes)
     assert sum(n.target is aten.scaled_dot_product_attention.default for n in folded.graph.nodes) == 2
+
+
+def _saved_bytes(gm, args) -> int:
+    """Bytes of the tensors one training forward keeps for backward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    gm.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = gm(*args).logits
+    del out
+    return sum(seen.values())
+
+
+def test_grouped_query_keys_are_not_repeated(monkeypatch):
+    """The zoo Llama has 4 query heads and 2 key/value heads: its captured graph copies the keys and
+    values to 4 heads before each attention call; in training they are read as grouped-query attention
+    instead (same values and gradients, less kept for backward), and fold restores the copies."""
+    _, args, _, gm = traced("llama")
+    captured_reshapes = sum(n.target is aten.reshape.default for n in gm.graph.nodes)
+    lgm = lora_fx.lorafy(gm, TARGETS, rank=4)
+    randomize_lora(lgm)
+    assert sum(n.target is repeat_kv for n in lgm.graph.nodes) == 4  # keys and values of 2 layers
+    seen, switch = _spy(monkeypatch, attention, "_grouped")
+    out, grads = _grads(lgm, args)
+    assert seen == [True, True]  # each layer's attention ran as grouped-query attention
+    grouped_bytes = _saved_bytes(lgm, args)
+    switch[0] = False  # the captured copies
+    ref_out, ref = _grads(lgm, args)
+    assert _rel(out, ref_out) <= 1e-6
+    assert max(_rel(a, b) for a, b in zip(grads, ref, strict=True)) <= 1e-6
+    b, s, heads, kv, d = args[0].shape[0], args[0].shape[1], 4, 2, 16
+    # per layer the repeated keys and values, (heads - kv) * d floats per token each, are not kept
+    assert _saved_bytes(lgm, args) - grouped_bytes == 2 * 2 * b * s * (heads - kv) * d * 4
+    folded = lora_fx.fold(lgm)
+    assert not any(n.target is repeat_kv for n in folded.graph.nodes)
+    assert sum(n.target is aten.reshape.default for n in folded.graph.nodes) == captured_reshapes
+
+
+def test_repeated_keys_outside_causal_attention_are_copied():
+    """With a mask that is not the causal one, deferred keys/values are copied as captured."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(2))
+    rep = [t[:, :, None].expand(2, 2, 2, 6, 8) for t in (k, v)]
+    kr, vr = (repeat_kv(t, [2, 4, 6, 8]) for t in rep)
+    assert isinstance(kr, RepeatedKV) and torch.equal(kr.materialize(), k.repeat_interleave(2, dim=1))
+    assert isinstance(repeat_kv(rep[0].contiguous(), [2, 4, 6, 8]), torch.Tensor)  # not a broadcast: reshaped
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    padded = causal.expand(2, 1, 6, 6).clone()
+    padded[0, :, :, 0] = False
+    full = [t.repeat_interleave(2, dim=1) for t in (k, v)]
+    assert torch.equal(causal_sdpa(q, kr, vr, padded), aten.scaled_dot_product_attention.default(q, *full, padded))
+    torch.testing.assert_close(causal_sdpa(q, kr, vr, causal.expand(2, 1, 6, 6)),
+                               aten.scaled_dot_product_attention.default(q, *full, None, 0.0, True))
 
 
 def test_other_masks_are_kept():

@@ -20,28 +20,92 @@ torch.compile (a data-dependent branch would break the graph), with attention dr
 may draw dropout masks differently) and for non-boolean masks. lorafy points the nodes at it and fold
 points them back at the aten op (both in :mod:`lora_fx.passes.stand_ins`), so the folded graph is the
 captured one.
+
+Grouped-query attention (fewer key/value heads than query heads): the captured graph repeats the
+key and value heads to the query heads' count before the call (``repeat_kv``: an ``expand`` and a
+``reshape`` that copies them), which the causal kernels do not need::
+
+    before:  k = reshape(expand(k[:, :, None], (b, kv, n, s, d)), (b, kv*n, s, d))   # copies k n times
+             o = scaled_dot_product_attention(q, k, v, mask, scale=s)
+    after:   k = repeat_kv(expand(...), (b, kv*n, s, d))   # RepeatedKV: the broadcast view, no copy
+             o = causal_sdpa(q, k, v, mask, scale=s)
+             # = sdpa(q, k[:, :, 0], v[:, :, 0], None, is_causal=True, enable_gqa=True) when the mask
+             #   is the causal one and a kernel with grouped-query support runs there (CPU flash; CUDA
+             #   flash); else the repetition is copied as captured and the call above runs
+
+Same values and gradients (query head h reads key/value head h // n either way); the repeated
+keys/values are neither copied nor kept for backward (n times less attention input memory per
+layer). What eager Hugging Face runs for a decoder without padding (``enable_gqa`` with no mask).
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
+from typing import NamedTuple
 
 import torch
 
 aten = torch.ops.aten
 
 
-def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                enable_gqa: bool = False) -> torch.Tensor:
-    """``aten.scaled_dot_product_attention`` with a causal boolean mask run as ``is_causal=True``."""
+class RepeatedKV(NamedTuple):
+    """Keys or values repeated for grouped-query attention, not copied yet (see the module doc).
+
+    ``x`` is the ``(b, kv, n, s, d)`` broadcast view (stride 0 along ``n``); ``shape`` the captured
+    ``reshape``'s target, ``(b, kv*n, s, d)``."""
+
+    x: torch.Tensor
+    shape: tuple
+
+    def materialize(self) -> torch.Tensor:
+        """The captured ``reshape``: the heads repeated, copied."""
+        return aten.reshape.default(self.x, list(self.shape))
+
+
+def repeat_kv(x: torch.Tensor, shape) -> torch.Tensor | RepeatedKV:
+    """``aten.reshape(x, shape)`` of a grouped-query key/value repetition, deferred to :func:`causal_sdpa`
+    (its only consumer) in eager mode; the reshape itself under torch.export and torch.compile."""
+    if (x.dim() == 5 and len(shape) == 4 and x.stride(2) == 0 and not torch.compiler.is_exporting()
+            and not torch.compiler.is_compiling()
+            and list(shape) == [x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]]):
+        return RepeatedKV(x, tuple(shape))
+    return aten.reshape.default(x, shape)
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor | RepeatedKV, value: torch.Tensor | RepeatedKV,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``aten.scaled_dot_product_attention`` with a causal boolean mask run as ``is_causal=True`` (and
+    keys/values repeated by :func:`repeat_kv` read as grouped-query attention, without the copies)."""
+    k_len = (key.x if isinstance(key, RepeatedKV) else key).shape[-2]
     if (attn_mask is not None and not is_causal and not dropout_p and attn_mask.dtype == torch.bool
             and not torch.compiler.is_exporting() and not torch.compiler.is_compiling()
-            and _causal_cached(attn_mask, query.shape[-2], key.shape[-2])):
+            and _causal_cached(attn_mask, query.shape[-2], k_len)):
         attn_mask, is_causal = None, True
+        if _grouped(query, key, value):
+            return aten.scaled_dot_product_attention.default(query, key.x.select(2, 0), value.x.select(2, 0),
+                                                             None, 0.0, True, scale=scale, enable_gqa=True)
+    key = key.materialize() if isinstance(key, RepeatedKV) else key
+    value = value.materialize() if isinstance(value, RepeatedKV) else value
     return aten.scaled_dot_product_attention.default(query, key, value, attn_mask, dropout_p, is_causal,
                                                      scale=scale, enable_gqa=enable_gqa)
+
+
+def _grouped(query: torch.Tensor, key, value) -> bool:
+    """Whether causal attention over ``key``/``value`` from :func:`repeat_kv` runs as grouped-query
+    attention without the copies: both deferred, the query's heads their repetition, and a kernel with
+    grouped-query support available (CPU flash attention; CUDA flash attention, which needs fp16/bf16:
+    the CUDA kernel for fp32 has no grouped-query support, so there the repetition is copied)."""
+    if not (isinstance(key, RepeatedKV) and isinstance(value, RepeatedKV) and query.dim() == 4
+            and key.x.shape[1:3] == value.x.shape[1:3] and query.shape[1] == key.x.shape[1] * key.x.shape[2]):
+        return False
+    if query.device.type == "cpu":
+        return True
+    if query.device.type != "cuda":
+        return False
+    k, v = key.x.select(2, 0), value.x.select(2, 0)
+    return torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(query, k, v, None, 0.0, True, True))
 
 
 _LAST: list = [None, None, False]  # (weakref to the mask last checked, its key, the answer)

@@ -5,6 +5,7 @@ Each stand-in computes what the captured op computes; it only changes *how* in e
 
     captured op                                    stand-in (training)
     scaled_dot_product_attention(q, k, v, mask)    causal_sdpa: is_causal=True when mask is the causal one
+    reshape(expand(k), ...) feeding only those     repeat_kv: grouped-query keys/values not copied
     wrap_with_set_grad_enabled(False, region, *a)  no_grad_region: the region with autocast off
     _assert_tensor_metadata(t, dtype=d, ...)       metadata_check: no dtype check under autocast
 
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .attention import causal_sdpa
+from .attention import causal_sdpa, repeat_kv
 
 aten = torch.ops.aten
 NODE_STAND_IN = "lora_fx_stand_in"  # node.meta: the name of the captured op this node's target stands in for
@@ -69,9 +70,25 @@ def _has_mask(node: fx.Node) -> bool:
     return isinstance(mask, fx.Node)
 
 
+_SDPA = (aten.scaled_dot_product_attention.default, causal_sdpa)
+
+
+def _repeats_kv(node: fx.Node) -> bool:
+    """A grouped-query key/value repetition (``reshape`` of a 5-d ``expand`` to 4-d) whose every user is
+    a masked attention call reading it as key or value only."""
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.expand.default
+            and len(src.args[1]) == 5 and len(node.args[1]) == 4 and node.users):
+        return False
+    return all(u.op == "call_function" and u.target in _SDPA and _has_mask(u)
+               and all(a is not node for i, a in enumerate(u.args) if i not in (1, 2))
+               and all(a is not node for a in u.kwargs.values()) for u in node.users)
+
+
 # captured op -> (stand-in, which of its nodes it applies to)
 STAND_INS: dict[Any, tuple[Callable, Callable[[fx.Node], bool]]] = {
     aten.scaled_dot_product_attention.default: (causal_sdpa, _has_mask),
+    aten.reshape.default: (repeat_kv, _repeats_kv),
     _no_grad_hop: (no_grad_region, lambda node: node.args[0] is False),
     aten._assert_tensor_metadata.default: (metadata_check, lambda node: True),
 }
