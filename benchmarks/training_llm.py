@@ -15,7 +15,9 @@ the input gradient of the first layer's q/k/v, 3 of the 57 base backward matmuls
 skips). A LoRA step cannot be faster than its floor by more than that: the floor tells which goals a
 machine allows. bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and fp32 references run
 at batch 1 x seq 32 (``@1x32``): on a CPU without bf16 instructions (AVX2 only) bf16 GEMMs run 4-80x
-slower than fp32, so one bf16 step at the full shape would take many minutes.
+slower than fp32, so one bf16 step at the full shape would take many minutes. Grouped-query attention
+(``*@gqa``: the full shape with 2 key/value heads of 8, as Llama 3 / Mistral / Qwen have them): PEFT and
+lora-fx, with and without checkpointing, memory and one step each.
 
 * **Step time**: one process holds every full-shape variant; after a warm-up step, steps are taken
   round-robin with the order rotated each round, so machine load hits all alike; ratios to PEFT are
@@ -63,10 +65,13 @@ VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel
 # bf16 instructions (AVX2 only) run 4-80x slower than fp32, so a bf16 step at the full shape takes minutes.
 SMALL = "@1x32"
 BF16_VARIANTS = tuple(v + SMALL for v in ("peft", "lora-fx", "peft-bf16", "lora-fx-bf16", "lora-fx+ckpt-bf16"))
+GQA = "@gqa"  # the full shape with grouped-query attention: KV_HEADS key/value heads
+GQA_VARIANTS = tuple(v + GQA for v in ("peft", "lora-fx", "peft+ckpt", "lora-fx+ckpt"))
+KV_HEADS = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 CHILD_TIMEOUT_S = 480  # a memory child past this is reported as failed (torch.compile on a busy machine)
-ROUNDS = 4  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
+ROUNDS = 6  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
 GOALS = {  # name: (numerator, denominator, kind, upper bound)
     "memory lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "memory", 1.0),
     "time lora-fx+ckpt / peft+ckpt": ("lora-fx+ckpt", "peft+ckpt", "time", 1.05),
@@ -75,11 +80,17 @@ GOALS = {  # name: (numerator, denominator, kind, upper bound)
 }
 
 
-def _config(smoke: bool, small: bool = False) -> dict[str, int]:
+def _config(smoke: bool, small: bool = False, gqa: bool = False) -> dict[str, int]:
+    kv = {"kv_heads": KV_HEADS} if gqa else {}
     if smoke:
-        return {"layers": 2, "hidden": 64, "heads": 4, "mlp": 128, "vocab": 256, "batch": 2, "seq": 16}
+        return {"layers": 2, "hidden": 64, "heads": 4, "mlp": 128, "vocab": 256, "batch": 2, "seq": 16, **kv}
     shape = {"batch": 1, "seq": 32} if small else {"batch": 4, "seq": 512}
-    return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, **shape}
+    return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, **shape, **kv}
+
+
+def _variant_config(variant: str, smoke: bool) -> dict[str, int]:
+    """The shape a variant name asks for (its ``@1x32`` / ``@gqa`` suffix)."""
+    return _config(smoke, variant.endswith(SMALL), variant.endswith(GQA))
 
 
 def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
@@ -106,7 +117,7 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None, device: 
     ``shared`` (timing process only): lora-fx variants of one dtype reuse one lorafied module (checkpoint
     and compile wrap it and share its parameters), which keeps the all-variants process under 4 GB.
     """
-    name = variant.removesuffix(SMALL)
+    name = variant.removesuffix(SMALL).removesuffix(GQA)
     dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
     kind = name.removesuffix("-bf16")
     ids = _batch(c, device)
@@ -152,7 +163,7 @@ def child(variant: str, smoke: bool, steps: int = 1) -> dict[str, Any]:
 
     trim()
     rss_imports = status_kb("VmRSS")
-    step = _setup(variant, _config(smoke, variant.endswith(SMALL)))
+    step = _setup(variant, _variant_config(variant, smoke))
     step()  # warm-up: optimizer state, compile
     trim()
     rss_setup = status_kb("VmRSS")
@@ -187,27 +198,31 @@ def _error_line(text: str) -> str:
 
 
 def run(out: str, smoke: bool = False, torch_threads: int = 1, variants: tuple[str, ...] = VARIANTS,
-        rounds: int | None = None, bf16: tuple[str, ...] | None = None) -> dict[str, Any]:
+        rounds: int | None = None, bf16: tuple[str, ...] | None = None,
+        gqa: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Runs the benchmark and writes ``training_llm.{json,md,png}`` into ``out``.
 
     ``variants`` are timed interleaved at the full shape; ``bf16`` (default: :data:`BF16_VARIANTS`,
-    none for ``smoke``) are measured at the small shape, memory and one step each.
+    none for ``smoke``) are measured at the small shape, ``gqa`` (default :data:`GQA_VARIANTS`, none for
+    ``smoke``) at the full shape with grouped-query attention, memory and one step each.
     """
     old = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        return _run(out, smoke, torch_threads, variants, rounds, BF16_VARIANTS if bf16 is None and not smoke
-                    else tuple(bf16 or ()))
+        extra = {"bf16": (BF16_VARIANTS if bf16 is None and not smoke else tuple(bf16 or ())),
+                 "gqa": (GQA_VARIANTS if gqa is None and not smoke else tuple(gqa or ()))}
+        return _run(out, smoke, torch_threads, variants, rounds, extra)
     finally:
         torch.set_num_threads(old)
 
 
 def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds: int | None,
-         bf16: tuple[str, ...]) -> dict[str, Any]:
+         extra: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    bf16, gqa = extra["bf16"], extra["gqa"]
     warmup, rounds = (1, 2) if smoke else (1, rounds or ROUNDS)
     c, env, start = _config(smoke), environment(), time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
-    memory = _memory(variants + bf16, smoke, threads)
+    memory = _memory(variants + bf16 + gqa, smoke, threads)
     failed = {v: m["error"] for v, m in memory.items() if "error" in m}
     timed = tuple(v for v in variants if v not in failed)
     log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds: {', '.join(timed)}")
@@ -252,7 +267,7 @@ def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds:
             "config": {**c, "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)",
                        "warmup": warmup, "rounds": rounds, "torch_threads": threads,
                        "small": {"batch": small["batch"], "seq": small["seq"]}},
-            "variants": list(variants), "bf16_variants": list(bf16), "failed": failed,
+            "variants": list(variants), "bf16_variants": list(bf16), "gqa_variants": list(gqa), "failed": failed,
             "trainable": {v: steps[v].trainable for v in timed},  # type: ignore[attr-defined]
             "step_s": {v: Stats.of(t) for v, t in times.items()}, "step_samples_s": times,
             "cpu_s": {v: Stats.of(t) for v, t in cpu.items()}, "cpu_samples_s": cpu,
@@ -322,6 +337,22 @@ def _markdown(data: dict[str, Any]) -> str:
                   "One measured step each (after a warm-up step), in its memory subprocess, not interleaved.", "",
                   md_table(["variant", "step s (1 step)", "MB after setup (weights + state)",
                             "peak MB over imports"], brows)]
+    gqa = data.get("gqa_variants") or []
+    if gqa:
+        grows = []
+        for v in gqa:
+            m = memory.get(v, {})
+            if "error" in m:
+                grows.append([v, f"FAILED: {m['error']}", "-", "-"])
+                continue
+            ref = ("peft+ckpt" if "+ckpt" in v else "peft") + GQA
+            ratio = f"{used[v] / used[ref]:.3f}" if ref in used and not v.startswith("peft") else "-"
+            grows.append([v, f"{m['seconds'] / m['steps']:.2f}", f"{used[v]:.0f}", ratio])
+        parts += ["", f"Grouped-query attention: the full shape with {KV_HEADS} key/value heads of {c['heads']} "
+                  "(Llama 3, Mistral, Qwen and TinyLlama are built so). One measured step each (after a warm-up "
+                  "step), in its memory subprocess, not interleaved.", "",
+                  md_table(["variant", "step s (1 step)", "peak MB over imports", "peak / PEFT (same checkpointing)"],
+                           grows)]
     return "\n".join(parts)
 
 
@@ -331,7 +362,8 @@ def _plot(fig, data: dict[str, Any]) -> None:
     ax1.barh(variants, [data["step_s"][v].median for v in variants])
     ax1.set_xlabel("seconds per training step (median)")
     ax1.invert_yaxis()
-    mem = [v for v in data["variants"] + data.get("bf16_variants", []) if v in data["memory_used_mb"]]
+    mem = [v for v in data["variants"] + data.get("bf16_variants", []) + data.get("gqa_variants", [])
+           if v in data["memory_used_mb"]]
     ax2.barh(mem, [data["memory_used_mb"][v] for v in mem], color="tab:orange")
     ax2.set_xlabel("peak RSS over imports (MB)")
     ax2.invert_yaxis()
@@ -340,4 +372,4 @@ def _plot(fig, data: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    child_main("memory child of the LLM training benchmark", VARIANTS + BF16_VARIANTS, child)
+    child_main("memory child of the LLM training benchmark", VARIANTS + BF16_VARIANTS + GQA_VARIANTS, child)

@@ -162,10 +162,11 @@ def test_training_llm_smoke(tmp_path):
     quiet()
     variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "floor")
     bf16 = ("lora-fx-bf16" + training_llm.SMALL,)
-    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16)
+    gqa = ("peft" + training_llm.GQA, "lora-fx" + training_llm.GQA)
+    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16, gqa=gqa)
     with open(paths["json"]) as f:
         d = json.load(f)  # what a user reads (in memory the summaries are Stats objects)
-    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16) and not d["failed"]
+    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16 + gqa) and not d["failed"]
     for s in [*d["step_s"].values(), *d["ratios"].values(), *d["cpu_ratios"].values(), *d["step_vs_peft"].values()]:
         _stats(s)
     assert len({d["trainable"][v] for v in variants if v != "floor"}) == 1 and d["trainable"]["floor"] == 0
@@ -174,6 +175,7 @@ def test_training_llm_smoke(tmp_path):
     with open(paths["md"]) as f:
         text = f.read()
     assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text and "Floor (no LoRA" in text
+    assert f"| {gqa[1]} |" in text and "Grouped-query attention" in text
 
 
 @pytest.mark.slow  # ~20 s (a trace, plots)
