@@ -1,7 +1,9 @@
-"""Where a GPU training step's time goes: eager PEFT vs eager lora-fx (torch.profiler, one shape).
+"""Where a GPU training step's time goes: PEFT vs lora-fx variants (torch.profiler, one shape).
 
-Usage on the GPU machine: ``PYTHONPATH=. python3 -m benchmarks.gpu.profile_step [llama-8x512|llama-1.1b]``.
-Prints, per variant, the wall time of a step, the summed GPU kernel time, and the top ops by GPU time.
+Usage on the GPU machine: ``PYTHONPATH=. python3 -m benchmarks.gpu.profile_step [llama-8x512|llama-1.1b]
+[variants]``, variants comma-separated (default ``peft,lora-fx``; the checkpointing comparison:
+``peft+ckpt,lora-fx+ckpt``). Prints, per variant, the wall time of a step, the summed GPU kernel time,
+the kernel launches, and the top ops by GPU time.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from benchmarks import training_gpu as tg
 from benchmarks import training_llm as llm
 
 
-def main(shape: str = "llama-1.1b", steps: int = 3) -> None:
+def main(shape: str = "llama-1.1b", variants: str = "peft,lora-fx", steps: int = 3) -> None:
     c, dtype = tg.SHAPES[shape]
-    for v in ("peft", "lora-fx"):
+    for v in variants.split(","):
         step = llm._setup(tg._variant(v, dtype), c, None, device="cuda")
         for _ in range(3):
             step()
@@ -41,4 +43,4 @@ def main(shape: str = "llama-1.1b", steps: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:3])
