@@ -12,10 +12,12 @@ import warnings
 import pytest
 import torch
 from helpers import randomize_lora
+from torch.utils.checkpoint import CheckpointPolicy
 from zoo import assert_close
 
 import lora_fx
 from lora_fx.examples import zoo_models as zm
+from lora_fx.passes import checkpoint as ckpt_pass
 
 
 class Block(torch.nn.Module):
@@ -151,6 +153,36 @@ def test_selective_policy_keeps_matmuls():
     # Selective checkpointing stores its kept outputs inside the region (invisible to the hook):
     # outside, both keep the same region inputs.
     assert saved_sel == saved_full < saved0
+
+
+def test_selective_policy_recomputes_low_rank_products(monkeypatch):
+    """The selective policy keeps the base and A matmuls' outputs and recomputes each LoRA B product
+    (inner dimension the rank, 1/16 of its output width here): keeping both it and the base output
+    would store two wide outputs per site, more than training without checkpointing keeps."""
+    gm, args = _llama(dropout=0.0)
+    lgm = lora_fx.lorafy(gm, LLAMA_TARGETS, rank=4)
+    randomize_lora(lgm)
+    decisions = []
+    real = ckpt_pass._selective_policy
+
+    def spy(ctx, op, *a, **kw):
+        decision = real(ctx, op, *a, **kw)
+        if not ctx.is_recompute:
+            decisions.append((op, decision))
+        return decision
+
+    monkeypatch.setattr(ckpt_pass, "_selective_policy", spy)
+    _, g_sel, _ = _step(lora_fx.checkpoint(lgm, "*.layers.*", policy="selective"), args)
+    _, g0, _ = _step(lgm, args)
+    assert max(_rel(a, b) for a, b in zip(g_sel, g0, strict=True)) <= 1e-6
+    kept = [op for op, d in decisions if d == CheckpointPolicy.MUST_SAVE]
+    lora_b = [op for op, d in decisions if op is torch.ops.aten.addmm.default]
+    assert len(lora_b) == 2 * 7  # one LoRA B product per site, 7 sites in each of 2 layers
+    assert torch.ops.aten.addmm.default not in kept
+    # per layer: 7 base matmuls, 4 A matmuls (q/k/v and gate/up share one each), 1 attention
+    assert len([op for op in kept if op is torch.ops.aten.mm.default]) == 2 * (7 + 4)
+    assert ckpt_pass._low_rank_product(torch.ops.aten.mm.default, (torch.ones(3, 16), torch.ones(16, 128)))
+    assert not ckpt_pass._low_rank_product(torch.ops.aten.mm.default, (torch.ones(3, 64), torch.ones(64, 128)))
 
 
 def test_eval_and_no_grad_run_the_flat_code():

@@ -19,7 +19,9 @@ an exported graph.
 
 Policies: ``"full"`` keeps only each region's inputs (least memory, one extra forward of the blocks);
 ``"selective"`` keeps the outputs of the matmuls and attention kernels and recomputes the cheap
-elementwise ops between them (norms, activations, rotary, residual adds, dropout).
+elementwise ops between them (norms, activations, rotary, residual adds, dropout) and the low-rank
+products (a LoRA B product, inner dimension the rank: recomputed from the kept base output and ``A x``,
+so each site keeps one wide output, not two).
 """
 
 from __future__ import annotations
@@ -236,7 +238,22 @@ def _region_function(region: list[fx.Node], inputs: list[fx.Node], outputs: list
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _SAVE and not _low_rank_product(op, args):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _low_rank_product(op, args) -> bool:
+    """A 2-d matmul whose inner dimension is at most 1/8 of its output width, such as a LoRA B product
+    (inner dimension the rank): recomputing it costs few multiply-adds per output element, like the
+    elementwise ops, while keeping it would store a second wide output next to the base matmul's."""
+    if op is aten.addmm.default:
+        a, b = args[1], args[2]
+    elif op is aten.mm.default:
+        a, b = args[0], args[1]
+    else:
+        return False
+    return a.shape[-1] * 8 <= b.shape[-1]
 
 
 def _selective_context():
