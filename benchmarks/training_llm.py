@@ -320,14 +320,8 @@ def _markdown(data: dict[str, Any]) -> str:
     bf16 = data.get("bf16_variants") or []
     if bf16:
         small = c["small"]
-        brows = []
-        for v in bf16:
-            m = memory.get(v, {})
-            if "error" in m:
-                brows.append([v, f"FAILED: {m['error']}", "-", "-"])
-                continue
-            brows.append([v, f"{m['seconds'] / m['steps']:.2f}", f"{m['rss_setup_mb'] - m['rss_imports_mb']:.0f}",
-                          f"{used[v]:.0f}"])
+        brows = _child_rows(bf16, memory, lambda v, m: [f"{m['rss_setup_mb'] - m['rss_imports_mb']:.0f}",
+                                                        f"{used[v]:.0f}"])
         cpu = data["env"].get("cpu_bf16")
         isa = ("this CPU has bf16 instructions (AVX512-BF16/AMX)" if cpu else
                "on a CPU without bf16 instructions (AVX2 only) bf16 GEMMs run 4-80x slower than fp32" if cpu is False
@@ -339,21 +333,29 @@ def _markdown(data: dict[str, Any]) -> str:
                             "peak MB over imports"], brows)]
     gqa = data.get("gqa_variants") or []
     if gqa:
-        grows = []
-        for v in gqa:
-            m = memory.get(v, {})
-            if "error" in m:
-                grows.append([v, f"FAILED: {m['error']}", "-", "-"])
-                continue
+        def vs_peft(v: str) -> str:
             ref = ("peft+ckpt" if "+ckpt" in v else "peft") + GQA
-            ratio = f"{used[v] / used[ref]:.3f}" if ref in used and not v.startswith("peft") else "-"
-            grows.append([v, f"{m['seconds'] / m['steps']:.2f}", f"{used[v]:.0f}", ratio])
+            return f"{used[v] / used[ref]:.3f}" if ref in used and not v.startswith("peft") else "-"
+
+        grows = _child_rows(gqa, memory, lambda v, m: [f"{used[v]:.0f}", vs_peft(v)])
         parts += ["", f"Grouped-query attention: the full shape with {KV_HEADS} key/value heads of {c['heads']} "
                   "(Llama 3, Mistral, Qwen and TinyLlama are built so). One measured step each (after a warm-up "
                   "step), in its memory subprocess, not interleaved.", "",
                   md_table(["variant", "step s (1 step)", "peak MB over imports", "peak / PEFT (same checkpointing)"],
                            grows)]
     return "\n".join(parts)
+
+
+def _child_rows(variants: list[str], memory: dict[str, dict[str, Any]],
+                cells: Callable[[str, dict[str, Any]], list[str]]) -> list[list[str]]:
+    """Table rows of variants measured only in their memory child: name, its one step's seconds, then
+    ``cells(variant, measurement)``; a failed child's row names its error."""
+    rows = []
+    for v in variants:
+        m = memory.get(v, {})
+        rows.append([v, f"FAILED: {m['error']}", "-", "-"] if "error" in m
+                    else [v, f"{m['seconds'] / m['steps']:.2f}", *cells(v, m)])
+    return rows
 
 
 def _plot(fig, data: dict[str, Any]) -> None:
