@@ -163,10 +163,12 @@ def test_training_llm_smoke(tmp_path):
     variants = ("peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "floor")
     bf16 = ("lora-fx-bf16" + training_llm.SMALL,)
     gqa = ("peft" + training_llm.GQA, "lora-fx" + training_llm.GQA)
-    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16, gqa=gqa)
+    real = ("lora-fx" + training_llm.SMOLLM2,) if training_llm.has_smollm2() else ()  # the real model, smoke batch
+    paths = training_llm.run(str(tmp_path), smoke=True, variants=variants, bf16=bf16, gqa=gqa, smollm2=real)
     with open(paths["json"]) as f:
         d = json.load(f)  # what a user reads (in memory the summaries are Stats objects)
-    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16 + gqa) and not d["failed"]
+    assert d["variants"] == list(variants) and set(d["memory"]) == set(variants + bf16 + gqa + real)
+    assert not d["failed"] and all("error" not in m for m in d["memory"].values())
     for s in [*d["step_s"].values(), *d["ratios"].values(), *d["cpu_ratios"].values(), *d["step_vs_peft"].values()]:
         _stats(s)
     assert len({d["trainable"][v] for v in variants if v != "floor"}) == 1 and d["trainable"]["floor"] == 0
@@ -176,6 +178,7 @@ def test_training_llm_smoke(tmp_path):
         text = f.read()
     assert "| lora-fx+ckpt |" in text and f"| {bf16[0]} |" in text and "Floor (no LoRA" in text
     assert f"| {gqa[1]} |" in text and "Grouped-query attention" in text
+    assert all(f"| {v} |" in text for v in real)
 
 
 @pytest.mark.slow  # ~20 s (a trace, plots)
