@@ -1,7 +1,7 @@
 """LLM LoRA training on a GPU: lora-fx vs PEFT (eager, gradient checkpointing, torch.compile).
 
-The GPU counterpart of :mod:`benchmarks.training_llm` (same models, variants and step, built by its
-``_setup`` on the CUDA device). Two shapes:
+The GPU counterpart of :mod:`benchmarks.training_llm` (same models, variants and step, built by
+:func:`benchmarks.llm_variants.setup` on the CUDA device). Two shapes:
 
 * ``llama-8x512``: the issue's shape (8 layers, hidden 512, MLP 1376, vocab 32000), fp32, batch 4 x seq 512;
 * ``llama-1.1b``: TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 heads / 4 KV heads, MLP 5632, vocab
@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import llm_variants
 from . import training_llm as llm
 from .common import (
     Stats,
@@ -92,7 +93,7 @@ def _shape(label: str, c: dict[str, int], dtype: torch.dtype, variants: tuple[st
     for v in variants:
         t = time.perf_counter()
         try:
-            steps[v] = llm._setup(_variant(v, dtype), c, shared, device=device)
+            steps[v] = llm_variants.setup(_variant(v, dtype), c, shared, device=device)
             for _ in range(warmup):
                 steps[v]()
         except Exception as e:  # reported, not fatal: the other variants still run
@@ -138,14 +139,14 @@ def run(out: str, smoke: bool = False, shapes: tuple[str, ...] | None = None,
         env |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
     if smoke:
-        todo = {"smoke": (llm._config(True), torch.float32)}
+        todo = {"smoke": (llm_variants.config(True), torch.float32)}
         warmup, rounds, inner = 1, 2, 1
     else:
         todo = {k: SHAPES[k] for k in (shapes or tuple(SHAPES))}
         warmup, rounds, inner = WARMUP, ROUNDS, INNER
     data = {"benchmark": NAME, "smoke": smoke, "device": device, "env": env,
-            "config": {"rank": llm.RANK, "alpha": llm.ALPHA, "targets": llm.TARGETS, "optimizer": "AdamW(lr=1e-4)",
-                       "warmup": warmup, "rounds": rounds, "inner": inner},
+            "config": {"rank": llm_variants.RANK, "alpha": llm_variants.ALPHA, "targets": llm_variants.TARGETS,
+                       "optimizer": "AdamW(lr=1e-4)", "warmup": warmup, "rounds": rounds, "inner": inner},
             "variants": list(variants), "shapes": {}}
     for label, (c, dtype) in todo.items():
         log(f"{NAME}: {label} on {device}: {', '.join(variants)}")

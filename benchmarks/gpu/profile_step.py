@@ -14,14 +14,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import llm_variants
 from benchmarks import training_gpu as tg
-from benchmarks import training_llm as llm
 
 
 def main(shape: str = "llama-1.1b", variants: str = "peft,lora-fx", steps: int = 3) -> None:
     c, dtype = tg.SHAPES[shape]
     for v in variants.split(","):
-        step = llm._setup(tg._variant(v, dtype), c, None, device="cuda")
+        step = llm_variants.setup(tg._variant(v, dtype), c, None, device="cuda")
         for _ in range(3):
             step()
         torch.cuda.synchronize()
