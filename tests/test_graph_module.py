@@ -119,3 +119,45 @@ def test_generated_code_is_shared_by_copies_and_dropped_by_pickle():
     empty = copy_module(captured, freeze=False)
     recompile_as(empty, GeneratedCode())  # nothing to adopt: generated as usual
     torch.testing.assert_close(empty(x), captured(x))
+
+
+def _module_lookups(gm, *args) -> int:
+    """How many ``nn.Module.__getattr__`` calls one forward of ``gm`` makes."""
+    calls = 0
+    lookup = nn.Module.__getattr__
+
+    def counted(self, name):
+        nonlocal calls
+        calls += 1
+        return lookup(self, name)
+
+    nn.Module.__getattr__ = counted
+    try:
+        gm(*args)
+    finally:
+        nn.Module.__getattr__ = lookup
+    return calls
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_generated_code_reads_each_module_once_per_call(checkpointed):
+    """The forward resolves every module path its get_attr nodes share once, then reads the
+    parameters from it: one ``Module.__getattr__`` per module and per parameter/buffer (fx alone
+    walks the whole path from ``self`` for each), with the same outputs, also in a copy."""
+    from lora_fx.examples import zoo_models
+    from lora_fx.graph_module import share_attribute_prefixes
+
+    model, args, _ = zoo_models.llama()
+    lgm = lora_fx.lorafy(lora_fx.trace(model, args), ["*.q_proj", "*.v_proj", "*.down_proj"], rank=4)
+    if checkpointed:
+        lgm = lora_fx.checkpoint(lgm, "*.layers.*").train()
+    reads = [n.target for n in lgm.graph.nodes if n.op == "get_attr"]
+    modules = {".".join(t.split(".")[:k]) for t in reads for k in range(1, len(t.split(".")))}
+    plain = lgm.graph.python_code(root_module="self")
+    assert share_attribute_prefixes(plain, lgm.graph).src == lgm.code != plain.src
+    flat_reads = sum(len(t.split(".")) for t in reads)  # one lookup per link of every path
+    assert _module_lookups(lgm, *args) <= len(modules) + len(reads) < flat_reads / 2
+    ref = lora_fx.trace(model, args)(*args)  # the captured (unshared) code's outputs
+    lgm.eval()
+    torch.testing.assert_close(lgm(*args), ref, rtol=0, atol=0)  # B = 0: the captured function
+    torch.testing.assert_close(copy.deepcopy(lgm)(*args), ref, rtol=0, atol=0)

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 from ..errors import PatternError
-from ..graph_module import LoraFxModule, copy_module, wrap
+from ..graph_module import LoraFxModule, copy_module, share_attribute_prefixes, wrap
 
 CKPT_KEY = "lora_fx_checkpoint"
 POLICIES = ("full", "selective")
@@ -73,7 +73,7 @@ class CheckpointedModule(LoraFxModule):
         if state is None:  # during GraphModule.__init__ (meta not copied yet): flat code for now
             return code
         split = _split_graph(self.graph, state)
-        python = split.python_code(root_module="self")
+        python = share_attribute_prefixes(split.python_code(root_module="self"), split)
         cls = type(self)
         cls.forward = _dispatcher(cls.forward, _forward_from_src(python.src, python.globals, {}))
         return code
