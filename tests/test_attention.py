@@ -4,6 +4,7 @@ as before, only faster."""
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 
 import pytest
@@ -82,20 +83,42 @@ def _saved_bytes(gm, args) -> int:
     return sum(seen.values())
 
 
+def _backward_ops(gm, args) -> collections.Counter:
+    """The autograd nodes one training forward records, by type."""
+    gm.train()
+    todo, seen, count = [gm(*args).logits.grad_fn], set(), collections.Counter()
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            count[type(fn).__name__] += 1
+            todo += [f for f, _ in fn.next_functions]
+    return count
+
+
 def test_grouped_query_keys_are_not_repeated(monkeypatch):
     """The zoo Llama has 4 query heads and 2 key/value heads: its captured graph copies the keys and
     values to 4 heads before each attention call; in training they are read as grouped-query attention
-    instead (same values and gradients, less kept for backward), and fold restores the copies."""
+    instead (same values and gradients, less kept for backward, no backward through the repetition's
+    views), and fold restores the copies."""
     _, args, _, gm = traced("llama")
-    captured_reshapes = sum(n.target is aten.reshape.default for n in gm.graph.nodes)
+    captured = [(n.target, n.args) for n in gm.graph.nodes if n.target is aten.reshape.default]
     lgm = lora_fx.lorafy(gm, TARGETS, rank=4)
     randomize_lora(lgm)
-    assert sum(n.target is repeat_kv for n in lgm.graph.nodes) == 4  # keys and values of 2 layers
+    sources = [n.args[2] for n in lgm.graph.nodes if n.target is repeat_kv]
+    assert len(sources) == 4  # keys and values of 2 layers, each read from the un-repeated (b, kv, s, d) node
+    assert all(tuple(s.meta["val"].shape[1::2]) == (2, 16) for s in sources)
     seen, switch = _spy(monkeypatch, attention, "_grouped")
     out, grads = _grads(lgm, args)
     assert seen == [True, True]  # each layer's attention ran as grouped-query attention
     grouped_bytes = _saved_bytes(lgm, args)
+    grouped_ops = _backward_ops(lgm, args)
     switch[0] = False  # the captured copies
+    copied_ops = _backward_ops(lgm, args)
+    for op in ("ExpandBackward0", "UnsqueezeBackward0", "CloneBackward0"):  # k[:, :, None].expand(...).reshape
+        assert grouped_ops[op] == 0 and copied_ops[op] == 4, op
+    assert copied_ops["SliceBackward0"] - grouped_ops["SliceBackward0"] == 8  # 2 full slices of each
+    assert grouped_ops["SelectBackward0"] == 0
     ref_out, ref = _grads(lgm, args)
     assert _rel(out, ref_out) <= 1e-6
     assert max(_rel(a, b) for a, b in zip(grads, ref, strict=True)) <= 1e-6
@@ -104,7 +127,8 @@ def test_grouped_query_keys_are_not_repeated(monkeypatch):
     assert _saved_bytes(lgm, args) - grouped_bytes == 2 * 2 * b * s * (heads - kv) * d * 4
     folded = lora_fx.fold(lgm)
     assert not any(n.target is repeat_kv for n in folded.graph.nodes)
-    assert sum(n.target is aten.reshape.default for n in folded.graph.nodes) == captured_reshapes
+    assert [(n.target, tuple(map(str, n.args))) for n in folded.graph.nodes if n.target is aten.reshape.default] \
+        == [(t, tuple(map(str, a))) for t, a in captured]  # the captured reshapes, with their arguments
 
 
 @pytest.mark.slow  # ~30 s: the real model's capture
@@ -140,6 +164,8 @@ def test_repeated_keys_outside_causal_attention_are_copied():
     kr, vr = (repeat_kv(t, [2, 4, 6, 8]) for t in rep)
     assert isinstance(kr, RepeatedKV) and torch.equal(kr.materialize(), k.repeat_interleave(2, dim=1))
     assert isinstance(repeat_kv(rep[0].contiguous(), [2, 4, 6, 8]), torch.Tensor)  # not a broadcast: reshaped
+    assert repeat_kv(rep[0], [2, 4, 6, 8], k).source is k  # the source lorafy found in the graph
+    assert torch.equal(kr.source, k) and repeat_kv(rep[0], [2, 4, 6, 8], q).source.shape == k.shape  # else x[:, :, 0]
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     padded = causal.expand(2, 1, 6, 6).clone()
     padded[0, :, :, 0] = False

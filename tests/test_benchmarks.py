@@ -205,6 +205,25 @@ def test_training_gpu_smoke(tmp_path):
         assert "| peft#2 |" in f.read()
 
 
+def test_dispatch_smoke(tmp_path):
+    """The dispatch-bound step: every variant set up by training_llm's builder, the same trainable
+    parameters for PEFT and lora-fx, checkpointed variants paired with PEFT + checkpointing."""
+    from benchmarks import dispatch
+
+    quiet()
+    paths = dispatch.run(str(tmp_path), smoke=True)
+    with open(paths["json"]) as f:
+        d = json.load(f)
+    shape = d["shape"]
+    assert not shape["failed"] and list(shape["step_vs_peft"]) == list(dispatch.VARIANTS)
+    assert shape["trainable"]["peft"] == shape["trainable"]["lora-fx"] == shape["trainable"]["lora-fx+ckpt"] > 0
+    for s in shape["step_vs_peft"].values():
+        _stats(s)
+    assert set(d["goals"]) == set(dispatch.GOALS) and all(g["value"] > 0 for g in d["goals"].values())
+    with open(paths["md"]) as f:
+        assert "| lora-fx+ckpt |" in f.read()
+
+
 @pytest.mark.slow  # spawns a child per measurement (tiny Llamas): minutes on a busy 2-core machine
 def test_scale_smoke(tmp_path):
     r = _run("scale", str(tmp_path))

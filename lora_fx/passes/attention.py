@@ -27,11 +27,16 @@ key and value heads to the query heads' count before the call (``repeat_kv``: an
 
     before:  k = reshape(expand(k[:, :, None], (b, kv, n, s, d)), (b, kv*n, s, d))   # copies k n times
              o = scaled_dot_product_attention(q, k, v, mask, scale=s)
-    after:   k = repeat_kv(expand(...), (b, kv*n, s, d))   # RepeatedKV: the broadcast view, no copy
+    after:   k = repeat_kv(expand(...), (b, kv*n, s, d), k)   # RepeatedKV: the broadcast view, no copy
              o = causal_sdpa(q, k, v, mask, scale=s)
-             # = sdpa(q, k[:, :, 0], v[:, :, 0], None, is_causal=True, enable_gqa=True) when the mask
-             #   is the causal one and a kernel with grouped-query support runs there (CPU flash; CUDA
-             #   flash); else the repetition is copied as captured and the call above runs
+             # = sdpa(q, k, v, None, is_causal=True, enable_gqa=True) on the un-repeated k and v when
+             #   the mask is the causal one and a kernel with grouped-query support runs there (CPU
+             #   flash; CUDA flash); else the repetition is copied as captured and the call above runs
+
+The un-repeated ``k`` is the node the repetition starts from (``k[:, :, None]`` is captured as full
+slices and an ``unsqueeze``; lorafy passes it as a third argument when it finds that chain): gradients
+reach it directly, not back through the chain of views (a ``select``, an ``expand``, two full ``slice``s
+and an ``unsqueeze`` per key and value, each a zero-fill and copy or a sum in backward).
 
 Same values and gradients (query head h reads key/value head h // n either way); the repeated
 keys/values are neither copied nor kept for backward (n times less attention input memory per
@@ -53,23 +58,28 @@ class RepeatedKV(NamedTuple):
     """Keys or values repeated for grouped-query attention, not copied yet (see the module doc).
 
     ``x`` is the ``(b, kv, n, s, d)`` broadcast view (stride 0 along ``n``); ``shape`` the captured
-    ``reshape``'s target, ``(b, kv*n, s, d)``."""
+    ``reshape``'s target, ``(b, kv*n, s, d)``; ``source`` the ``(b, kv, s, d)`` tensor ``x`` repeats."""
 
     x: torch.Tensor
     shape: tuple
+    source: torch.Tensor
 
     def materialize(self) -> torch.Tensor:
         """The captured ``reshape``: the heads repeated, copied."""
         return aten.reshape.default(self.x, list(self.shape))
 
 
-def repeat_kv(x: torch.Tensor, shape) -> torch.Tensor | RepeatedKV:
+def repeat_kv(x: torch.Tensor, shape, source: torch.Tensor | None = None) -> torch.Tensor | RepeatedKV:
     """``aten.reshape(x, shape)`` of a grouped-query key/value repetition, deferred to :func:`causal_sdpa`
-    (its only consumer) in eager mode; the reshape itself under torch.export and torch.compile."""
+    (its only consumer) in eager mode; the reshape itself under torch.export and torch.compile.
+    ``source``: the tensor ``x`` repeats (``x`` is ``source[:, :, None].expand(...)``), if the graph
+    showed it; else the repetition's first copy is used."""
     if (x.dim() == 5 and len(shape) == 4 and x.stride(2) == 0 and not torch.compiler.is_exporting()
             and not torch.compiler.is_compiling()
             and list(shape) == [x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]]):
-        return RepeatedKV(x, tuple(shape))
+        if source is None or source.shape != x.select(2, 0).shape:
+            source = x.select(2, 0)
+        return RepeatedKV(x, tuple(shape), source)
     return aten.reshape.default(x, shape)
 
 
@@ -84,7 +94,7 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor | RepeatedKV, value: torc
             and _causal_cached(attn_mask, query.shape[-2], k_len)):
         attn_mask, is_causal = None, True
         if _grouped(query, key, value):
-            return aten.scaled_dot_product_attention.default(query, key.x.select(2, 0), value.x.select(2, 0),
+            return aten.scaled_dot_product_attention.default(query, key.source, value.source,
                                                              None, 0.0, True, scale=scale, enable_gqa=True)
     key = key.materialize() if isinstance(key, RepeatedKV) else key
     value = value.materialize() if isinstance(value, RepeatedKV) else value
@@ -104,8 +114,8 @@ def _grouped(query: torch.Tensor, key, value) -> bool:
         return True
     if query.device.type != "cuda":
         return False
-    k, v = key.x.select(2, 0), value.x.select(2, 0)
-    return torch.backends.cuda.can_use_flash_attention(torch.backends.cuda.SDPAParams(query, k, v, None, 0.0, True, True))
+    params = torch.backends.cuda.SDPAParams(query, key.source, value.source, None, 0.0, True, True)
+    return torch.backends.cuda.can_use_flash_attention(params)
 
 
 _LAST: list = [None, None, False]  # (weakref to the mask last checked, its key, the answer)

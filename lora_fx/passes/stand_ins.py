@@ -5,7 +5,8 @@ Each stand-in computes what the captured op computes; it only changes *how* in e
 
     captured op                                    stand-in (training)
     scaled_dot_product_attention(q, k, v, mask)    causal_sdpa: is_causal=True when mask is the causal one
-    reshape(expand(k), ...) feeding only those     repeat_kv: grouped-query keys/values not copied
+    reshape(expand(k[:, :, None]), ...) feeding    repeat_kv(..., k): grouped-query keys/values not
+      only those                                     copied, gradients straight to k
     wrap_with_set_grad_enabled(False, region, *a)  no_grad_region: the region with autocast off
     _assert_tensor_metadata(t, dtype=d, ...)       metadata_check: no dtype check under autocast
 
@@ -18,7 +19,9 @@ stand-ins give autocast training what eager autocast gives the model: no-grad re
 (autocast off), and the assertions check device and layout but not the dtype autocast chose.
 Outside autocast every stand-in calls the captured op unchanged.
 
-The node's ``meta[NODE_STAND_IN]`` names the op it stands in for; :func:`restore` puts it back.
+The node's ``meta[NODE_STAND_IN]`` names the op it stands in for; :func:`restore` puts it back, and
+drops the arguments a stand-in was given beyond the captured op's (``meta[NODE_STAND_IN_ARGS]``: how
+many the captured op had).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .attention import causal_sdpa, repeat_kv
 
 aten = torch.ops.aten
 NODE_STAND_IN = "lora_fx_stand_in"  # node.meta: the name of the captured op this node's target stands in for
+NODE_STAND_IN_ARGS = "lora_fx_stand_in_args"  # node.meta: the captured op's argument count, where a stand-in has more
 _no_grad_hop = torch.ops.higher_order.wrap_with_set_grad_enabled
 
 
@@ -85,10 +89,43 @@ def _repeats_kv(node: fx.Node) -> bool:
                and all(a is not node for a in u.kwargs.values()) for u in node.users)
 
 
-# captured op -> (stand-in, which of its nodes it applies to)
-STAND_INS: dict[Any, tuple[Callable, Callable[[fx.Node], bool]]] = {
+def _full_slice(node: fx.Node) -> bool:
+    """``aten.slice(x, dim, 0, end)`` with step 1 and ``end`` past the dimension (``x[:, :]``): a no-op view."""
+    if not (node.op == "call_function" and node.target is aten.slice.Tensor and isinstance(node.args[0], fx.Node)):
+        return False
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if not (start in (0, None) and step == 1 and isinstance(dim, int)):
+        return False
+    if end is None or (isinstance(end, int) and end >= 2**62):  # torch.export writes x[:] as end=INT64_MAX
+        return True
+    val = node.args[0].meta.get("val")
+    size = val.shape[dim] if isinstance(val, torch.Tensor) else None
+    return isinstance(end, int) and isinstance(size, int) and end >= size
+
+
+def _kv_source(node: fx.Node) -> tuple | None:
+    """The repetition's source ``k`` (4-d) when ``node``'s expand reads ``k[:, :, None]``, captured as full
+    slices around one ``unsqueeze(k, 2)``: then ``(x, shape, k)``, the stand-in's arguments."""
+    src = node.args[0].args[0]
+    seen_unsqueeze = False
+    while isinstance(src, fx.Node):
+        if _full_slice(src):
+            src = src.args[0]
+        elif (not seen_unsqueeze and src.op == "call_function" and src.target is aten.unsqueeze.default
+              and src.args[1] == 2):
+            seen_unsqueeze, src = True, src.args[0]
+        else:
+            break
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not (seen_unsqueeze and isinstance(val, torch.Tensor) and val.dim() == 4):
+        return None
+    return (*node.args[:2], src)
+
+
+# captured op -> (stand-in, which of its nodes it applies to[, the stand-in's arguments or None: the captured ones])
+STAND_INS: dict[Any, tuple] = {
     aten.scaled_dot_product_attention.default: (causal_sdpa, _has_mask),
-    aten.reshape.default: (repeat_kv, _repeats_kv),
+    aten.reshape.default: (repeat_kv, _repeats_kv, _kv_source),
     _no_grad_hop: (no_grad_region, lambda node: node.args[0] is False),
     aten._assert_tensor_metadata.default: (metadata_check, lambda node: True),
 }
@@ -103,6 +140,10 @@ def stand_in(graph: fx.Graph) -> int:
         if entry is not None and entry[1](node):
             node.meta[NODE_STAND_IN] = str(node.target)
             node.target = entry[0]
+            args = entry[2](node) if len(entry) > 2 else None
+            if args is not None:
+                node.meta[NODE_STAND_IN_ARGS] = len(node.args)
+                node.args = args
             n += 1
     return n
 
@@ -114,5 +155,8 @@ def restore(graph: fx.Graph) -> int:
         original = node.meta.pop(NODE_STAND_IN, None)
         if original is not None:
             node.target = _CAPTURED[original]
+            count = node.meta.pop(NODE_STAND_IN_ARGS, None)
+            if count is not None:
+                node.args = node.args[:count]
             n += 1
     return n
