@@ -36,6 +36,18 @@ class _BufferWeight(nn.Module):
         return self.lin(x @ self.w)
 
 
+class _GroupedConv(nn.Module):
+    """SqueezeBERT's attention projections: Conv1d with groups=4, then an ordinary one."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Conv1d(8, 8, 1, groups=4)
+        self.out = nn.Conv1d(8, 8, 1)
+
+    def forward(self, x):
+        return self.out(self.query(x))
+
+
 class _ValueBranch(nn.Module):
     def forward(self, x):
         return x if x.sum() > 0 else -x
@@ -139,6 +151,8 @@ CASES = [
     Case("weight that is not a parameter",
          lambda: lora_fx.lorafy(lora_fx.trace(_BufferWeight(), (torch.randn(2, 4),)), "w"),
          lora_fx.SiteError, ["get_attr w", "not a parameter", "nn.Parameter"]),
+    Case("grouped convolution", lambda: lora_fx.lorafy(lora_fx.trace(_GroupedConv(), (torch.randn(2, 8, 5),)), "query"),
+         lora_fx.SiteError, ["site query", "grouped convolution \\(groups=4\\)", "fold", "ungrouped"]),
     Case("lorafy twice on the same sites",
          lambda: lora_fx.lorafy(lora_fx.lorafy(_gpt2(), "*.c_attn"), "*.c_attn"),
          lora_fx.SiteError, ["c_attn", "already carries LoRA", "fold"]),

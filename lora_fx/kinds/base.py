@@ -139,6 +139,10 @@ class OpKind:
         """Whether a call_function node with this weight parameter is a site of this kind."""
         return True
 
+    def rejection(self, node: fx.Node) -> str:
+        """Why a node :meth:`accepts` turned down is not a site (for the error of a pattern naming it)."""
+        return f"lora-fx's {self.name} kind does not adapt this form of {op_name(node.target)}"
+
     def accepts_module(self, mod: nn.Module) -> bool:
         return True
 

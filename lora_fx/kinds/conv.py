@@ -56,6 +56,12 @@ class Conv(OpKind):
     def accepts_module(self, mod):
         return mod.groups == 1
 
+    def rejection(self, node):
+        return (f"it is a grouped convolution (groups={arg(node, GROUPS_ARG)}): LoRA's update B @ A mixes every "
+                "input channel into every output channel, which a grouped convolution's weight cannot hold, so it "
+                "could not be folded back into that weight (PEFT trains such adapters but cannot merge them "
+                "either); target the model's linear or ungrouped convolution layers")
+
     def features(self, shape, layout):
         return shape[1], shape[0]
 

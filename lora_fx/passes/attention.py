@@ -77,7 +77,7 @@ def repeat_kv(x: torch.Tensor, shape, source: torch.Tensor | None = None) -> tor
     if (x.dim() == 5 and len(shape) == 4 and x.stride(2) == 0 and not torch.compiler.is_exporting()
             and not torch.compiler.is_compiling()
             and list(shape) == [x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]]):
-        if source is None or source.shape != x.select(2, 0).shape:
+        if source is None or tuple(source.shape) != (x.shape[0], x.shape[1], x.shape[3], x.shape[4]):
             source = x.select(2, 0)
         return RepeatedKV(x, tuple(shape), source)
     return aten.reshape.default(x, shape)
