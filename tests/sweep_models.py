@@ -4,7 +4,7 @@ Each :class:`SweepModel` names its family (the README has one table per family),
 ``(model, args, kwargs)`` in eval mode with batch 2, and lists the patterns a PEFT user would write for it
 (each must select at least one site). ``tests/sweep.py`` runs every model through every stage.
 
-Families: Hugging Face decoders, MoE decoders, encoders, encoder-decoders, vision and audio models
+Families: Hugging Face decoders, MoE decoders, sequence classifiers, encoders, encoder-decoders, vision and audio models
 (``AutoConfig.for_model(type, **tiny)``); timm (its ``test_*`` models plus tiny BEiT / Swin / DeiT);
 torchvision (tiny configs of its model classes). timm and torchvision need the folder set up by
 :func:`vision_import` (torchvision's registry wheel is a CUDA build that cannot live in the env).
@@ -57,7 +57,7 @@ def _ids(seq: int = 8) -> torch.Tensor:
 
 
 def hf(model_type: str, head: str = "base", inputs: str = "ids", **overrides: Any) -> Callable[[], Example]:
-    """Factory of a random tiny Hugging Face model; ``head``: base | lm | s2s."""
+    """Factory of a random tiny Hugging Face model; ``head``: base | lm | s2s | cls (sequence classification)."""
 
     def build() -> Example:
         import transformers as tf
@@ -67,7 +67,10 @@ def hf(model_type: str, head: str = "base", inputs: str = "ids", **overrides: An
         settings = {k: v for k, v in {**base, **overrides}.items() if v is not None}  # None: drop a tiny default
         cfg = tf.AutoConfig.for_model(model_type, **settings)
         torch.manual_seed(0)
-        auto = {"base": tf.AutoModel, "lm": tf.AutoModelForCausalLM, "s2s": tf.AutoModelForSeq2SeqLM}[head]
+        if head == "cls":
+            settings["num_labels"] = 3  # a sequence-classification head (last-token pooling via pad_token_id)
+        auto = {"base": tf.AutoModel, "lm": tf.AutoModelForCausalLM, "s2s": tf.AutoModelForSeq2SeqLM,
+                "cls": tf.AutoModelForSequenceClassification}[head]
         model = auto.from_config(cfg).eval()
         if inputs == "ids":
             return model, (_ids(),), {}
@@ -84,7 +87,7 @@ def hf(model_type: str, head: str = "base", inputs: str = "ids", **overrides: An
 
 
 def _m(family: str, name: str, targets, build=None, fast: bool = False, **kw) -> SweepModel:
-    head = {"decoder": "lm", "moe": "lm", "encoder-decoder": "s2s"}.get(family, "base")
+    head = {"decoder": "lm", "moe": "lm", "encoder-decoder": "s2s", "classifier": "cls"}.get(family, "base")
     inputs = {"encoder-decoder": "s2s", "vision": "pixels", "audio": "audio"}.get(family, "ids")
     if name == "whisper":
         inputs = "mel"
@@ -94,6 +97,25 @@ def _m(family: str, name: str, targets, build=None, fast: bool = False, **kw) ->
 
 QKV = ("q_proj", "v_proj")
 BERT = ("query", "value")
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+           topk_group=1, head_dim=4, num_key_value_heads=4)  # multi-head latent attention (DeepSeek V3)
+
+
+def _random_router(build: Callable[[], Example]) -> Callable[[], Example]:
+    """afmoe initialises its router gate to zero: every expert score ties, and torch and ONNX Runtime
+    break the top-k tie differently. Random gate weights route as a trained model does."""
+
+    def wrapped() -> Example:
+        model, args, kwargs = build()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("router.gate.weight"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        return model, args, kwargs
+
+    return wrapped
+
 HF_MODELS: list[SweepModel] = [
     # decoders (causal LM heads)
     _m("decoder", "gpt2", ["c_attn"]),
@@ -161,8 +183,46 @@ HF_MODELS: list[SweepModel] = [
     _m("moe", "flex_olmo", QKV),
     _m("moe", "granitemoeshared", QKV),
     _m("moe", "lfm2_moe", ["q_proj"], layer_types=["full_attention", "conv"], num_dense_layers=0),
+    # more decoders: state-space and recurrent hybrids, multi-head latent attention, newer families
+    _m("decoder", "arcee", QKV), _m("decoder", "helium", QKV), _m("decoder", "glm4", QKV),
+    _m("decoder", "ministral3", QKV), _m("decoder", "gemma4_text", QKV), _m("decoder", "modernbert-decoder", QKV),
+    _m("decoder", "gemma3n_text", QKV, num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+       vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, laurel_rank=4,
+       activation_sparsity_pattern=[0.0, 0.0]),
+    _m("decoder", "openai-gpt", ["c_attn"]),
+    _m("decoder", "ctrl", ["Wq", "Wv"]),
+    _m("decoder", "gpt_neox_japanese", ["query_key_value"]),
+    _m("decoder", "llama4_text", QKV),  # complex-valued rotary: the plain exporter fails on the base too
+    _m("decoder", "recurrent_gemma", ["linear_x", "linear_y"]),
+    _m("decoder", "falcon_mamba", ["in_proj"]),
+    _m("decoder", "mamba2", ["in_proj"], num_heads=8, head_dim=8, n_groups=1),
+    _m("decoder", "bamba", QKV, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, attn_layer_indices=[1]),
+    _m("decoder", "nemotron_h", ["q_proj"]),
+    _m("decoder", "xlstm", ["q"]),
+    _m("decoder", "rwkv", ["key", "value"]),
+    _m("moe", "deepseek_v3", ("q_b_proj", "kv_b_proj"), **MLA),
+    _m("moe", "jamba", QKV, attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
+       use_mamba_kernels=False),
+    _m("moe", "minimax", QKV), _m("moe", "jetmoe", ["kv_proj"]), _m("moe", "cohere2_moe", QKV),
+    _m("moe", "glm4_moe_lite", ("q_b_proj", "kv_b_proj"), **MLA, mlp_layer_types=["dense", "sparse"]),
+    _m("moe", "granitemoehybrid", QKV, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1,
+       layer_types=["mamba", "attention"]),
+    _m("moe", "afmoe", QKV, build=_random_router(hf("afmoe", "lm", **MOE))),
+    # sequence-classification heads (last-token pooling for decoders)
+    _m("classifier", "llama", QKV), _m("classifier", "qwen2", QKV), _m("classifier", "gpt2", ["c_attn"]),
+    _m("classifier", "bert", BERT),
     # encoders
     _m("encoder", "bert", BERT, fast=True),
+    _m("encoder", "deberta", ["in_proj"]),
+    _m("encoder", "xlnet", ["layer_1"], d_model=32, n_layer=2, n_head=4, d_inner=64, max_position_embeddings=None),
+    _m("encoder", "big_bird", BERT, attention_type="original_full"),
+    _m("encoder", "nomic_bert", QKV),
+    _m("encoder", "eurobert", QKV),
+    _m("encoder", "convbert", BERT),
+    _m("encoder", "rembert", BERT),
+    _m("encoder", "squeezebert", BERT, embedding_size=32, q_groups=1, k_groups=1, v_groups=1,  # grouped convs:
+       post_attention_groups=1, intermediate_groups=1, output_groups=1),  # not sites (tests/test_errors.py)
+    _m("encoder-decoder", "mt5", ["q", "v"]), _m("encoder-decoder", "umt5", ["q", "v"]),
     _m("encoder", "roberta", BERT),
     _m("encoder", "distilbert", ["q_lin", "v_lin"]),
     _m("encoder", "albert", BERT),
@@ -309,6 +369,15 @@ VISION_MODELS: list[SweepModel] = [
     SweepModel("timm", "test_resnet", timm_model("test_resnet"), ("*.conv1",)),
     SweepModel("timm", "test_coatnet", timm_model("test_coatnet", 160), ("*.attn.qkv",)),
     SweepModel("timm", "test_maxvit", timm_model("test_maxvit", 160), ("*.attn.qkv",)),
+    SweepModel("timm", "test_convnext3", timm_model("test_convnext3"), ("*.mlp.fc1",)),
+    SweepModel("timm", "test_efficientnet_evos", timm_model("test_efficientnet_evos"), ("*.conv_pw",)),
+    SweepModel("timm", "eva02", timm_model("eva02_tiny_patch14_224", 32, img_size=32, patch_size=8, embed_dim=32,
+                                           depth=2, num_heads=2), ("*.attn.qkv",)),
+    SweepModel("timm", "levit", timm_model("levit_128s", 32, img_size=32), ("*.qkv.linear",)),
+    SweepModel("timm", "mobilevit", timm_model("mobilevit_xxs"), ("*.qkv",)),
+    SweepModel("timm", "xcit", timm_model("xcit_nano_12_p16_224", 32, img_size=32, depth=2), ("*.attn.qkv",)),
+    SweepModel("timm", "pvt_v2", timm_model("pvt_v2_b0"), ("*.attn.q", "*.attn.kv")),
+    SweepModel("timm", "fastvit", timm_model("fastvit_t8"), ("*.conv",)),
     SweepModel("timm", "beit", timm_model("beit_base_patch16_224", 32, img_size=32, patch_size=8, embed_dim=32,
                                           depth=2, num_heads=2), TIMM_ATTN),
     SweepModel("timm", "swin", timm_model("swin_tiny_patch4_window7_224", 32, img_size=32, patch_size=4,
@@ -325,4 +394,4 @@ VISION_MODELS: list[SweepModel] = [
 ]
 
 SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS
-FAMILIES = ("decoder", "moe", "encoder", "encoder-decoder", "vision", "audio", "timm", "torchvision")
+FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "timm", "torchvision")
