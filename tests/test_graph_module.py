@@ -144,8 +144,8 @@ def test_generated_code_reads_each_module_once_per_call(checkpointed):
     """The forward resolves every module path its get_attr nodes share once, then reads the
     parameters from it: one ``Module.__getattr__`` per module and per parameter/buffer (fx alone
     walks the whole path from ``self`` for each), with the same outputs, also in a copy."""
+    from lora_fx.codegen import share_attribute_prefixes
     from lora_fx.examples import zoo_models
-    from lora_fx.graph_module import share_attribute_prefixes
 
     model, args, _ = zoo_models.llama()
     lgm = lora_fx.lorafy(lora_fx.trace(model, args), ["*.q_proj", "*.v_proj", "*.down_proj"], rank=4)

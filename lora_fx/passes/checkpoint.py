@@ -39,8 +39,9 @@ from torch.fx.graph_module import _forward_from_src
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+from ..codegen import share_attribute_prefixes
 from ..errors import PatternError
-from ..graph_module import LoraFxModule, copy_module, share_attribute_prefixes, wrap
+from ..graph_module import LoraFxModule, copy_module, wrap
 
 CKPT_KEY = "lora_fx_checkpoint"
 POLICIES = ("full", "selective")
