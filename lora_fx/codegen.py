@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+from collections import Counter
 
 from torch import fx
 from torch.fx import graph as fx_graph
@@ -30,11 +31,7 @@ def share_attribute_prefixes(code: PythonCode, graph: fx.Graph) -> PythonCode:
     reads = [n for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)]
     if "_lfx_" in src or len(reads) < 2:
         return code
-    uses: dict[str, int] = {}
-    for n in reads:
-        atoms = n.target.split(".")
-        for k in range(1, len(atoms)):
-            uses[".".join(atoms[:k])] = uses.get(".".join(atoms[:k]), 0) + 1
+    uses = Counter(".".join(atoms[:k]) for atoms in (n.target.split(".") for n in reads) for k in range(1, len(atoms)))
     local = {prefix: f"_lfx_{i}" for i, prefix in enumerate(p for p, count in uses.items() if count > 1)}
     if not local:
         return code

@@ -115,7 +115,7 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     try:
         chosen = select(found, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude)
     except PatternError:
-        _raise_if_not_parameter(gm, patterns, found)
+        _raise_if_unadaptable(gm, patterns, found)
         raise
 
     prior: LoraState | None = gm.meta.get(LORA_KEY)
@@ -228,37 +228,36 @@ def _training(graph: fx.Graph) -> fx.Node:
     return node
 
 
-def _raise_if_not_parameter(gm: fx.GraphModule, patterns, found: list[Site]) -> None:
+def _raise_if_unadaptable(gm: fx.GraphModule, patterns, found: list[Site]) -> None:
     """A pattern that selects no site but names a matmul whose weight is not a parameter, or one its
     kind turns down (a grouped convolution), gets its own error (only such a pattern: another
     pattern's sites are not the culprit)."""
     targets = [t for t in as_targets(patterns) if not any(t.matches(s) for s in found)][:1]  # select()'s culprit
     for node in gm.graph.nodes:
         spec = kinds.FUNCTIONS.get(node.target) if node.op == "call_function" else None
-        w = None if spec is None else kinds.get(spec.kind).weight_input(node, None, spec)
+        kind = None if spec is None else kinds.get(spec.kind)
+        w = None if kind is None else kind.weight_input(node, None, spec)
         if w is None:
             continue
         is_param = isinstance(w, fx.Node) and w.op == "get_attr" and _is_parameter(gm, str(w.target))
-        kind = kinds.get(spec.kind)
         if is_param and kind.describe(gm, node, spec) is not None:
-            continue  # a site: not this error's case (e.g. a 3-D weight)
+            continue  # a site: not this error's case
         path = module_path(node, None)
         wname = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else path
         probe = Site(path, path, str(node.target), spec.kind, wname, spec.layout, (), 0, 0, node.name)
-        if is_param and any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
-            raise SiteError(f"site {path or wname} (node {node.name}, {node.target}) cannot be adapted: "
-                            f"{kind.rejection(node)}")
-        if not is_param and any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
-            what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
-            source = _computed_from(gm, w)
-            if source:  # e.g. weight standardization (timm's ScaledStdConv2d): a function of the parameter
-                raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is "
-                                f"computed from the parameter {source} inside the forward, so an update could not "
-                                "be folded back into that parameter; target another site (lora_fx.sites(gm) "
-                                "lists the adaptable ones)")
-            raise SiteError(f"site {path or wname} (node {node.name}, {node.target}): its weight {what} is not a "
-                            "parameter, and LoRA adapts parameters only; register the weight as an "
-                            "nn.Parameter of the module, or target another site")
+        if not any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
+            continue
+        site = f"site {path or wname} (node {node.name}, {node.target})"
+        if is_param:
+            raise SiteError(f"{site} cannot be adapted: {kind.rejection(node)}")
+        what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
+        source = _computed_from(gm, w)
+        if source:  # e.g. weight standardization (timm's ScaledStdConv2d): a function of the parameter
+            raise SiteError(f"{site}: its weight {what} is computed from the parameter {source} inside the forward, "
+                            "so an update could not be folded back into that parameter; target another site "
+                            "(lora_fx.sites(gm) lists the adaptable ones)")
+        raise SiteError(f"{site}: its weight {what} is not a parameter, and LoRA adapts parameters only; register "
+                        "the weight as an nn.Parameter of the module, or target another site")
 
 
 def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
