@@ -65,7 +65,10 @@ def test_lorafy_train_fold(mixtral):
     shapes = {n: tuple(p.shape) for n, p in lgm.named_parameters() if ".lora_" in n}
     assert len(shapes) == 4  # one A and one B per layer
     assert sorted(set(shapes.values())) == [(EXPERTS, 4, HIDDEN), (EXPERTS, 2 * 64, 4)]
-    assert torch.equal(_logits(lgm, args), base)  # B = 0: the base, bit for bit
+    # B = 0: bit for bit the same graph without branches (same frozen weights, same kernels); the
+    # captured graph's weights require grad, which picks other CPU kernels (last-bit differences on Intel)
+    assert torch.equal(_logits(lgm, args), _logits(lora_fx.strip(lgm), args))
+    torch.testing.assert_close(_logits(lgm, args), base)
 
     randomize_lora(lgm, std=0.3)
     lgm.train()

@@ -57,7 +57,9 @@ def test_no_grad_region_runs_without_autocast():
         got = lgm(x)
         want = model(x)  # eager autocast: q_proj in bf16, the no-grad table in fp32
     assert got.dtype == want.dtype
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # B = 0: exactly the base model
+    # B = 0: the base model, up to kernel choice (lgm's frozen base picks other CPU matmul kernels than
+    # the eager model's trainable weights: last-bit differences in bf16 on some CPUs)
+    torch.testing.assert_close(got, want)
     got.float().sum().backward()
     assert all(p.grad is not None for p in lora_fx.lora_parameters(lgm))
     torch.testing.assert_close(lgm(x), model(x), rtol=1e-6, atol=1e-6)

@@ -76,8 +76,8 @@ def test_meta_capture_then_load_equals_the_real_model(tmp_path, tied):
         assert lgm.get_parameter("lm_head.weight") is lgm.get_parameter("model.embed_tokens.weight")
     assert all(not p.requires_grad for n, p in lgm.named_parameters() if "lora_" not in n)
     assert all(p.requires_grad for p in lora_fx.lora_parameters(lgm))
-    with torch.no_grad():  # B = 0: exactly the real model
-        assert torch.equal(first_tensor(lgm(ids)), first_tensor(model(ids)))
+    with torch.no_grad():  # B = 0: the real model (the eager model is another code path: a tolerance)
+        assert_close(first_tensor(lgm(ids)), first_tensor(model(ids)))
         randomize_lora(lgm)
         folded = lora_fx.fold(lgm)
         assert_close(first_tensor(folded(ids)), first_tensor(lgm(ids)))
