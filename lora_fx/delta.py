@@ -51,6 +51,12 @@ class Branch:
     scale: float
     dropout: float = 0.0
     slice: tuple[int, int] | None = None
+    magnitude: str | None = None  # DoRA: the name of m (one value per output row of the slice)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The trainable tensors' names: A, B (and m for DoRA)."""
+        return (self.a, self.b) if self.magnitude is None else (self.a, self.b, self.magnitude)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -138,6 +144,28 @@ def merge(w: torch.Tensor, d: torch.Tensor, *, into_delta: bool = False) -> tupl
     of two, the same values (W is cast to the compute dtype either way)."""
     merged = d.add_(w.detach()) if into_delta else w.detach().to(d.dtype) + d
     return merged.to(w.dtype), merged
+
+
+def fold_weight(w: torch.Tensor, branches: Sequence[Branch],
+                tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], site: Site, *,
+                ab_dtype: torch.dtype | None = None, base: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(round(W'), W')``: a site's folded weight, LoRA (``W + delta``) or DoRA (:func:`lora_fx.dora.merge`).
+
+    ``base``: W itself when ``w`` only gives the dtype (swap: the recorded base weight); the sum is
+    formed in the compute dtype of ``w`` (fp64 when ``base`` is fp64, a recovered base)."""
+    src = w if base is None else base
+    cdt = torch.float64 if src.dtype == torch.float64 else compute_dtype(w.dtype)
+    d = delta(branches, tensors, site, cdt, ab_dtype=ab_dtype)
+    if not any(br.magnitude for br in branches):
+        merged = d.add_(src.detach().to(cdt))
+        return merged.to(w.dtype), merged
+    from .dora import merge as dora_merge
+
+    get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
+    rows = [(get(br.magnitude), *(br.slice or (0, site.out_features))) for br in branches if br.magnitude]
+    rounded, merged = dora_merge(src.detach().to(cdt), d, site.layout, rows)
+    return rounded.to(w.dtype), merged
 
 
 def recover(folded: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

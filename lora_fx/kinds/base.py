@@ -103,6 +103,9 @@ class OpKind:
     batched: ClassVar[bool] = False  # A, B, delta have a leading batch (expert) dim: D[e] = B[e] @ A[e]
     peft_modules: ClassVar[dict[str, str]] = {}  # module class name PEFT wraps -> op name of its site
     peft_tensors: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
+    out_dim: ClassVar[int] = -1  # the dim of the site's output that holds the output features (conv: 1)
+    dora: ClassVar[str | None] = ("lora-fx implements DoRA for linear and (ungrouped) convolution sites only, "
+                                  "whose output features are the rows of one weight")  # None: DoRA works
 
     # -- recognition ------------------------------------------------------------------------------
 

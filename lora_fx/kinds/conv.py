@@ -49,6 +49,8 @@ class Conv(OpKind):
     modules = {nn.Conv1d: OpSpec("conv", 0, -1, CONV), nn.Conv2d: OpSpec("conv", 0, -1, CONV)}
     layouts = {CONV: lambda d, shape: d.reshape(shape)}
     peft_modules = {"Conv1d": "conv1d", "Conv2d": "conv2d", "Conv3d": "conv3d"}
+    out_dim = 1  # (N, C_out, *spatial)
+    dora = None  # DoRA: a magnitude per output channel, the norm over (in, *kernel) as PEFT's
 
     def accepts(self, node, weight):
         return (arg(node, GROUPS_ARG) or 1) == 1

@@ -49,6 +49,8 @@ def einsum_equations(site) -> tuple[str, str]:
 
 class Einsum(OpKind):
     name = "einsum"
+    dora = ("an einsum's weight has no fixed (out, in) row layout for DoRA's per-output magnitude in lora-fx; "
+            "adapt it with plain LoRA, or write the op as a linear / matmul")
     functions = {aten.einsum.default: OpSpec("einsum", 1, 1, OUT_IN),  # operands list; roles per equation
                  torch.einsum: OpSpec("einsum", 1, 1, OUT_IN)}
 

@@ -30,6 +30,9 @@ class Embedding(OpKind):
     kaiming = False
     peft_modules = {"Embedding": "embedding"}
     peft_tensors = ("lora_embedding_A", "lora_embedding_B")
+    dora = ("DoRA's magnitude scales the output features of a layer, and an embedding's lookup has no such layer "
+            "output to scale here (lora-fx does not implement PEFT's embedding DoRA); adapt it with plain LoRA "
+            "(a Target without dora=True)")
 
     def features(self, shape, layout):
         return shape[0], shape[1]

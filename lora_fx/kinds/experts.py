@@ -54,6 +54,8 @@ class Experts(OpKind):
     layouts = {EXPERTS_OUT_IN: lambda d, shape: d.reshape(shape),
                EXPERTS_IN_OUT: lambda d, shape: d.transpose(-2, -1).reshape(shape)}
     batched = True  # A, B and the delta carry a leading expert dim: D[e] = B[e] @ A[e]
+    dora = ("MoE expert weights are batched (one weight per expert, tokens routed between them), and DoRA's "
+            "per-output magnitude is not implemented for them; adapt the experts with plain LoRA")
 
     def function_spec(self, target: object) -> OpSpec | None:
         """Grouped-matmul ops registered after import (transformers' custom op), by name."""

@@ -44,6 +44,7 @@ class Linear(OpKind):
     modules = {nn.Linear: OpSpec("linear", 0, -1, OUT_IN)}
     layouts = {OUT_IN: lambda d, shape: d, IN_OUT: transposed}
     slices = True
+    dora = None  # DoRA: a magnitude per output row of W (lora_fx.dora)
     peft_modules = {"Linear": "linear", "Conv1D": "addmm"}
 
     def accepts(self, node, weight):

@@ -44,6 +44,8 @@ from ..graph_module import (
 )
 from ..sites import Site
 from ..weights import check_materialized
+from ..dora import dora_output
+from ..residual import INITIAL_KEY
 from .fused import lora_addmm
 from .lorafy import LoraState
 from .quantize_base import dequantized
@@ -103,6 +105,7 @@ def _fold(gm: fx.GraphModule, *, merge: bool) -> LoraFxModule:
     _check(out, state, report)  # the graph is the captured one: its code can be the captured code
     recompile_as(out, None if report.untied else state.base_code)
     del out.meta[LORA_KEY]
+    out.meta.pop(INITIAL_KEY, None)  # PiSSA / OLoRA's initial A0, B0: the folded weight holds their residual
     out.meta[FOLD_KEY] = report
     return out
 
@@ -114,6 +117,9 @@ class _Facts:
     def __init__(self, graph: fx.Graph) -> None:
         self.nodes = {n.name: n for n in graph.nodes}
         self.reads = weight_reads(graph)
+        for n in graph.nodes:  # DoRA's norm reads the site's weight: not a use fold must keep apart
+            if n.op == "get_attr" and NODE_LORA in n.meta:
+                self.reads[str(n.target)] -= len(n.users)
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)
         for n in graph.nodes:
             if n.op == "call_module":
@@ -125,10 +131,15 @@ def _merge_site(gm: LoraFxModule, node: fx.Node, site: Site, branches: list[Bran
                 facts: _Facts):
     w = gm.get_parameter(site.weight)
     cdt = lora_delta.compute_dtype(w.dtype)
-    delta = lora_delta.delta(branches, gm.get_parameter, site, cdt)
+    if any(br.magnitude for br in branches):  # DoRA: W' = m / ||W + delta|| · (W + delta), per output row
+        rounded, merged = lora_delta.fold_weight(w, branches, gm.get_parameter, site)
+        delta = merged - w.detach().to(cdt)  # for the report (and the diagnosis below)
+    else:
+        delta = lora_delta.delta(branches, gm.get_parameter, site, cdt)
     lo, hi = torch.aminmax(delta) if delta.numel() else (torch.zeros(()), torch.zeros(()))
     report.folded[site.id] = max(-float(lo), float(hi))  # max |delta| in one pass, no |delta| copy
-    rounded, merged = lora_delta.merge(w, delta, into_delta=True)  # delta's buffer becomes W + delta
+    if not any(br.magnitude for br in branches):
+        rounded, merged = lora_delta.merge(w, delta, into_delta=True)  # delta's buffer becomes W + delta
     new = nn.Parameter(rounded, requires_grad=False)
     if new.numel() and not torch.isfinite(torch.stack(torch.aminmax(new))).all():  # NaN/inf reach min or max
         delta = lora_delta.delta(branches, gm.get_parameter, site, cdt)  # diagnose only on failure
@@ -190,7 +201,7 @@ def _merge_module(gm: LoraFxModule, node: fx.Node, new: nn.Parameter, report: Fo
 def _erase_lora(gm: LoraFxModule, state: LoraState) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if NODE_LORA in node.meta and node.target in (torch.ops.aten.add.Tensor, lora_addmm) and \
+        if NODE_LORA in node.meta and node.target in (torch.ops.aten.add.Tensor, lora_addmm, dora_output) and \
                 isinstance(node.args[0], fx.Node) and NODE_LORA not in node.args[0].meta:
             node.replace_all_uses_with(node.args[0])
     for node in reversed(list(graph.nodes)):
@@ -199,7 +210,7 @@ def _erase_lora(gm: LoraFxModule, state: LoraState) -> None:
                 raise FoldError(f"internal: LoRA node {node.name} still has users {list(node.users)}")
             graph.erase_node(node)
     for br in state.branches:
-        for name in (br.a, br.b):
+        for name in br.names:
             del_attr_path(gm, name)
     prune_empty_modules(gm)
 
