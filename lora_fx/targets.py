@@ -158,13 +158,31 @@ def _show(p) -> str:
     return repr(p.pattern) if isinstance(p, re.Pattern) else repr(p)
 
 
+def site_patterns(all_sites: Sequence[Site], near: str | None = None, n: int = 3) -> dict[str, list[Site]]:
+    """Plain-name patterns that select sites of this model (the sites' last path components, ``c_attn``,
+    which match as dotted suffixes), each with the sites it selects.
+
+    With ``near`` (a pattern that matched nothing), the names most similar to its last component come
+    first; without, the names repeated most often (the per-block layers a pattern usually means).
+    """
+    by_name: dict[str, list[Site]] = {}
+    for s in all_sites:
+        leaves = [c.rpartition(".")[2] for c in (s.path, s.weight) if c]
+        by_name.setdefault(next((leaf for leaf in leaves if matches(leaf, s)), s.id), []).append(s)
+    order = {name: i for i, name in enumerate(by_name)}
+    if near is None:
+        ranked = sorted(by_name, key=lambda k: (-len(by_name[k]), order[k]))
+    else:
+        leaf = near.strip("*.?").rpartition(".")[2].lower()
+        ranked = sorted(by_name, key=lambda k: (-difflib.SequenceMatcher(None, leaf, k.lower()).ratio(), order[k]))
+    return {name: by_name[name] for name in ranked[:n]}
+
+
 def _no_match(t: Target, all_sites: Sequence[Site]) -> str:
-    names = sorted({n for s in all_sites for n in (s.path, s.weight)})
     key = t.pattern.pattern if isinstance(t.pattern, re.Pattern) else t.pattern
     bare = key.strip("*.?")
-    close = difflib.get_close_matches(key, names, n=5, cutoff=0.3)
-    close += [n for n in names if bare and bare.split(".")[-1] in n and n not in close][: 5 - len(close)]
-    hint = ", ".join(close) if close else ", ".join(names[:5])
+    hint = "; ".join(f"{name!r} ({', '.join(s.id for s in hits[:2])}{', ...' if len(hits) > 2 else ''})"
+                     for name, hits in site_patterns(all_sites, near=key).items())
     only = f" (restricted to ops {t.ops})" if t.ops else ""
     return (f"pattern {_show(t.pattern)}{only} matches no adaptable site among {len(all_sites)}; "
             f"closest: {hint}.{_fused_hint(bare, all_sites)} List them all with lora_fx.sites(gm).")
