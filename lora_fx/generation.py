@@ -52,8 +52,10 @@ class OnnxGenerator:
         meta = self.session.get_modelmeta().custom_metadata_map
         names = [i.name for i in self.session.get_inputs()]
         if METADATA_KEY not in meta or "past_key_values.0.key" not in names:
-            raise GenerationError(f"{self.path} has no KV-cache inputs (inputs: {names[:6]}); OnnxGenerator needs "
-                                  "a decoder exported with lora_fx.fold_and_export(lgm, path, kv_cache=True)")
+            raise GenerationError(f"{self.path} has no KV-cache inputs (past/present key-values; its inputs: "
+                                  f"{names[:6]}); generation needs a decoder exported with them: "
+                                  "lora_fx.fold_and_export(lgm, path, kv_cache=True), "
+                                  "or 'lora-fx export MODEL --targets ... --kv-cache -o FILE'")
         self.layout = DecoderLayout.from_json(meta[METADATA_KEY])
         self.provider = self.session.get_providers()[0]
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -221,12 +223,13 @@ def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any
         tokenizer: a Hugging Face tokenizer or its folder; default the export's folder (where
             ``tokenizer.save_pretrained`` put it, as ``lora-fx demo llm`` does).
         chat: wrap each prompt as a user turn of the tokenizer's chat template (when it has one).
-        system: a system turn before it (``lora-fx demo llm`` trains with ``demo_llm.SYSTEM``).
+        system: a system turn before it (``lora-fx demo llm`` trains with ``lora_fx.demos.llm.SYSTEM``).
         sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``.
 
     Raises:
-        GenerationError: no tokenizer found.
+        GenerationError: the file has no KV-cache inputs (checked first), or no tokenizer found.
     """
+    gen = OnnxGenerator(path)
     tok = tokenizer
     if tok is None or isinstance(tok, (str, os.PathLike)):
         folder = os.fspath(tok) if tok is not None else os.path.dirname(os.path.abspath(os.fspath(path)))
@@ -236,7 +239,6 @@ def generate_text(path: str | os.PathLike, prompts: list[str], *, tokenizer: Any
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder)
-    gen = OnnxGenerator(path)
     rows = []
     for p in prompts:
         if chat and getattr(tok, "chat_template", None):
