@@ -1,6 +1,6 @@
 """int4 on the real SmolLM2-135M-Instruct: held-out exact match of the LLM demo's task, fp32 vs int4.
 
-The demo's training (:mod:`lora_fx.demo_llm`: its loader, batches, ``train`` and ``LlmDemoConfig``;
+The demo's training (:mod:`lora_fx.demos.llm`: its loader, batches, ``train`` and ``LlmDemoConfig``;
 r=16 on the 7 projections, answer-only loss, AdamW 2e-3, warm-up then linear decay) with
 ``--steps`` (default 30: held-out exact match >= 0.8, like the demo's 50). Then greedy exact match
 on the 48 held-out messages with the demo's ``evaluate`` (Hugging Face ``generate`` on the merged fp32
@@ -50,7 +50,7 @@ VARIANTS = {
 
 def greedy(next_logits, tokenizer, examples, max_new: int = 16) -> tuple[float, list[str]]:
     """Exact match of greedy answers; ``next_logits(ids [1, T] int64) -> logits [V]`` of the last position."""
-    from lora_fx.demo_llm import _chat
+    from lora_fx.demos.llm import _chat
 
     right, preds = 0, []
     for message, answer in examples:
@@ -78,7 +78,7 @@ def _ort_greedy(path: str, tokenizer, examples, threads: int) -> tuple[float, li
 
 def _setup(ns):
     import lora_fx
-    from lora_fx import demo_llm
+    from lora_fx.demos import llm as demo_llm
     from lora_fx.examples.orders import make_dataset
 
     cfg = demo_llm.LlmDemoConfig(steps=ns.steps)
@@ -93,7 +93,7 @@ def _setup(ns):
 
 def train_stage(ns) -> dict:
     import lora_fx
-    from lora_fx import demo_llm
+    from lora_fx.demos import llm as demo_llm
     from lora_fx.exporters.kv_cache import merged_model
 
     env = environment()

@@ -136,7 +136,7 @@ def test_grouped_query_keys_are_not_repeated(monkeypatch):
 def test_real_smollm2_reads_keys_without_copies(monkeypatch):
     """The real SmolLM2-135M-Instruct (30 layers, 9 query / 3 key-value heads): every layer's attention runs
     as grouped-query attention, and the training step's outputs and LoRA gradients are the copying path's."""
-    from lora_fx import demo_llm
+    from lora_fx.demos import llm as demo_llm
 
     tokenizer, model = demo_llm.load_smollm2()
     text = "Order 17: two green teapots and a spare lid, shipped to Lyon on Tuesday morning."

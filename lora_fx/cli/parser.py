@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weights, export ONNX and verify it against the base export "
                                    "(structure + ONNX Runtime numerics). Exit 1 if verification fails.",
                        epilog="examples:\n  lora-fx export gpt2 --targets c_attn --adapter out/adapter -o task.onnx\n"
+                              "  lora-fx export llama --targets q_proj v_proj --kv-cache -o chat/model.onnx\n"
                               "  lora-fx export mlp --targets fc1 -o base.onnx   # no adapter = base model")
     p.add_argument("model", metavar="MODEL", help="built-in name or package.module:factory")
     p.add_argument("--targets", nargs="+", metavar="PATTERN",
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter_model.safetensors, PEFT layout) to fold into the weights")
     p.add_argument("-o", "--output", metavar="TASK.onnx", required=True, help="file to write")
     p.add_argument("--unfolded", action="store_true", help="keep the LoRA branches (debugging/serving)")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="a decoder with past/present key-value inputs and outputs, for 'lora-fx generate' and "
+                        "ONNX Runtime generation (fold_and_export(..., kv_cache=True); a causal LM MODEL)")
     p.add_argument("--fp16", action="store_true", help="fold in fp32, round once, write fp16")
     p.add_argument("--no-verify", action="store_true", help="skip the base export and comparison")
     p.add_argument("--quantize", choices=["int4", "int8"], help="fold in fp32, then quantize with ONNX Runtime "
@@ -118,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", formatter_class=fmt, help="generate text from a KV-cache export",
                        description="Greedy (or sampled) generation in ONNX Runtime from a file written by "
-                                   "fold_and_export(..., kv_cache=True); the tokenizer is read from the file's "
+                                   "fold_and_export(..., kv_cache=True) or 'lora-fx export MODEL ... --kv-cache'; "
+                                   "the tokenizer is read from the file's "
                                    "folder (tokenizer.save_pretrained) or --tokenizer.",
                        epilog="example:\n  lora-fx generate lora_fx_demo_llm/chat.onnx --prompt 'Send 3 Zorblax desk lamps to Riga.'")
     p.add_argument("onnx", metavar="FILE")

