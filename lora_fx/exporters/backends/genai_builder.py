@@ -1,0 +1,222 @@
+"""onnxruntime-genai's model builder as an export backend: builder-grade decoder graphs, proof kept.
+
+For a decoder the builder supports (Llama, Mistral, Qwen2/3, Phi-3, Gemma, Granite, OLMo, SmolLM3...,
+read from the builder's own dispatch table), ``fold_and_export(lgm, "out/model.onnx", kv_cache=True)``::
+
+    folded weights (fold in fp32) -> type(model)(config) holding them -> save_pretrained(tmp/task) + tokenizer
+    base weights                  -> type(model)(config) holding them -> save_pretrained(tmp/base)
+    builder(tmp/task) -> task.onnx,  builder(tmp/base) -> base.onnx      (-p fp32 | int4, -e cpu)
+    compare_structure(base.onnx, task.onnx): same graph; every changed initializer is one the builder
+        made from an adapted weight (``layers.3.attn.qkv_proj`` packs q/k/v; ``_Q4``/``_scales`` forms)
+
+The builder's graph uses GroupQueryAttention (rotary inside), SkipSimplifiedLayerNormalization, a
+packed q/k/v MatMul and, for int4, MatMulNBits at accuracy level 4. If its graph depended on weight
+values, base and task would differ in structure and the export fails with a VerifyError naming the
+first differing node (nothing is installed).
+
+GroupQueryAttention reads the attention mask as per-row lengths: padding is only allowed at the END
+of a row (left-padded rows come out wrong, in onnxruntime-genai too); the decode checks use unpadded
+rows and :class:`lora_fx.OnnxGenerator` runs left-padded rows of such a file one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import ExportError, VerifyError
+
+__all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "build_pair", "builder_architectures", "byte_level_tokenizer", "explained",
+           "hf_checkpoint", "prove", "run_builder", "unsupported"]
+
+GENAI_EXTRA = 'pip install "lora-fx[genai]"'
+BUILDER_KEY = "lora_fx.genai_builder"  # metadata: the builder's settings (and "padding": "right")
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+           "query_key_value": ("q_proj", "k_proj", "v_proj")}
+
+
+def builder_architectures() -> frozenset[str]:
+    """The ``architectures[0]`` names the installed builder dispatches on (its ``create_model``)."""
+    import inspect
+
+    from onnxruntime_genai.models import builder
+
+    return frozenset(re.findall(r'architectures\[0\] == "(\w+)"', inspect.getsource(builder.create_model)))
+
+
+def unsupported(model: Any, *, quantize: Any = None, dtype: Any = None, untied: dict | None = None) -> str | None:
+    """None when the builder can build ``model`` (a Hugging Face causal LM) as asked; else why not."""
+    import torch
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return f"onnxruntime-genai is not installed ({GENAI_EXTRA})"
+    config = getattr(model, "config", None)
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in builder_architectures():
+        return f"the model builder does not support {arch}"
+    if dtype not in (None, torch.float32):
+        return f"dtype={dtype} on CPU (the builder's CPU precisions are fp32 and int4)"
+    if quantize is not None and (getattr(quantize, "scheme", quantize) != "int4"
+                                 or not isinstance(quantize, str) and quantize != type(quantize)()):
+        return f"quantize={quantize!r}: the builder makes its own int4 only (quantize='int4')"
+    if untied:
+        return f"the fold untied {sorted(untied)} (an adapted tied weight): the builder would tie them again"
+    heads = getattr(config, "num_attention_heads", 0) or 1
+    head = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
+    if head % 16:
+        return f"head size {head} (ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16)"
+    return None
+
+
+def _plain_model(model: Any, state: dict) -> Any:
+    """``type(model)(config)`` holding ``state`` (a GGUF-loaded model cannot save_pretrained itself)."""
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = type(model)(config)
+    buffers = {n for n, _ in plain.named_buffers()}  # rotary tables: rebuilt from the config
+    missing, unexpected = plain.load_state_dict({k: v for k, v in state.items() if k not in buffers}, strict=False)
+    missing = [m for m in missing if m not in buffers]
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not getattr(config, "tie_word_embeddings", 0)]
+    if missing or unexpected:
+        raise ExportError(f"genai_builder: the folded weights do not fit a fresh {type(model).__name__}: missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return plain
+
+
+def hf_checkpoint(model: Any, state: dict, folder: str, tokenizer: Any = None) -> None:
+    """A Hugging Face folder the builder reads: ``model``'s class and config holding ``state``, and a
+    tokenizer (given, found beside the model, or a small byte-level BPE: the builder insists on one)."""
+    import tempfile
+
+    from ..decoder.folder import TOKENIZER_FILES, _tokenizer_folder
+
+    _plain_model(model, state).save_pretrained(folder)
+    with tempfile.TemporaryDirectory(prefix="lora_fx_tok_") as tmp:
+        src, _, _ = _tokenizer_folder(tokenizer, model, tmp)
+        if src is None:
+            byte_level_tokenizer(int(model.config.vocab_size)).save_pretrained(folder)
+            return
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                with open(os.path.join(src, name), "rb") as f, open(os.path.join(folder, name), "wb") as g:
+                    g.write(f.read())
+
+
+def byte_level_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer with ids below ``vocab_size`` (the builder only copies it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet)[: max(4, min(256, vocab_size))])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def run_builder(hf_dir: str, out_dir: str, precision: str, cache_dir: str, extra: dict | None = None) -> float:
+    """The builder, in this process (``python -m onnxruntime_genai.models.builder -i hf_dir -o out_dir -p
+    precision -e cpu -c cache_dir``), its chatter captured; returns its seconds.
+
+    Raises:
+        ExportError: the builder failed (with the end of its output).
+    """
+    from onnxruntime_genai.models import builder
+
+    log = io.StringIO()
+    start = time.perf_counter()
+    quant = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # one INFO line per node
+    level = quant.level
+    quant.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            options = builder.parse_extra_options(None, hf_dir, out_dir, precision, "cpu", cache_dir,
+                                                  [f"{k}={v}" for k, v in (extra or {}).items()])
+            builder.create_model(None, hf_dir, out_dir, precision, "cpu", cache_dir, **options)
+    except Exception as e:  # the builder raises whatever its architecture code raises
+        tail = log.getvalue()[-600:].strip()
+        raise ExportError(f"onnxruntime-genai's model builder failed ({type(e).__name__}: {e}); its output "
+                          f"ended:\n{tail}") from e
+    finally:
+        quant.setLevel(level)
+    return time.perf_counter() - start
+
+
+def explained(name: str, adapted: list[str]) -> bool:
+    """Whether the builder initializer ``name`` derives from one of the ``adapted`` HF weights: same
+    layer index and the same projection (or a packed one holding it), in any quantized form."""
+    layer = re.search(r"layers\.(\d+)\.", name)
+    for weight in adapted:
+        w_layer = re.search(r"layers\.(\d+)\.", weight)
+        if (layer and layer.group(1)) != (w_layer and w_layer.group(1)):
+            continue
+        proj = weight.removesuffix(".weight").rsplit(".", 1)[-1]
+        if re.search(rf"[./]{re.escape(proj)}[./]", name + "."):
+            return True
+        if any(re.search(rf"[./]{p}[./]", name + ".") and proj in parts for p, parts in _PACKED.items()):
+            return True
+    return False
+
+
+def prove(base: str, task: str, adapted: list[str]) -> Any:
+    """compare_structure(base, task); every changed initializer derives from an adapted weight.
+
+    Raises:
+        VerifyError: the files differ in structure (the first difference is named), or an initializer
+            changed that no adapted weight explains (the builder's graph read weight values).
+    """
+    from ..verify.structure import compare_structure
+
+    s = compare_structure(base, task)
+    if not s.ok:
+        raise VerifyError(f"genai_builder: the builder's task file is not its base file with new weights: "
+                          f"{s.first_difference}. Its graph depends on weight values; export with "
+                          "backend='torch_onnx'")
+    stray = [n for n in s.changed_initializers if not explained(n, adapted)]
+    if stray or not s.changed_initializers and adapted:
+        raise VerifyError(f"genai_builder: initializers {stray[:4] or '(none)'} changed, which no adapted weight "
+                          f"({adapted[:4]}) explains; export with backend='torch_onnx'")
+    return s
+
+
+@dataclass
+class Built:
+    """What :func:`build_pair` wrote."""
+
+    task: str
+    base: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    genai_config: dict = field(default_factory=dict)
+
+
+def build_pair(model: Any, task_state: dict, base_state: dict, folder: str, precision: str, *,
+               tokenizer: Any = None, name: str = "model.onnx") -> Built:
+    """Builds the task and base files with the builder under ``folder`` (``task/``, ``base/``)."""
+    seconds: dict[str, float] = {}
+    out = {}
+    for role, state in (("task", task_state), ("base", base_state)):
+        hf = os.path.join(folder, f"hf_{role}")
+        t = time.perf_counter()
+        hf_checkpoint(model, state, hf, tokenizer)
+        seconds[f"save_pretrained_{role}"] = time.perf_counter() - t
+        built = os.path.join(folder, role)
+        seconds[f"builder_{role}"] = run_builder(hf, built, precision, os.path.join(folder, "cache"))
+        out[role] = os.path.join(built, "model.onnx")
+    if name != "model.onnx":
+        raise ExportError(f"genai_builder writes model.onnx; got {name!r}")
+    with open(os.path.join(folder, "task", "genai_config.json")) as f:
+        config = json.load(f)
+    return Built(out["task"], out["base"], seconds, config)

@@ -1,0 +1,112 @@
+"""A decoder export folder that runs as is (lora_fx/exporters/decoder/folder.py): genai_config.json,
+config.json, generation_config.json and the tokenizer beside model.onnx; og.Model runs it with the
+same greedy tokens as Hugging Face generate and lora_fx.OnnxGenerator, in fp32 and int4."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import randomize_lora
+
+import lora_fx
+from lora_fx.errors import ExportError
+from lora_fx.examples.decoders import build
+from lora_fx.exporters.backends.genai_builder import byte_level_tokenizer
+from lora_fx.exporters.decoder.folder import folder_files
+
+LAYOUT = types.SimpleNamespace(kv=(((2, 16), (2, 16)),) * 2, max_positions=128, vocab_size=96, eos_token_id=[3],
+                               pad_token_id=0)
+
+
+def _model_with_tokenizer(tmp_path, name="llama"):
+    model, ids, targets = build(name)
+    tok_dir = tmp_path / "hf"
+    byte_level_tokenizer(96).save_pretrained(tok_dir)
+    model.name_or_path = str(tok_dir)
+    return model, ids, targets
+
+
+def test_folder_files_genai_config_and_tokenizer_from_model_folder(tmp_path):
+    model, _, _ = _model_with_tokenizer(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    files = folder_files(model, LAYOUT, str(out / "chat.onnx"))
+    assert files.tokenizer == str(tmp_path / "hf") and not files.notes
+    assert {"genai_config.json", "config.json", "generation_config.json", "tokenizer.json"} <= set(files.files)
+    cfg = json.loads((out / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert cfg["search"]["past_present_share_buffer"] is False  # lora-fx's cache grows by Concat
+    assert dec["filename"] == "chat.onnx" and dec["num_hidden_layers"] == 2
+    assert (dec["num_key_value_heads"], dec["head_size"], dec["num_attention_heads"]) == (2, 16, 4)
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert dec["outputs"]["present_value_names"] == "present.%d.value"
+    assert cfg["model"]["eos_token_id"] == 3 and cfg["model"]["type"] == "llama" and cfg["model"]["context_length"] == 128
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.use_cache is True and config.architectures == ["LlamaForCausalLM"]
+    assert AutoTokenizer.from_pretrained(out)("ab")["input_ids"]
+
+
+def test_folder_files_tokenizer_option_and_missing_tokenizer(tmp_path):
+    model, _, _ = build("llama")
+    model.name_or_path = ""
+    (tmp_path / "a").mkdir()
+    files = folder_files(model, LAYOUT, str(tmp_path / "a" / "model.onnx"))
+    assert files.tokenizer is None and "tokenizer.json" not in files.files
+    assert len(files.notes) == 1 and "tokenizer.save_pretrained" in files.notes[0]
+    (tmp_path / "b").mkdir()
+    files = folder_files(model, LAYOUT, str(tmp_path / "b" / "model.onnx"), tokenizer=byte_level_tokenizer(96))
+    assert "tokenizer.json" in files.files and files.tokenizer.startswith("the given")
+    with pytest.raises(ExportError, match="tokenizer="):
+        folder_files(model, LAYOUT, str(tmp_path / "b" / "model.onnx"), tokenizer=str(tmp_path / "a"))
+
+
+def og_greedy(folder: str, prompt: torch.Tensor, new: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt.numpy())
+    while not gen.is_done():
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_exported_folder_runs_in_genai(tmp_path, quantize):
+    pytest.importorskip("onnxruntime_genai")
+    from lora_fx.exporters.kv_cache import merged_model
+
+    model, ids, targets = _model_with_tokenizer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = lora_fx.trace(model, (ids,))
+    lgm = lora_fx.lorafy(gm, targets, rank=4, alpha=8)
+    randomize_lora(lgm, std=0.3)
+    out = tmp_path / "out"
+    out.mkdir()
+    rep = lora_fx.fold_and_export(lgm, str(out / "model.onnx"), kv_cache=True, quantize=quantize)
+    assert rep.verification.ok
+    assert {"model.onnx", "genai_config.json", "config.json", "generation_config.json", "tokenizer.json"} <= set(
+        os.listdir(out))
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no staging left behind
+    prompt = ids[:1, :6]
+    got = og_greedy(str(out), prompt, 12)
+    onnx = lora_fx.OnnxGenerator(str(out / "model.onnx")).generate(prompt, max_new_tokens=12, eos_token_id=[])
+    assert got == onnx[0].tolist()
+    if quantize is None:
+        ref = merged_model(lgm).generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert got == ref[0].tolist()
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og.Model(str(out)))
+    assert np.asarray(tok.encode("ab")).size >= 1
