@@ -82,6 +82,12 @@ class TrainerModule(nn.Module):
             raise TrainingError("TrainerModule needs a module traced with keyword inputs, e.g. lora_fx.trace(model, "
                                 "(), {'input_ids': ids, 'attention_mask': mask, 'labels': ids}): trainers call "
                                 "the model with keywords")
+        unread = _size_only_inputs(lgm.graph, tuple(cap.kwargs))
+        if unread:
+            raise TrainingError(f"the captured graph never reads the values of {unread} (only their sizes): trace was "
+                                "given the same tensor object for two inputs, and torch.export merged them (e.g. "
+                                "labels=ids with input_ids=ids: the graph then embeds the labels). Trace with "
+                                "labels=ids.clone()")
         self.graph_module = lgm
         self.source = cap.source.module if cap.source is not None else None  # not a submodule: no second copy
         self.input_names = tuple(cap.kwargs)
@@ -282,6 +288,14 @@ def _graph_inputs(names: tuple[str, ...], given: dict[str, Any], who: str) -> di
         raise TrainingError(f"{who}: missing input(s) {missing}; the captured graph takes {list(names)} (the data "
                             "collator must produce them; trace without an input the batches do not carry)")
     return {k: given[k] for k in names}
+
+
+def _size_only_inputs(graph: fx.Graph, names: tuple[str, ...]) -> list[str]:
+    """Inputs whose placeholder only feeds size queries (torch.export read an aliased input elsewhere)."""
+    size_ops = (torch.ops.aten.sym_size.int, torch.ops.aten._assert_tensor_metadata.default)
+    return [n.name for n in graph.nodes if n.op == "placeholder" and n.name in names and n.users
+            and all(u.op == "call_function" and (u.target in size_ops or "metadata" in getattr(u.target, "__name__", ""))
+                    for u in n.users)]
 
 
 def _decoder_blocks(source: nn.Module | None) -> list[str]:
