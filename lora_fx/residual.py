@@ -71,6 +71,6 @@ def write_rows(w: torch.Tensor, layout: str, lo: int, hi: int, rows: torch.Tenso
 def converted(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, alpha: float, rank: int,
               rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """(A', B', rank', alpha') of the plain LoRA over the original W that a residual branch equals."""
-    a2 = torch.cat([a.detach(), a0.to(a.dtype, device=a.device)], 0)
-    b2 = torch.cat([b.detach(), -b0.to(b.dtype, device=b.device)], 1)
+    a2 = torch.cat([a.detach(), a0.to(device=a.device, dtype=a.dtype)], 0)
+    b2 = torch.cat([b.detach(), -b0.to(device=b.device, dtype=b.dtype)], 1)
     return a2, b2, 2 * rank, alpha * (math.sqrt(2) if rslora else 2)

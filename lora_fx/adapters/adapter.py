@@ -6,7 +6,7 @@ PEFT folders; :mod:`.bind` loads one into a graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx
@@ -14,6 +14,7 @@ from torch import fx
 from .. import kinds
 from ..delta import Branch
 from ..graph_module import capture_of, lora_state
+from ..residual import INITIAL_KEY, converted
 
 
 @dataclass
@@ -35,22 +36,40 @@ class Adapter:
     source: str = "<module>"
     peft: frozenset[str] = frozenset()
     model: str = ""  # the model it was made for (trace() records it; PEFT's base_model_name_or_path)
+    init: str = ""  # PEFT's init_lora_weights when it changes the base ("pissa", "olora"): lorafy the same way
 
     def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the branch ``key``."""
         br = self.branches[key]
         return self.tensors[br.a], self.tensors[br.b]
 
+    def tensors_of(self, key: str) -> tuple[torch.Tensor, ...]:
+        """A, B (and DoRA's magnitude m) of the branch ``key``, in :attr:`Branch.names` order."""
+        return tuple(self.tensors[n] for n in self.branches[key].names)
+
+    @property
+    def dora(self) -> bool:
+        return any(br.magnitude for br in self.branches.values())
+
 
 def adapter_of(lgm: fx.GraphModule) -> Adapter:
-    """Snapshot (detached clones) of the current A/B values of a lorafied module."""
+    """Snapshot (detached clones) of the current A/B (and DoRA m) values of a lorafied module.
+
+    PiSSA / OLoRA branches come out as the plain LoRA over the original weight that they equal
+    (rank 2r: :func:`lora_fx.residual.converted`, PEFT's ``path_initial_model_for_weight_conversion``)."""
     state = lora_state(lgm, "adapter_of")
-    tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in (br.a, br.b)}
+    tensors = {n: lgm.get_parameter(n).detach().clone() for br in state.branches for n in br.names}
     nodes = {n.name: n for n in lgm.graph.nodes}  # one scan (a lookup per branch is branches x nodes)
     peft = frozenset(br.key for br in state.branches if _is_peft(lgm, br, nodes))
     cap = capture_of(lgm)
-    return Adapter({br.key: br for br in state.branches}, tensors, bool(state.report.rslora),
-                   f"<{type(lgm).__name__}>", peft, cap.model if cap is not None else "")
+    rslora = bool(state.report.rslora)
+    branches = {br.key: br for br in state.branches}
+    for key, (a0, b0, _) in lgm.meta.get(INITIAL_KEY, {}).items():  # PiSSA / OLoRA: over the original W
+        br = branches[key]
+        tensors[br.a], tensors[br.b], rank, alpha = converted(tensors[br.a], tensors[br.b], a0, b0, br.alpha,
+                                                              br.rank, rslora)
+        branches[key] = replace(br, rank=rank, alpha=alpha)
+    return Adapter(branches, tensors, rslora, f"<{type(lgm).__name__}>", peft, cap.model if cap is not None else "")
 
 
 def _is_peft(lgm: fx.GraphModule, br: Branch, nodes: dict[str, fx.Node]) -> bool:

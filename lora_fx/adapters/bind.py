@@ -69,7 +69,7 @@ def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.Gra
                            "graph without LoRA to load_adapter to have it lorafied from the file.")
     with torch.no_grad():
         for key, br in want.items():
-            for name, t in zip((br.a, br.b), adapter.pair(key), strict=True):
+            for name, t in zip(br.names, adapter.tensors_of(key), strict=True):
                 p = gm.get_parameter(name)
                 p.copy_(t.to(dtype=p.dtype, device=p.device))
     return gm
@@ -91,6 +91,10 @@ def _mismatches(gm, want: Branch, have: Branch, pair: tuple[torch.Tensor, torch.
     if not math.isclose(want.scale, have.scale, rel_tol=1e-6):
         out.append(f"scale {want.key}: file alpha/r = {have.alpha:g}/{have.rank} -> {have.scale:g}, module "
                    f"{want.alpha:g}/{want.rank} -> {want.scale:g} (lorafy with alpha={have.alpha:g})")
+    if (want.magnitude is None) != (have.magnitude is None):
+        what = ("has DoRA magnitudes (use_dora)", "does not") if have.magnitude else ("is plain LoRA", "has DoRA")
+        out.append(f"variant {want.key}: the file {what[0]}, the module {what[1]} (lorafy with "
+                   f"dora={have.magnitude is not None})")
     if have.slice is not None and have.slice != want.slice:
         out.append(f"slice {want.key}: file {have.slice} vs module {want.slice}")
     return out
@@ -106,5 +110,6 @@ def _targets(adapter: Adapter) -> list[Target]:
         first = brs[0]
         slices = tuple(br.slice for br in brs if br.slice is not None) or None
         targets.append(Target(re.compile(re.escape(site)), rank=first.rank, alpha=first.alpha,
-                              dropout=first.dropout, slices=slices))
+                              dropout=first.dropout, slices=slices, dora=first.magnitude is not None,
+                              init=adapter.init or None))
     return targets

@@ -10,6 +10,7 @@ Tensor names (``<key>`` is a branch key, e.g. ``transformer.h.0.attn.c_attn``)::
     base_model.model.<key>.lora_A.weight   (r, in[, kh, kw])   nn.Linear, GPT-2 Conv1D, convolutions
     base_model.model.<key>.lora_B.weight   (out, r[, 1, 1])    (exactly what PEFT's save_pretrained writes)
     base_model.model.<key>.lora_embedding_A / lora_embedding_B  nn.Embedding (PEFT's names)
+    base_model.model.<key>.lora_magnitude_vector (out,)        DoRA's m (``use_dora``; lora_fx.<key>.… too)
     lora_fx.<key>.lora_A.weight / lora_fx.<key>.lora_B.weight  what PEFT cannot express: slices of a
         fused weight (``<key>`` ends in ``_slice<start>_<stop>``), raw parameters used by functional
         ops, extra calls of one module, einsum/matmul sites. PEFT ignores these keys (it loads the
@@ -64,7 +65,17 @@ FORMAT = 1
 _PEFT_PREFIX = "base_model.model."
 _FX_PREFIX = "lora_fx."
 _KEY_RE = re.compile(r"(base_model\.model|lora_fx)\.(.+)\.(lora_A\.weight|lora_B\.weight|"
-                     r"lora_embedding_A|lora_embedding_B)")
+                     r"lora_embedding_A|lora_embedding_B|lora_magnitude_vector)")
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, PEFT's name (its state dict drops ".weight")
+# LoraConfig fields that change what the tensors mean, and what lora-fx says about each
+_UNSUPPORTED = {"lora_bias": "LoRA bias terms (lora_bias)", "use_qalora": "QA-LoRA (use_qalora)",
+                "layer_replication": "layer replication", "target_parameters": "target_parameters (MoE experts)",
+                "alora_invocation_tokens": "aLoRA (activated LoRA)", "arrow_config": "Arrow routing",
+                "use_bdlora": "BD-LoRA", "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA",
+                "kasa_config": "KaSA", "megatron_config": "Megatron layers", "trainable_token_indices":
+                "trainable token indices"}
+# init_lora_weights values whose tensors need nothing but W: plain starts, or PiSSA / OLoRA (residual base)
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path:
@@ -83,9 +94,16 @@ def save_adapter(lgm: fx.GraphModule | Adapter, path: str | os.PathLike) -> Path
                            "(A (E, r, in), B (E, out, r)); adapter files do not hold them yet (PEFT's "
                            "target_parameters layout is not implemented). Keep the lorafied module, or "
                            "fold / fold_and_export it")
+    dora = {br.magnitude is not None for key, br in adapter.branches.items() if key in adapter.peft}
+    if len(dora) > 1:
+        raise AdapterError("the adapter mixes DoRA and plain LoRA branches at modules PEFT holds, and PEFT's "
+                           "use_dora applies to all of them; lorafy with one dora setting for those sites")
     tensors = {}
     for key, br in adapter.branches.items():
-        for name, t in zip(file_keys(br, key in adapter.peft), adapter.pair(key), strict=True):
+        values = list(adapter.tensors_of(key))
+        if br.magnitude is not None and key in adapter.peft and values[0].dim() > 2:  # PEFT's conv m: (1, out, 1, 1)
+            values[2] = values[2].reshape(1, -1, *[1] * (values[0].dim() - 2))
+        for name, t in zip(file_keys(br, key in adapter.peft), values, strict=True):
             tensors[name] = t.detach().cpu().contiguous().clone()
     blob = st_save(tensors, metadata={"format": "pt"})
     config = _config(adapter, hashlib.sha256(blob).hexdigest())
@@ -127,12 +145,13 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     return _parse(tensors, config, fx_cfg, str(tpath))
 
 
-def file_keys(br: Branch, peft: bool) -> tuple[str, str]:
-    """The two tensor names of a branch in ``adapter_model.safetensors`` (PEFT's, or lora_fx.*)."""
-    if not peft:
-        return f"{_FX_PREFIX}{br.key}.lora_A.weight", f"{_FX_PREFIX}{br.key}.lora_B.weight"
-    a, b = kinds.get(br.site.kind).peft_tensors
-    return f"{_PEFT_PREFIX}{br.key}.{a}", f"{_PEFT_PREFIX}{br.key}.{b}"
+def file_keys(br: Branch, peft: bool) -> tuple[str, ...]:
+    """The tensor names of a branch in ``adapter_model.safetensors`` (PEFT's, or lora_fx.*): A, B and,
+    for DoRA, the magnitude (PEFT's ``<key>.lora_magnitude_vector``)."""
+    prefix, (a, b) = (_PEFT_PREFIX, kinds.get(br.site.kind).peft_tensors) if peft else \
+        (_FX_PREFIX, ("lora_A.weight", "lora_B.weight"))
+    names = (f"{prefix}{br.key}.{a}", f"{prefix}{br.key}.{b}")
+    return names if br.magnitude is None else (*names, f"{prefix}{br.key}.{_MAGNITUDE}")
 
 
 
@@ -157,7 +176,8 @@ def _config(adapter: Adapter, digest: str) -> dict:
         "lora_dropout": _common([br.dropout for br in brs], 0.0),
         "target_modules": sorted({br.key for br in peft}),
         "fan_in_fan_out": any(br.site.layout == IN_OUT for br in peft), "bias": "none",
-        "use_rslora": adapter.use_rslora, "use_dora": False, "init_lora_weights": True,
+        "use_rslora": adapter.use_rslora, "use_dora": any(br.magnitude for br in (peft or brs)),
+        "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {br.key: br.rank for br in peft if br.rank != r},
         "alpha_pattern": {br.key: _num(br.alpha) for br in peft if br.alpha != alpha},
@@ -165,7 +185,7 @@ def _config(adapter: Adapter, digest: str) -> dict:
             {"key": br.key, "site": br.site.id, "path": br.site.path, "weight": br.site.weight,
              "op": br.site.op, "layout": br.site.layout, "rank": br.rank, "alpha": br.alpha,
              "scale": br.scale, "dropout": br.dropout, "slice": list(br.slice) if br.slice else None,
-             "peft": br.key in adapter.peft} for br in brs]},
+             "peft": br.key in adapter.peft, "dora": br.magnitude is not None} for br in brs]},
     }
 
 
@@ -179,15 +199,29 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias terms")):
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, a PEFT method other than LoRA "
+                           "(LoHa, LoKr, VeRA, AdaLoRA, IA3, ...), which lora-fx does not load; it loads LoRA "
+                           "adapters (peft_type 'LORA', with use_dora / use_rslora / PiSSA / OLoRA)")
+    for flag, what in _UNSUPPORTED.items():
         if config.get(flag):
-            raise AdapterError(f"{path}: {flag} is true; {what} is not supported by lora-fx")
+            raise AdapterError(f"{path}: {flag}={config.get(flag)!r}: {what} is not supported by lora-fx, and "
+                               "loading the A/B pairs alone would give another model; save the adapter without it")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS and not (isinstance(init, str) and re.fullmatch(r"pissa(_niter_\d+)?|olora", init)):
+        raise AdapterError(f"{path}: init_lora_weights={init!r} changes the base weights in a way lora-fx does not "
+                           "reproduce; save the adapter converted to plain LoRA (PEFT's save_pretrained(..., "
+                           "path_initial_model_for_weight_conversion=...))")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise AdapterError(f"{path}: bias={config.get('bias')!r} / modules_to_save="
                            f"{config.get('modules_to_save')!r} store full tensors lora-fx does not load; "
                            "save the PEFT adapter with bias='none' and no modules_to_save")
     return config
+
+
+def _residual_init(config: dict) -> str:
+    """PEFT's PiSSA / OLoRA name of an unconverted adapter (its A/B start from a residual base), else ""."""
+    init = config.get("init_lora_weights", True)
+    return init if isinstance(init, str) and re.fullmatch(r"pissa(_niter_\d+)?|olora", init) else ""
 
 
 def _pattern(patterns: dict, key: str, default):
@@ -211,13 +245,19 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source:
             bad.append(name)
             continue
         key, role = m.group(2), m.group(3)
-        pairs.setdefault(key, {})["a" if "_A" in role else "b"] = t
+        pairs.setdefault(key, {})["m" if role == _MAGNITUDE else "a" if "_A" in role else "b"] = t
         peft_of[key] = m.group(1) != "lora_fx"
         if "embedding" in role:
             emb.add(key)
     if bad:
         raise AdapterError(f"{source}: tensors lora-fx does not understand: {sorted(bad)[:8]}; it loads "
-                           "plain LoRA A/B pairs only (no DoRA magnitudes, biases or modules_to_save)")
+                           "LoRA A/B pairs and DoRA magnitudes only (no biases, modules_to_save or other PEFT "
+                           "methods' tensors)")
+    dora = any("m" in pair for pair in pairs.values())
+    if dora != bool(config.get("use_dora", dora)):
+        raise AdapterError(f"{source}: use_dora is {config.get('use_dora')!r} but the file "
+                           f"{'has' if dora else 'has no'} lora_magnitude_vector tensors; the config does not "
+                           "describe these tensors")
     rslora = bool(config.get("use_rslora", False))
     entries = {e.get("key"): e for e in fx_cfg.get("branches", []) if isinstance(e, dict)}
     if entries and entries.keys() != pairs.keys():
@@ -226,26 +266,33 @@ def _parse(tensors: dict[str, torch.Tensor], config: dict, fx_cfg: dict, source:
                            "save the adapter again")
     out, kept = {}, {}
     for key, pair in sorted(pairs.items()):
-        if set(pair) != {"a", "b"}:
+        if not {"a", "b"} <= set(pair):
             half = "lora_B" if "a" in pair else "lora_A"
             raise AdapterError(f"{source}: {key} has no {half} tensor; every branch needs both A and B")
-        a, b = pair["a"], pair["b"]
+        a, b, mag = pair["a"], pair["b"], pair.get("m")
+        if mag is not None and mag.numel() == b.shape[0] and all(n == 1 for n in mag.shape if n != b.shape[0]):
+            mag = mag.reshape(-1)  # PEFT's convolutions store m as (1, out, 1, 1)
+        if dora and (mag is None or not mag.is_floating_point() or tuple(mag.shape) != (b.shape[0],)):
+            raise AdapterError(f"{source}: {key}: DoRA needs a lora_magnitude_vector of shape ({b.shape[0]},) "
+                               f"(one per row of lora_B), got {None if mag is None else tuple(mag.shape)}")
         if not (a.is_floating_point() and b.is_floating_point()) or a.dim() < 2 or b.dim() < 2 \
                 or b.shape[1] != a.shape[0] or any(s != 1 for s in b.shape[2:]):
             raise AdapterError(f"{source}: {key}: A {tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} "
                                f"{b.dtype} are not a LoRA pair (floating A (r, in...), B (out, r))")
-        for role, t in (("lora_A", a), ("lora_B", b)):
+        for role, t in (("lora_A", a), ("lora_B", b), (_MAGNITUDE, mag if mag is not None else a)):
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{source}: {key}.{role} holds NaN/inf values; the adapter is broken "
                                    "(check training: learning rate, loss scaling)")
-        out[key] = br = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source)
+        out[key] = br = _branch(key, a, b, config, entries.get(key), peft_of[key], key in emb, rslora, source, dora)
         kept[br.a], kept[br.b] = a, b
+        if dora:
+            kept[br.magnitude] = mag
     return Adapter(out, kept, rslora, source, frozenset(k for k in out if peft_of[k]),
-                   str(config.get("base_model_name_or_path") or ""))
+                   str(config.get("base_model_name_or_path") or ""), _residual_init(config))
 
 
 def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dict | None, peft: bool,
-            emb: bool, rslora: bool, source: str) -> Branch:
+            emb: bool, rslora: bool, source: str, dora: bool = False) -> Branch:
     rank = int(a.shape[0])
     if entry is not None:
         alpha, dropout = float(entry.get("alpha", rank)), float(entry.get("dropout", 0.0))
@@ -267,8 +314,8 @@ def _branch(key: str, a: torch.Tensor, b: torch.Tensor, config: dict, entry: dic
         raise AdapterError(f"{source}: {key}: slice {sl} is {sl[1] - sl[0]} rows but lora_B has {b.shape[0]}")
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     ref = site_ref(site, path, weight, op, layout)
-    names = file_keys(Branch(key, ref, "", "", rank, alpha, scale), peft)
-    return Branch(key, ref, names[0], names[1], rank, alpha, scale, dropout, sl)
+    names = file_keys(Branch(key, ref, "", "", rank, alpha, scale, magnitude="m" if dora else None), peft)
+    return Branch(key, ref, names[0], names[1], rank, alpha, scale, dropout, sl, names[2] if dora else None)
 
 
 def site_ref(site_id: str, path: str, weight: str, op: str, layout: str) -> Site:
