@@ -1,4 +1,5 @@
-"""Command line: ``python -m benchmarks NAME [--smoke] [--out DIR]``."""
+"""Command line: ``python -m benchmarks NAME [--smoke] [--out DIR]``; ``python -m benchmarks tables [--check]``
+regenerates docs/benchmarks.md's tables from the results (:mod:`benchmarks.tables`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from .common import load_results, log, out_dir, quiet, write_outputs
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the named benchmark(s); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tables"]:
+        from .tables import main as tables
+
+        return tables(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("name", choices=[*BENCHMARKS, *GPU_BENCHMARKS, "all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; numbers are meaningless")

@@ -1,4 +1,4 @@
-"""The coverage sweep: every model of ``sweep_models.SWEEP`` through every stage, results to JSON and README.
+"""The coverage sweep: every model of ``sweep_models.SWEEP`` through every stage, results to JSON and docs/coverage.md.
 
 Stages (each records ``"ok"`` or the error it raised, first line)::
 
@@ -39,7 +39,7 @@ import lora_fx  # noqa: E402
 
 STAGES = ("trace", "lorafy", "train", "fold", "export", "verify")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_results.json")
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "coverage.md")
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 
 
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--family")
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--readme", action="store_true", help="regenerate the README tables from --out")
+    ap.add_argument("--readme", action="store_true", help="regenerate the tables of docs/coverage.md from --out")
     ap.add_argument("--no-run", action="store_true")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
