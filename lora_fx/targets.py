@@ -36,6 +36,7 @@ class Target:
             ``(start, stop)`` pairs or ``slice`` objects; with ``chunks=n``, ints pick chunks of n equal
             parts: ``Target("*.c_attn", slices=[0, 2], chunks=3)`` adapts q and v of GPT-2's qkv.
         chunks: see ``slices``.
+        dora, init: DoRA and the A/B initialisation at these sites (see :func:`lora_fx.lorafy`).
     """
 
     pattern: str | re.Pattern[str]
@@ -45,6 +46,8 @@ class Target:
     ops: tuple[str, ...] | None = None
     slices: tuple | None = None
     chunks: int | None = None
+    dora: bool | None = None  # DoRA at these sites (None: lorafy's dora=)
+    init: str | None = None  # "kaiming", "gaussian", "pissa", "pissa_niter_<N>", "olora" (None: lorafy's init=)
 
     def matches(self, site: Site) -> bool:
         if self.ops is not None and site.op not in self.ops and site.kind not in self.ops:
@@ -62,6 +65,8 @@ class Selection:
     dropout: float
     slices: tuple[tuple[int, int], ...] | None  # output ranges, None = the whole weight
     note: str | None = None  # e.g. rank above what the site's update can use
+    dora: bool | None = None  # the Target's (lorafy settles None to its own default)
+    init: str | None = None
 
     @property
     def scale_base(self) -> float:
@@ -217,7 +222,7 @@ def _resolve(t: Target, s: Site, rank: int, alpha: float | None, dropout: float)
     if not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
         raise SiteError(f"site {s.id}: dropout must be in [0, 1), got {d!r}")
     slices = _slices(t, s)
-    return Selection(s, r, float(a), float(d), slices, _rank_note(s, r, slices))
+    return Selection(s, r, float(a), float(d), slices, _rank_note(s, r, slices), t.dora, t.init)
 
 
 def max_rank(s: Site, slices: tuple[tuple[int, int], ...] | None = None) -> int:
