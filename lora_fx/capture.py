@@ -31,9 +31,11 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .dynamic_dims import input_names, prove_dims
 from .errors import CaptureError, ExportError
 from .graph_facts import symbolic_dims
 from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, capture_of, wrap
+from .passes.functionalize import functionalize
 
 aten = torch.ops.aten
 
@@ -94,6 +96,12 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     try:
         model.eval()
         gm = _export(model, args, kwargs, shapes)
+        if functionalize(gm.graph):  # in-place writes backward would trip on (custom autograd Functions)
+            gm.recompile()
+        dims, static_notes = None if dynamic else {}, []
+        if dynamic and dynamic_shapes is None:
+            dims, static_notes = prove_dims(model, gm, args, kwargs)
+            static_notes = _fixed_notes(gm.graph, args, kwargs, model) + static_notes
         train_rates = None
         if train_capture and _has_mode_ops(gm.graph):
             model.train()
@@ -105,16 +113,15 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         for m, mode in modes.items():
             m.training = mode
 
-    if dynamic and dynamic_shapes is None:
-        notes += _fixed_notes(gm.graph, args, kwargs)
+    notes += static_notes
     notes += _rewire_modes(gm.graph, train_rates)
     out = wrap(gm)
     out.training = modes[model]
     example = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
     # the GraphModule takes its inputs flat (no *args grouping): store the flat spec for its exports
-    flat = dynamic_shapes if dynamic_shapes is not None else (_dynamic_shapes(args, kwargs) if dynamic else None)
+    flat = dynamic_shapes if dynamic_shapes is not None else (_dynamic_shapes(args, kwargs, dims) if dynamic else None)
     out.meta[CAPTURE_KEY] = Capture(example[0], example[1], flat, notes, SourceRef(model),
-                                    model=_model_name(model))
+                                    model=_model_name(model), dims=dims, static_notes=static_notes)
     for note in notes:
         warnings.warn(f"lora_fx.trace: {note}", stacklevel=2)
     return out
@@ -166,26 +173,29 @@ def auto_dims(t: object) -> tuple[int, ...]:
     return (0, 1) if t.dim() >= 2 and not (t.is_floating_point() or t.is_complex()) else (0,)
 
 
-def _dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
-    def spec(t):
-        return {d: torch.export.Dim.AUTO for d in auto_dims(t)} or None
+def _dynamic_shapes(args: tuple, kwargs: dict, dims: dict[int, tuple[int, ...]] | None = None) -> tuple:
+    """One spec per positional arg then per kwarg: :func:`auto_dims` of each tensor leaf, or with ``dims`` (per
+    leaf index: the dims proven dynamic) those of them; every other dim static."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    specs = [{d: torch.export.Dim.AUTO for d in auto_dims(t) if dims is None or d in dims.get(k, ())} or None
+             for k, t in enumerate(flat)]
+    a, kw = pytree.tree_unflatten(specs, spec)
+    return (*a, *kw.values())
 
-    return tuple(pytree.tree_map(spec, a) for a in (*args, *kwargs.values()))
 
-
-def _fixed_notes(graph: fx.Graph, args: tuple, kwargs: dict) -> list[str]:
+def _fixed_notes(graph: fx.Graph, args: tuple, kwargs: dict, model: nn.Module) -> list[str]:
     """Notes on dimensions ``dynamic=True`` asked for that the model's code fixed to the example size
     (torch.export specialises them without a word, e.g. a Python loop over the sequence)."""
     symbolic = symbolic_dims(graph, (args, kwargs))
     if symbolic is None:
         return []
-    notes = []
+    notes, names = [], input_names(model, args, kwargs)
     for k, t in enumerate(pytree.tree_leaves((args, kwargs))):
-        fixed = [d for d in auto_dims(t) if d not in symbolic.get(k, ())]
-        if fixed:
-            notes.append(f"the model's code fixed dimension(s) {fixed} of input {k} (shape {tuple(t.shape)}) to the "
-                         "example's size (a Python loop or size check over it): the captured graph, and every "
-                         "export of it, accept only that size there")
+        for d in auto_dims(t):
+            if d not in symbolic.get(k, ()):
+                notes.append(f"{names[k]} dim {d} (size {t.shape[d]}): fixed to the example's size by the model's "
+                             "code (a Python loop or size check over it): the captured graph, and every export of "
+                             "it, accept only that size there")
     return notes
 
 

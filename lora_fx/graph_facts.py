@@ -9,8 +9,8 @@ One home for each (they were answered in four slightly different ways before):
 * :func:`weight_reads`: how many ops read each weight attribute (a read through a transpose counts
   once per user of the transpose), i.e. whether rewriting it changes only the site being adapted.
   One scan for every attribute: a pass asks it once, never once per site (that is sites x nodes).
-* :func:`symbolic_dims`: which dimensions of each example input a captured graph keeps symbolic (the
-  capture's note on a size the model's code fixed, the sizes verification may grow).
+* :func:`input_sizes` / :func:`symbolic_dims`: the sizes of a captured graph's inputs, and which dimensions
+  of each example input it keeps symbolic (what ``lora_fx.dynamic_dims`` then proves by running it).
 * :func:`call_suffix`, :func:`branch_leaf`, :func:`untied_name`: the names lorafy gives A/B of one
   call of a module and fold gives the folded copy of a shared weight, which refold looks up again in
   the ONNX file::
@@ -101,16 +101,26 @@ def untied_module_name(target: str, k: int) -> str:
     return f"{target}_folded_call{k}"
 
 
-def symbolic_dims(graph: fx.Graph, inputs: object) -> dict[int, set[int]] | None:
-    """Per leaf index of ``inputs`` (pytree leaves), the dimensions the graph's placeholder for that
-    tensor keeps symbolic; None when unknown (no shape metadata, as in symbolic_trace graphs, or
-    placeholders that do not pair one to one, in order, with the tensor leaves)."""
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+def input_sizes(graph: fx.Graph, inputs: object) -> dict[int, tuple] | None:
+    """Per leaf index of ``inputs`` (pytree leaves) that is a tensor, the size of the graph's placeholder for it
+    (ints and ``SymInt``s); None when unknown (no shape metadata, as in symbolic_trace graphs, or placeholders
+    that do not pair one to one, in order, with the tensor leaves)."""
     from torch.utils import _pytree as pytree
 
     vals = [v for n in graph.nodes if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)]
     tensors = [(k, t) for k, t in enumerate(pytree.tree_leaves(inputs)) if isinstance(t, torch.Tensor)]
     if not vals or len(vals) != len(tensors) or any(v.dim() != t.dim() for v, (_, t) in zip(vals, tensors, strict=True)):
         return None
-    return {k: {d for d, size in enumerate(v.shape) if not is_concrete_int(size)}
-            for v, (k, _) in zip(vals, tensors, strict=True)}
+    return {k: tuple(v.shape) for v, (k, _) in zip(vals, tensors, strict=True)}
+
+
+def symbolic_dims(graph: fx.Graph, inputs: object) -> dict[int, set[int]] | None:
+    """Per leaf index of ``inputs`` (pytree leaves), the dimensions the graph's placeholder for that
+    tensor keeps symbolic; None when unknown (see :func:`input_sizes`). Symbolic is not proven: a graph
+    can fix a size inside (``lora_fx.dynamic_dims`` proves them)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    sizes = input_sizes(graph, inputs)
+    if sizes is None:
+        return None
+    return {k: {d for d, size in enumerate(shape) if not is_concrete_int(size)} for k, shape in sizes.items()}

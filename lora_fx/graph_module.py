@@ -44,6 +44,8 @@ class Capture:
     mode_notes: list[str] = field(default_factory=list)
     source: SourceRef | None = None  # the traced model (KV-cache export re-captures it)
     model: str = ""  # what was traced: class name (+ config name), recorded in saved adapters
+    dims: dict[int, tuple[int, ...]] | None = None  # dynamic dims per input leaf, proven (lora_fx.dynamic_dims)
+    static_notes: list[str] = field(default_factory=list)  # the dims the proof declared static, for the reports
 
 
 class SourceRef:
