@@ -120,7 +120,7 @@ def _steps(paths: dict[str, str], threads: int, shapes: list[tuple[int, int]], r
 def _generation(path: str, lgm, threads: int, batches: tuple[int, ...], prompt: int, new: int, rounds: int,
                 vocab: int) -> list[dict[str, Any]]:
     import lora_fx
-    from lora_fx.exporters.kv_cache import merged_model
+    from lora_fx.exporters.decoder.capture import merged_model
 
     gen = lora_fx.OnnxGenerator(path, threads=threads)
     model = merged_model(lgm)

@@ -146,7 +146,7 @@ def _export_all(model, args, kwargs, patterns, folder) -> dict[str, Any]:
 
 def _latency(paths: dict[str, str], args: tuple, kwargs: dict, rounds: int, threads: int,
              round_s: float) -> dict[str, list[float]]:
-    from lora_fx.exporters.ort import ort_session, run_onnx
+    from lora_fx.exporters.verify.ort import ort_session, run_onnx
 
     sessions = {v: ort_session(paths[v], threads=threads, spinning=False) for v in VARIANTS}
     sessions[CONTROL] = ort_session(paths[BASELINE], threads=threads, spinning=False)

@@ -59,9 +59,9 @@ def _model(smoke: bool):
 
 def run(out: str, smoke: bool = False) -> dict[str, Any]:
     import lora_fx
-    from lora_fx.exporters.ort import ort_session
-    from lora_fx.exporters.quantize import as_config
-    from lora_fx.exporters.quantized_export import quantize_step
+    from lora_fx.exporters.quantize.quantizers import as_config
+    from lora_fx.exporters.quantize.step import quantize_step
+    from lora_fx.exporters.verify.ort import ort_session
 
     torch.set_num_threads(1)
     model, cfg = _model(smoke)
@@ -74,7 +74,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
     with torch.no_grad():
         for p in lora_fx.lora_parameters(lgm):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    from lora_fx.exporters.verify import variants as _variants
+    from lora_fx.exporters.verify.numerics import variants as _variants
 
     rows: dict[str, Any] = {}
     rounds, seq = (2, 16) if smoke else (15, 128)
@@ -82,7 +82,7 @@ def run(out: str, smoke: bool = False) -> dict[str, Any]:
         rep = lora_fx.fold_and_export(lgm, os.path.join(tmp, "task.onnx"), verify=False)
         base = lora_fx.fold_and_export(lora_fx.lorafy(gm, ["*.q_proj", "*.v_proj", "*.down_proj"], rank=8),
                                        os.path.join(tmp, "base.onnx"), verify=False)
-        from lora_fx.exporters.verify_onnx import compare_structure
+        from lora_fx.exporters.verify.structure import compare_structure
 
         changed = compare_structure(base.path, rep.path).changed_initializers
         fp32_bytes = os.path.getsize(rep.path)

@@ -67,7 +67,7 @@ def greedy(next_logits, tokenizer, examples, max_new: int = 16) -> tuple[float, 
 
 
 def _ort_greedy(path: str, tokenizer, examples, threads: int) -> tuple[float, list[str], float]:
-    from lora_fx.exporters.ort import ort_session
+    from lora_fx.exporters.verify.ort import ort_session
 
     sess = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
@@ -94,7 +94,7 @@ def _setup(ns):
 def train_stage(ns) -> dict:
     import lora_fx
     from lora_fx.demos import llm as demo_llm
-    from lora_fx.exporters.kv_cache import merged_model
+    from lora_fx.exporters.decoder.capture import merged_model
 
     env = environment()
     cfg, tokenizer, gm, train_set, test_set = _setup(ns)
@@ -155,9 +155,9 @@ def variants_stage(ns, res: dict) -> dict:
     """Adds ``ns.variants`` (other int4 settings, quantized from one fp32 folded export) to ``res``."""
     import lora_fx
     from lora_fx.capture import example_inputs
-    from lora_fx.exporters.quantize import as_config, quantize_file
-    from lora_fx.exporters.quantized_export import quantized_error
-    from lora_fx.exporters.verify import variants as shapes
+    from lora_fx.exporters.quantize.quantizers import as_config, quantize_file
+    from lora_fx.exporters.quantize.step import quantized_error
+    from lora_fx.exporters.verify.numerics import variants as shapes
 
     env = environment()
     with open(os.path.join(ns.adapter, "train_record.json")) as f:

@@ -78,24 +78,24 @@ def _phase(results: dict, name: str, fn):
 
 
 def _measure_export_steps() -> dict[str, dict[str, float]]:
-    """Wraps fold_and_export's steps (lora_fx.exporters.export.PIPELINE) to record each one's seconds and
-    peak RSS (reset at its start) into the returned dict, filled as they run."""
-    import dataclasses
+    """Observes fold_and_export's steps (lora_fx.exporters.backends.base.step_observer: fold, export,
+    structure, base_export, verify, quantize) to record each one's seconds and peak RSS (reset at its
+    start) into the returned dict, filled as they run."""
+    from contextlib import contextmanager
 
-    from lora_fx.exporters import export
+    from lora_fx.exporters.backends import base
 
     steps: dict[str, dict[str, float]] = {}
 
-    def measured(step):
-        def run(job):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            t = time.perf_counter()
-            step.run(job)
-            steps[step.name] = {"seconds": time.perf_counter() - t, "peak_bytes": _memory()["VmHWM"]}
-        return dataclasses.replace(step, run=run)
+    @contextmanager
+    def measured(name):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t = time.perf_counter()
+        yield
+        steps[name] = {"seconds": time.perf_counter() - t, "peak_bytes": _memory()["VmHWM"]}
 
-    export.PIPELINE[:] = [measured(s) for s in export.PIPELINE]
+    base.step_observer = measured
     return steps
 
 

@@ -22,12 +22,9 @@ from .errors import (
                      VerifyError,
                      WeightsError,
 )
-from .exporters.export import ExportReport, fold_and_export
-from .exporters.multi_lora import export_multi_lora, write_ort_adapter
-from .exporters.quantize import QuantizeConfig
-from .exporters.verify import VerifyReport, verify_fold
 from .generation import GenerationError, OnnxGenerator
 from .graph_module import LoraFxModule
+from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .passes.checkpoint import CheckpointedModule, checkpoint
 from .passes.fold import FoldReport, fold, strip
 from .passes.lorafy import LoraReport, lora_parameters, lorafy
@@ -41,11 +38,38 @@ __all__ = [
     "AdapterError", "CaptureError", "ExportError", "FoldError", "FoldReport", "LoraFxError",
     "LoraFxModule", "LoraReport", "NoLoraError", "PatternError", "Site", "SiteError", "Target", "VerifyError", "fold",
     "lora_parameters", "lorafy", "sites", "strip", "trace", "ExportReport", "VerifyReport",
-    "fold_and_export", "verify_fold", "Adapter", "adapter_of", "load_adapter", "read_adapter",
+    "fold_and_export", "verify_fold", "ExportOptions", "export_decoder", "Adapter", "adapter_of", "load_adapter", "read_adapter",
     "save_adapter", "combine_adapters", "swap_adapter", "export_multi_lora", "write_ort_adapter",
     "checkpoint", "CheckpointedModule",
     "QuantizeConfig", "quantize_base",
     "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
     "GenerationError", "OnnxGenerator",
+    "create_loraplus_optimizer", "loraplus_param_groups", "SaveAdapterCallback", "TrainerModule",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The export names load on first use: they need onnx, which ``import lora_fx`` does not import."""
+    if name in ("ExportOptions", "ExportReport"):
+        from .exporters import options as module
+    elif name == "fold_and_export":
+        from .exporters import pipeline as module
+    elif name == "export_decoder":
+        from .exporters.decoder import export as module
+    elif name in ("export_multi_lora", "write_ort_adapter"):
+        from .exporters import multi_lora as module
+    elif name == "QuantizeConfig":
+        from .exporters import quantize as module
+    elif name in ("VerifyReport", "verify_fold"):
+        from .exporters.verify import proof as module
+    elif name in ("SaveAdapterCallback", "TrainerModule"):  # they need transformers
+        from . import training as module
+    else:
+        raise AttributeError(f"module 'lora_fx' has no attribute {name!r}")
+    value = globals()[name] = getattr(module, name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -50,3 +50,15 @@ class NoLoraError(FoldError, AdapterError, SiteError, ExportError):
 
 class WeightsError(LoraFxError, ValueError):
     """A checkpoint does not fit the captured module, or weights are still on the meta device."""
+
+
+def short_message(exc: BaseException, limit: int = 8) -> str:
+    """Short form of an exception for an error message: the type, and at most ``limit`` lines (torch's
+    exporter writes hundreds of lines of advice and graphs; its real cause is under "Exception summary")."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    head, found, summary = text.partition("## Exception summary")
+    lines = head.splitlines()[:1] + summary.strip().splitlines() if found else text.splitlines()
+    more = f" ... ({len(lines) - limit} more lines)" if len(lines) > limit else ""
+    return f"{type(exc).__name__}: " + "\n".join(lines[:limit]) + more

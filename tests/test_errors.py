@@ -64,7 +64,7 @@ def _export_to(path):
 def _without_onnxruntime():
     from unittest import mock
 
-    from lora_fx.exporters.onnx_io import ort_session
+    from lora_fx.exporters.verify.ort import ort_session
 
     path = os.path.join(tempfile.mkdtemp(), "m.onnx")
     lora_fx.fold_and_export(_lorafied_mlp(), path, verify=False)

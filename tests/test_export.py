@@ -13,7 +13,7 @@ from helpers import first_tensor, randomize_lora
 from zoo import zoo_params
 
 import lora_fx
-from lora_fx.exporters.onnx_io import ort_session, run_onnx
+from lora_fx.exporters.verify.ort import ort_session, run_onnx
 
 
 def _train(lgm, args, kwargs, steps: int = 3):
@@ -114,7 +114,7 @@ def test_external_data_and_atomic_failure(tmp_path, monkeypatch):
     report = lora_fx.fold_and_export(lgm, tmp_path / "task.onnx", external_data=True)
     assert report.export.external_data and report.verification.ok
     before = (tmp_path / "task.onnx").read_bytes()
-    import lora_fx.exporters.export as ex
+    import lora_fx.exporters.backends.torch_onnx.backend as ex
 
     def boom(*a, **k):
         raise lora_fx.ExportError("injected failure")
@@ -142,7 +142,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     lora_fx.fold_and_export(lgm, path, verify=False)
     before = path.read_bytes()
     randomize_lora(lgm)
-    import lora_fx.exporters.export as ex
+    import lora_fx.exporters.steps as ex
 
     real = ex.verify_export  # the default verification's checks after the structure proof
 
@@ -159,7 +159,7 @@ def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
 
 
 def test_numeric_tolerance_is_the_looser_of_model_and_file_precision():
-    from lora_fx.exporters.verify import tolerance
+    from lora_fx.exporters.verify.numerics import tolerance
 
     assert tolerance(torch.float32) == 1e-4
     assert tolerance(torch.float32, torch.float16) == 1e-2

@@ -13,8 +13,8 @@ from torch import nn
 
 import lora_fx
 from lora_fx.errors import ExportError
-from lora_fx.exporters import fallback
-from lora_fx.exporters.fallback import Fallbacks, explain, views_as_reshapes
+from lora_fx.exporters.backends.torch_onnx import fallback
+from lora_fx.exporters.backends.torch_onnx.fallback import Fallbacks, explain, views_as_reshapes
 
 aten = torch.ops.aten
 

@@ -15,7 +15,8 @@ from helpers import randomize_lora
 
 import lora_fx
 from lora_fx.examples.decoders import build
-from lora_fx.exporters.kv_cache import METADATA_KEY, merged_model
+from lora_fx.exporters.decoder.capture import merged_model
+from lora_fx.exporters.format import DECODER_KEY as METADATA_KEY
 
 
 @functools.cache
@@ -121,7 +122,7 @@ def test_unfolded_kv_export_generates_the_same():
 
 @pytest.mark.slow
 def test_multi_lora_kv_export_serves_adapters_in_generation():
-    from lora_fx.exporters.kv_cache import _source
+    from lora_fx.exporters.decoder.capture import source_model as _source
     from lora_fx.exporters.multi_lora import load_ort_adapter
 
     lgm, path, _ = exported()

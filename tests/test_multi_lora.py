@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 
 import lora_fx
 from lora_fx.errors import AdapterError, ExportError
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
 from lora_fx.exporters.multi_lora import (
     MultiLoraExport,
     export_multi_lora,
@@ -22,7 +23,6 @@ from lora_fx.exporters.multi_lora import (
     session_for,
     write_ort_adapter,
 )
-from lora_fx.exporters.onnx_io import export_onnx
 from lora_fx.graph_module import capture_of
 
 pytest.importorskip("onnxruntime")

@@ -13,8 +13,9 @@ from onnx import TensorProto, helper
 from torch.export import Dim
 
 from lora_fx.errors import ExportError
-from lora_fx.exporters import ort
-from lora_fx.exporters.onnx_io import available_providers, export_onnx, ort_session, run_onnx
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
+from lora_fx.exporters.verify import ort
+from lora_fx.exporters.verify.ort import available_providers, ort_session, run_onnx
 
 ATOL = 1e-5
 

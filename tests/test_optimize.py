@@ -18,10 +18,10 @@ from helpers import randomize_lora
 
 import lora_fx
 from lora_fx.errors import ExportError, VerifyError
-from lora_fx.exporters import optimize as opt
-from lora_fx.exporters import ort_fusions
-from lora_fx.exporters.onnx_io import export_onnx
-from lora_fx.exporters.verify_onnx import compare_structure
+from lora_fx.exporters.backends.torch_onnx import optimize as opt
+from lora_fx.exporters.backends.torch_onnx import ort_fusions
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
+from lora_fx.exporters.verify.structure import compare_structure
 from lora_fx.graph_module import capture_of
 
 ort = pytest.importorskip("onnxruntime")
@@ -154,7 +154,7 @@ def test_refold_rewrites_transposed_weights_of_optimized_files(llama):
 def test_verify_error_hints_at_optimize_false(llama, monkeypatch):
     """A structural difference between optimized exports (verify="full" compares the files) fails, naming
     the way out."""
-    from lora_fx.exporters import verify
+    from lora_fx.exporters.verify import proof as verify
 
     real = verify.compare_structure
 

@@ -15,9 +15,9 @@ from onnx import helper, numpy_helper
 import lora_fx
 from lora_fx.adapters import save_adapter
 from lora_fx.errors import AdapterError, ExportError
-from lora_fx.exporters.onnx_io import export_onnx
-from lora_fx.exporters.quantize import (
-    META_KEY,
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
+from lora_fx.exporters.format import QUANTIZE_KEY as META_KEY
+from lora_fx.exporters.quantize.quantizers import (
     QuantizeConfig,
     as_config,
     output_heads,
@@ -25,11 +25,13 @@ from lora_fx.exporters.quantize import (
     quantize_file,
     read_config,
 )
-from lora_fx.exporters.quantized_export import _prove, quantize_step, refold_quantized
-from lora_fx.exporters.verify import variants as _variants
-from lora_fx.exporters.verify_onnx import compare_structure
+from lora_fx.exporters.quantize.step import prove as _prove
+from lora_fx.exporters.quantize.step import quantize_step
+from lora_fx.exporters.verify.numerics import variants as _variants
+from lora_fx.exporters.verify.structure import compare_structure
 from lora_fx.graph_module import capture_of
 from lora_fx.switching import refold_onnx
+from lora_fx.switching.refold import refold_quantized
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -178,8 +180,8 @@ def test_files_from_before_head_bits_read_as_4_bit_heads(gpt2):
 
 
 def test_external_data_installs_under_the_final_name(gpt2, tmp_path):
-    from lora_fx.exporters.onnx_files import install
-    from lora_fx.exporters.quantized_export import _quantized_path
+    from lora_fx.exporters.files import install
+    from lora_fx.exporters.quantize.step import quantized_path as _quantized_path
 
     tmp, ids = gpt2[4], gpt2[1]
     shutil.copy(tmp / "task.onnx", tmp_path / "task4.onnx")  # fold_and_export stages under the final name

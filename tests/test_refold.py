@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 import lora_fx
 from lora_fx.adapters import save_adapter
-from lora_fx.exporters.onnx_io import export_onnx
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
 from lora_fx.graph_module import capture_of
 from lora_fx.switching import refold_onnx
 

@@ -28,7 +28,7 @@ from zoo import assert_close
 import lora_fx
 from lora_fx.delta import Branch
 from lora_fx.examples import zoo_models
-from lora_fx.exporters.verify_onnx import compare_structure
+from lora_fx.exporters.verify.structure import compare_structure
 from lora_fx.graph_module import graph_signature
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -370,7 +370,7 @@ def test_failure_in_verification_leaves_no_temp_files(previous, monkeypatch: pyt
 
 def test_failed_numeric_check_leaves_the_old_file(previous, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default proof (one export, skeletons compared) fails in its numeric check: nothing changes."""
-    from lora_fx.exporters import verify
+    from lora_fx.exporters.verify import numerics as verify
 
     path, external, snap = previous
     real = verify.run_onnx

@@ -18,10 +18,10 @@ from zoo import ZOO_BY_NAME
 
 import lora_fx
 from lora_fx.errors import ExportError
-from lora_fx.exporters import segments
-from lora_fx.exporters.onnx_files import stored_nbytes
-from lora_fx.exporters.ort import ort_session, run_onnx
-from lora_fx.exporters.segments import SegmentedSession, bounded_session, plan
+from lora_fx.exporters.files import stored_nbytes
+from lora_fx.exporters.verify import segments
+from lora_fx.exporters.verify.ort import ort_session, run_onnx
+from lora_fx.exporters.verify.segments import SegmentedSession, bounded_session, plan
 
 
 @functools.cache

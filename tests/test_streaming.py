@@ -12,8 +12,8 @@ from helpers import randomize_lora
 
 import lora_fx
 from lora_fx.capture import dynamic_shapes_for
-from lora_fx.exporters.onnx_io import export_onnx
-from lora_fx.exporters.streaming import export_streaming, skeleton
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
+from lora_fx.exporters.backends.torch_onnx.streaming import export_streaming, skeleton
 
 
 def _plain(module, dtype):

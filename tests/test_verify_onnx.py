@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.export import Dim
 
 from lora_fx.errors import VerifyError
-from lora_fx.exporters.onnx_io import export_onnx
-from lora_fx.exporters.verify_onnx import StructureReport, compare_structure
+from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
+from lora_fx.exporters.verify.structure import StructureReport, compare_structure
 
 SHAPES = ({0: Dim.AUTO},)
 

@@ -6,7 +6,10 @@ Every writer of an ``.onnx`` file (export_onnx, fold_and_export, export_multi_lo
         ...write staged (+ staged.data)...
         install(staged, path)          # data first, then the model; rolled back on failure
 
-so an existing file (and its ``.data``) survives any failure, and no temp file is left behind.
+so an existing file (and its ``.data``) survives any failure, and no temp file is left behind. A
+process killed mid-write (SIGKILL, power loss) cannot clean up: its staging folder carries its PID
+(``.<name>.<pid>.<random>.tmp``), and the next staging for the same target removes the folders whose
+process is gone (:func:`remove_stale`); a live process's folder is left alone.
 Readers use :func:`load` (clear errors for missing, unreadable or empty files, with the caller's
 error type), :func:`check` (``onnx.checker``), and :class:`DataFiles` / :func:`stored_nbytes` /
 :func:`tensor_array` for initializer bytes, inline or in external data, without loading the weights.
@@ -15,6 +18,7 @@ error type), :func:`check` (``onnx.checker``), and :class:`DataFiles` / :func:`s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,10 +31,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .._atomic import replace_files
-from ..errors import ExportError, LoraFxError
-from .ort import _first_lines
+from ..errors import ExportError, LoraFxError, short_message
 
 CHUNK = 64 << 20  # external data is streamed 64 MiB at a time to bound memory
+# Fused ops ONNX Runtime registers in the ONNX domain (onnx.checker does not know them; optimize="ort").
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -57,14 +62,48 @@ def staging(path: str | os.PathLike) -> Iterator[str]:
     path = os.path.abspath(os.fspath(path))
     directory = check_target(path)
     name = os.path.basename(path)
+    remove_stale(path)
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise ExportError(f"cannot create a temporary folder in {directory!r} to write {path!r}: {exc}") from exc
     try:
         yield os.path.join(tmp, name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale(path: str | os.PathLike) -> list[str]:
+    """Removes the staging folders of ``path`` (``.<name>.<pid>.<random>.tmp`` beside it) whose process
+    no longer runs: what an export killed mid-way left. Returns the folders removed."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        folder = os.path.join(directory, entry)
+        if match and os.path.isdir(folder) and not _alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it may still be writing)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def write_model(path: str | os.PathLike, produce: Callable[[str], None]) -> None:
@@ -78,7 +117,7 @@ def write_model(path: str | os.PathLike, produce: Callable[[str], None]) -> None
         except LoraFxError:
             raise
         except Exception as exc:  # OSError (disk full), serializer errors
-            raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+            raise ExportError(f"writing {path!r} failed: {short_message(exc)}") from exc
         install(staged, path)
 
 
@@ -98,7 +137,48 @@ def install(staged: str, path: str) -> None:
         if not external and os.path.isfile(data_path):
             os.remove(data_path)
     except OSError as exc:
-        raise ExportError(f"writing {path!r} failed: {_first_lines(exc)}") from exc
+        raise ExportError(f"writing {path!r} failed: {short_message(exc)}") from exc
+
+
+@dataclass
+class ExportInfo:
+    """What an export wrote (a backend's :class:`~.backends.base.ExportResult`; :func:`describe` reads one
+    from a file).
+
+    Attributes:
+        path: Absolute path of the ``.onnx`` file.
+        nodes: Number of nodes in the main graph.
+        op_counts: Node count per op type (``domain::op`` outside the default domain).
+        initializers: Number of initializers in the main graph.
+        initializer_bytes: Their size in bytes, as stored.
+        external_data: Whether the weights live in ``<path>.data``.
+        seconds: Wall time of export plus write.
+        opset: Version of the default ONNX domain.
+    """
+
+    path: str
+    nodes: int
+    op_counts: dict[str, int]
+    initializers: int
+    initializer_bytes: int
+    external_data: bool
+    seconds: float
+    opset: int
+    optimization: Any = None  # lora_fx.exporters.optimize.OptimizeReport when optimized
+
+
+def describe(path: str | os.PathLike, seconds: float = 0.0) -> ExportInfo:
+    """The :class:`ExportInfo` of a written file (its graph read without the weights)."""
+    from collections import Counter
+
+    path = os.path.abspath(os.fspath(path))
+    proto, _ = load(path)
+    graph = proto.graph
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportInfo(path=path, nodes=len(graph.node), op_counts=dict(ops), initializers=len(graph.initializer),
+                      initializer_bytes=sum(stored_nbytes(t) for t in graph.initializer),
+                      external_data=any(is_external(t) for t in graph.initializer), seconds=seconds, opset=opset)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -137,8 +217,6 @@ def check(source: str | os.PathLike | onnx.ModelProto, *, error: type[LoraFxErro
         onnx.checker.check_model(target)
     except Exception as exc:  # ValidationError, protobuf DecodeError, OSError on external data
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        from .optimize import ORT_ONNX_DOMAIN_OPS
-
         if any(first.startswith(f"No Op registered for {op} ") for op in ORT_ONNX_DOMAIN_OPS):
             return  # an optimize="ort" file: ONNX Runtime registers this fused op in the ONNX domain
         raise error(f"{what} {name!r} is not a valid ONNX model ({type(exc).__name__}: {first}); "

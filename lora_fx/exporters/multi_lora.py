@@ -41,14 +41,15 @@ from ..adapters import Adapter, adapter_of
 from ..capture import example_inputs
 from ..errors import AdapterError, ExportError
 from ..graph_module import copy_module, lora_state, set_attr_path
-from . import onnx_files
-from .onnx_io import ExportInfo, export_onnx
-from .ort import ort_session
+from . import files
+from .backends.torch_onnx.onnx_io import export_onnx
+from .files import ExportInfo
+from .format import MULTI_LORA_KEY
+from .verify.ort import ort_session
 
 __all__ = ["MultiLoraExport", "export_multi_lora", "load_ort_adapter", "run_multi_lora",
            "session_for", "write_ort_adapter"]
 
-META_KEY = "lora_fx.multi_lora"  # ONNX metadata_props entry holding the mapping as JSON
 
 
 @dataclass
@@ -82,11 +83,11 @@ class MultiLoraExport:
     def read(cls, path: str | os.PathLike) -> MultiLoraExport:
         """The mapping stored in a file written by :func:`export_multi_lora`."""
         path = os.fspath(path)
-        proto, _ = onnx_files.load(path)
+        proto, _ = files.load(path)
         meta = {p.key: p.value for p in proto.metadata_props}
-        if META_KEY not in meta:
-            raise ExportError(f"{path!r} was not written by export_multi_lora (no {META_KEY!r} metadata)")
-        d = json.loads(meta[META_KEY])
+        if MULTI_LORA_KEY not in meta:
+            raise ExportError(f"{path!r} was not written by export_multi_lora (no {MULTI_LORA_KEY!r} metadata)")
+        d = json.loads(meta[MULTI_LORA_KEY])
         return cls(path, d["names"], {k: tuple(v) for k, v in d["branches"].items()}, d["scales"],
                    {k: tuple(v) for k, v in d["shapes"].items()}, d["dtypes"], d["inputs"])
 
@@ -102,9 +103,12 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
         path: Target ``.onnx``; written atomically (temp folder beside it, then ``os.replace``).
         example_args, example_kwargs: Default: the inputs given to :func:`lora_fx.trace`.
         dynamic: Batch (and sequence, for token inputs) dynamic.
-        opset, external_data: As for :func:`lora_fx.exporters.onnx_io.export_onnx`.
+        opset, external_data: As for :func:`lora_fx.exporters.backends.torch_onnx.onnx_io.export_onnx`.
         kv_cache: a decoder LLM with past/present KV inputs/outputs for :class:`lora_fx.OnnxGenerator`
-            (see :func:`lora_fx.exporters.kv_cache.export_multi_lora_with_cache`).
+            (``generate(..., run_options=...)`` with an active adapter): the KV-cache graph
+            (:func:`lora_fx.exporters.decoder.export.decoder_files`) with the decoder's canonical I/O
+            names. Adapter files written from ``lgm`` with ``write_ort_adapter`` fit it: the parameter
+            names are the same. The example inputs are built there: drop ``example_args``/``example_kwargs``.
 
     Returns:
         The mapping from LoRA parameters to initializer names, stored in the file's metadata too.
@@ -113,29 +117,44 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
         ExportError: ``lgm`` has no LoRA, the export failed, or a LoRA tensor has no initializer (or no
             consumer node) in the exported graph.
     """
-    state = lora_state(lgm, "export_multi_lora")
+    lora_state(lgm, "export_multi_lora")
+    path = os.path.abspath(os.fspath(path))
     if kv_cache:
-        from .kv_cache import export_multi_lora_with_cache
+        from .decoder.export import decoder_files
 
-        return export_multi_lora_with_cache(lgm, path, example_args=example_args, example_kwargs=example_kwargs,
-                                            dynamic=dynamic, opset=opset, external_data=external_data)
-    args, kwargs, shapes = example_inputs(lgm, example_args, example_kwargs, dynamic)
+        if example_args is not None or example_kwargs:
+            raise ExportError("kv_cache=True builds its own example inputs; drop example_args / example_kwargs")
+
+        def write(kv, layout, raw: str) -> tuple[MultiLoraExport, str]:
+            return _write(kv, raw, *example_inputs(kv, None, None, dynamic), opset, external_data, path), raw
+
+        info = decoder_files(lgm, path, write).info
+        out = MultiLoraExport.read(path)
+    else:
+        with files.staging(path) as staged:
+            out = _write(lgm, staged, *example_inputs(lgm, example_args, example_kwargs, dynamic), opset,
+                         external_data, path)
+            files.install(staged, path)
+        info = out.info
+    out.info, info.path = info, path
+    return out
+
+
+def _write(lgm: fx.GraphModule, staged: str, args: tuple, kwargs: dict, shapes: Any, opset: int | None,
+           external_data: bool | None, path: str) -> MultiLoraExport:
+    """Writes the multi-LoRA file at ``staged`` (``path``: the final target, for messages)."""
+    state = lora_state(lgm, "export_multi_lora")
     module = copy_module(lgm, freeze=False)
     for br in state.branches:  # new zero Parameters: the user's A/B are never touched
         for name in (br.a, br.b):
             set_attr_path(module, name, nn.Parameter(torch.zeros_like(lgm.get_parameter(name)), requires_grad=False))
-    module = module.eval()
-    path = os.path.abspath(os.fspath(path))
-    with onnx_files.staging(path) as staged:
-        info = export_onnx(module, staged, args, kwargs, dynamic_shapes=shapes, opset=opset,
-                           external_data=external_data, optimize=False)  # optimize would fold B=0 away
-        proto, _ = onnx_files.load(staged)
-        result = _make_overridable(proto, state.branches, path)
-        result.info = info
-        proto.metadata_props.add(key=META_KEY, value=result.to_json())
-        onnx.save(proto, staged)
-        onnx_files.install(staged, path)
-    info.path = path
+    info = export_onnx(module.eval(), staged, args, kwargs, dynamic_shapes=shapes, opset=opset,
+                       external_data=external_data, optimize=False)  # optimize would fold B=0 away
+    proto, _ = files.load(staged)
+    result = _make_overridable(proto, state.branches, path)
+    result.info = info
+    proto.metadata_props.add(key=MULTI_LORA_KEY, value=result.to_json())
+    onnx.save(proto, staged)
     return result
 
 

@@ -40,6 +40,9 @@ folder. Whatever fails, nothing is installed (the staging folder goes away with 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -52,13 +55,26 @@ if TYPE_CHECKING:
     from ..files import ExportInfo
     from ..format import DecoderLayout
     from ..options import ExportOptions
-    from ..quantize import QuantizeReport
+    from ..quantize.quantizers import QuantizeReport
     from ..verify.structure import StructureReport
 
 __all__ = ["DEFAULT_BACKEND", "Backend", "ExportRequest", "ExportResult", "backend_names", "get_backend",
-           "register_backend", "select_backend", "unregister_backend"]
+           "register_backend", "select_backend", "timed", "unregister_backend"]
 
 DEFAULT_BACKEND = "torch_onnx"
+
+# Called with each step's name around the step (benchmarks/scale.py measures memory per step with it).
+step_observer: Callable[[str], AbstractContextManager] | None = None
+
+
+@contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Records the wall time of the ``with`` block as ``seconds[name]`` (an export step, or a named part
+    of a backend's export: ``ExportResult.seconds``)."""
+    start = time.perf_counter()
+    with step_observer(name) if step_observer is not None else nullcontext():
+        yield
+    seconds[name] = time.perf_counter() - start
 
 
 @dataclass
@@ -123,6 +139,8 @@ class ExportResult:
         quantized: a backend that quantizes by itself (``options.quantize``) returns its report here, and
             the pipeline's quantize step is skipped.
         notes: fixes or choices worth telling the user (they land in ``report.notes``).
+        seconds: wall time of named parts of the export (e.g. ``{"base_export": 2.1}``), merged into
+            ``report.seconds``; the rest of the backend's time is reported as ``"export"``.
     """
 
     export: ExportInfo
@@ -130,6 +148,7 @@ class ExportResult:
     base: ExportInfo | None = None
     quantized: QuantizeReport | None = None
     notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Backend:

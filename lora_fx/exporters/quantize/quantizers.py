@@ -38,13 +38,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ExportError
-from . import onnx_files
+from ...errors import ExportError
+from .. import files
+from ..format import QUANTIZE_KEY  # the quantization settings, stored in the file for refold
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_config", "output_heads", "prepare", "quantize_file",
            "read_config"]
 
-META_KEY = "lora_fx.quantize"  # the quantization settings, stored in the file for refold
 SCHEMES = ("int4", "int8")
 
 
@@ -127,7 +127,7 @@ def _nbits(cfg: QuantizeConfig) -> bool:
 def read_config(model: onnx.ModelProto) -> QuantizeConfig | None:
     """The settings a file was quantized with (stored by :func:`quantize_file`), or None."""
     for p in model.metadata_props:
-        if p.key == META_KEY:
+        if p.key == QUANTIZE_KEY:
             stored = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(p.value).items()}
             stored.setdefault("head_bits", 4 if stored.get("scheme") == "int4" else 8)  # files from before head_bits
             return QuantizeConfig(**stored)
@@ -245,13 +245,13 @@ def quantize_file(src: str, dst: str, cfg: QuantizeConfig, *, external_data: boo
         raise ExportError(f"{cfg.scheme}: no {list(cfg.ops)} node of {src} has an initializer weight to quantize "
                           f"(after excluding {list(cfg.exclude)}); nothing would change")
     del out.metadata_props[:]
-    out.metadata_props.add(key=META_KEY, value=cfg.to_json())
+    out.metadata_props.add(key=QUANTIZE_KEY, value=cfg.to_json())
     if external_data:
         onnx.save_model(out, dst, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=os.path.basename(dst) + ".data", size_threshold=1024)
     else:
         onnx.save_model(out, dst)
-    return QuantizeInfo(dst, cfg, rewrites, counts, onnx_files.file_bytes(src), onnx_files.file_bytes(dst), heads)
+    return QuantizeInfo(dst, cfg, rewrites, counts, files.file_bytes(src), files.file_bytes(dst), heads)
 
 
 def _nbits_passes(model: onnx.ModelProto, cfg: QuantizeConfig, exclude: list[str],

@@ -1,35 +1,37 @@
-"""verify_fold: prove that a folded export is the base export with new weights.
+"""ONNX Runtime against torch: the one comparison every numeric check of lora-fx uses.
 
-Three checks: (a) the folded FX graph equals the captured one (fold checks it), (b) the ONNX file has
-the base export's exact structure (ops, topology, attributes, initializer names/shapes/dtypes,
-inputs, outputs) with only adapted initializers' values changed (:mod:`.verify_onnx`), and (c) ONNX
-Runtime on the file matches torch on the unfolded LoRA model on two input shapes (a file whose weights
-exceed :data:`.segments.DEFAULT_BUDGET` runs as a chain of parts, so the check holds a bounded share
-of them next to the model's own)::
+:func:`output_errors` compares outputs (max absolute, max relative, relative RMS error);
+:func:`check_numerics` runs a file and a torch model on the example inputs and their grown
+:func:`variants`, on a :func:`.segments.bounded_session` (a file whose weights exceed
+:data:`.segments.DEFAULT_BUDGET` runs as a chain of parts, so the check holds a bounded share of them
+next to the model's own), and passes when::
 
     max |ort - torch| / max |torch|  <=  1e-4 (fp32), 1e-8 (fp64), 1e-2 (fp16), 5e-2 (bf16)
+
+(:func:`tolerance`: the looser of the model's and the file's precision). The decoder's prefill/decode
+checks and the quantized files' error measurement use the same comparison.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from ..capture import auto_dims, example_inputs
-from ..errors import ExportError, VerifyError
-from ..graph_facts import symbolic_dims
-from ..graph_module import copy_module
-from ..passes.dtype import cast_inputs, float_dtype
-from ..passes.fold import FoldReport, fold
-from . import onnx_files
+from ...capture import auto_dims
+from ...errors import ExportError
+from ...graph_facts import symbolic_dims
+from ...graph_module import copy_module
+from ...passes.dtype import cast_inputs, float_dtype
 from .ort import available_providers, run_onnx
 from .segments import bounded_session
-from .verify_onnx import StructureReport, compare_structure
+
+__all__ = ["RTOL", "Errors", "NumericCheck", "check_numerics", "output_errors", "tolerance", "torch_outputs",
+           "variants"]
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -51,102 +53,46 @@ class NumericCheck:
     ok: bool
 
 
-@dataclass
-class VerifyReport:
-    """Outcome of :func:`verify_fold`; ``ok`` only when every check that ran passed."""
+@dataclass(frozen=True)
+class Errors:
+    """How far ``got`` is from ``expected``, over all outputs together."""
 
-    structure: StructureReport
-    numerics: list[NumericCheck] = field(default_factory=list)
-    provider: str | None = None
-    graph_ok: bool | None = None  # (a) folded FX graph == captured graph; None when not checked
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return (self.structure.ok and self.graph_ok is not False and all(c.ok for c in self.numerics))
-
-    def __str__(self) -> str:
-        lines = [f"verification: {'PASSED' if self.ok else 'FAILED'}"]
-        if self.graph_ok is not None:
-            lines.append(f"  FX graph == captured graph: {self.graph_ok}")
-        lines += ["  " + line for line in str(self.structure).splitlines()]
-        for c in self.numerics:
-            lines.append(f"  ORT ({self.provider}) vs torch LoRA model at {c.shapes}: max rel err "
-                         f"{c.max_rel_err:.2e} ({'ok' if c.ok else 'TOO LARGE'})")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+    max_abs: float  # max |got - expected|
+    max_rel: float  # max_abs / max |expected|
+    rms_rel: float  # ||got - expected||_2 / ||expected||_2
 
 
-def verify_fold(base: str | os.PathLike, task: str | os.PathLike, *, lgm: fx.GraphModule | None = None,
-                fold_report: FoldReport | None = None, example_args: tuple | None = None,
-                example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
-                providers: list[str] | None = None, numerics_only: bool = False) -> VerifyReport:
-    """Proves ``task`` (folded export) is ``base`` (base export) with new weights.
-
-    (b) structure is always compared; with ``lgm`` (the unfolded LoRA model) also (a) its fold
-    equals the captured graph and (c) ORT on ``task`` matches torch on ``lgm`` at two input shapes
-    (the example's and a larger batch/sequence), max relative error <= 1e-4 in fp32.
-
-    Raises:
-        VerifyError: ``base`` or ``task`` is missing or not a valid ONNX model (``onnx.checker``
-            runs on both first); the message names the file.
-    """
-    onnx_files.check(base, error=VerifyError, role="base")
-    onnx_files.check(task, error=VerifyError, role="task")
-    untied = dict(fold_report.untied) if fold_report else {}
-    structure = compare_structure(base, task, aliases=_aliases(base, task, untied))
-    if numerics_only:
-        structure.ok = True  # the negative control is reported, not failed, for unfolded exports
-    return verify_export(task, structure, lgm=lgm, fold_report=fold_report, example_args=example_args,
-                         example_kwargs=example_kwargs, dtype=dtype, providers=providers,
-                         notes=["unfolded export: structure is expected to differ from the base"] if numerics_only else [])
+def output_errors(got: Sequence, expected: Sequence) -> Errors:
+    """Compares output arrays pairwise (numpy arrays or tensors, compared in float64 on the host)."""
+    diff, ref = [], []
+    for g, e in zip(got, expected, strict=False):
+        e = e.detach().cpu().double().numpy() if isinstance(e, torch.Tensor) else np.asarray(e, np.float64)
+        g = g.detach().cpu().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, np.float64)
+        diff.append((g - e).ravel())
+        ref.append(e.ravel())
+    d = np.concatenate(diff) if diff else np.zeros(0)
+    r = np.concatenate(ref) if ref else np.zeros(0)
+    err = float(np.abs(d).max(initial=0.0))
+    return Errors(err, err / max(float(np.abs(r).max(initial=0.0)), 1e-12),
+                  float(np.linalg.norm(d) / max(float(np.linalg.norm(r)), 1e-30)))
 
 
-def verify_export(task: str | os.PathLike, structure: StructureReport, *, lgm: fx.GraphModule | None = None,
-                  fold_report: FoldReport | None = None, example_args: tuple | None = None,
-                  example_kwargs: dict | None = None, dtype: torch.dtype | None = None,
-                  providers: list[str] | None = None, notes: list[str] | None = None) -> VerifyReport:
-    """The checks after the structure (b): with ``lgm``, (a) its fold equals the captured graph and (c)
-    ORT on ``task`` matches torch on ``lgm`` at two input shapes. ``structure`` comes from
-    :func:`compare_structure` (:func:`verify_fold`) or from the skeleton proof (``fold_and_export``)."""
-    report = VerifyReport(structure=structure, notes=list(notes or []))
-    if lgm is None:
-        return report
-    if fold_report is None:
-        try:
-            fold(lgm)  # raises FoldError when the folded graph differs from the captured one
-            report.graph_ok = True
-        except Exception as e:  # report, don't raise: this is the proof step
-            report.graph_ok = False
-            report.notes.append(f"fold failed: {e}")
-    else:
-        report.graph_ok = True  # fold() returned, and it checks the graph before returning
-    args, kwargs, _ = example_inputs(lgm, example_args, example_kwargs, dynamic=False)
-    report.provider, report.numerics = _numerics(lgm, task, args, kwargs, dtype, providers, report.notes)
-    return report
+def torch_outputs(model, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensor leaves of ``model(*args, **kwargs)``, without gradients."""
+    with torch.no_grad():
+        return [t.detach() for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
 
 
-def _aliases(base, task, untied: dict[str, str]) -> dict[str, str]:
-    """Maps untied parameter names to ONNX initializer names present in the files."""
-    if not untied:
-        return {}
-    from .optimize import derived_aliases
-
-    names_b, names_t = onnx_files.initializer_names(base), onnx_files.initializer_names(task)
-    untied = {**untied, **derived_aliases(untied, names_t)}  # an optimized file folds W's layout ops: W::Transpose
-    return {new: old for new, old in untied.items() if new in names_t and old in names_b}
-
-
-def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | None, list[NumericCheck]]:
+def check_numerics(lgm: fx.GraphModule, task: str, args: tuple, kwargs: dict, dtype: torch.dtype | None,
+                   providers: list[str] | None, notes: list[str]) -> tuple[str | None, list[NumericCheck]]:
+    """ORT on ``task`` vs torch on ``lgm`` (unfolded) on :func:`variants` of the inputs; returns the
+    provider used and a check per input shape. A file ORT cannot load or run is noted, not failed."""
     providers = providers or available_providers()
     ref_model = copy_module(lgm, freeze=False).eval()
     # torch first, then ORT: the session is the only other holder of the weights while it runs, and
     # it holds them once (low_memory: no constant-folded casts, no pre-packed copies) or, for a big
     # file, a bounded share at a time (segments.bounded_session: the graph run as a chain of parts).
-    cases = []
-    for a, k in variants(args, kwargs, lgm):
-        with torch.no_grad():
-            cases.append((a, k, [t for t in pytree.tree_leaves(ref_model(*a, **k)) if isinstance(t, torch.Tensor)]))
+    cases = [(a, k, torch_outputs(ref_model, a, k)) for a, k in variants(args, kwargs, lgm)]
     del ref_model
     checks = []
     try:
@@ -157,20 +103,15 @@ def _numerics(lgm, task, args, kwargs, dtype, providers, notes) -> tuple[str | N
     provider = session.get_providers()[0]
     rtol = tolerance(float_dtype(lgm), dtype)
     for a, k, expected in cases:
-        ca, ck = cast_inputs((a, k), dtype)
         try:
-            got = run_onnx(session, ca, ck)
+            got = run_onnx(session, *cast_inputs((a, k), dtype))
         except ExportError as e:
             notes.append(f"numeric check on {provider} skipped: {e}")
             return provider, checks
-        err, scale = 0.0, 0.0
-        for g, e in zip(got, expected, strict=False):
-            e = e.detach().cpu().double().numpy()  # a GPU module's outputs: compared on the host
-            err = max(err, float(np.abs(g.astype(np.float64) - e).max(initial=0.0)))
-            scale = max(scale, float(np.abs(e).max(initial=0.0)))
-        rel = err / max(scale, 1e-12)
+        err = output_errors(got, expected)
         shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves((a, k)) if isinstance(t, torch.Tensor))
-        checks.append(NumericCheck(shapes, err, rel, rel <= rtol and len(got) == len(expected)))
+        checks.append(NumericCheck(shapes, err.max_abs, err.max_rel,
+                                   err.max_rel <= rtol and len(got) == len(expected)))
     return provider, checks
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lora_fx.errors import ExportError
+from lora_fx.errors import ExportError, short_message
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -17,19 +16,6 @@ if TYPE_CHECKING:
 __all__ = ["available_providers", "ort_session", "run_onnx"]
 
 _NO_ORT = "onnxruntime is not installed: pip install onnxruntime (CPU) or lora-fx[gpu]"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_lines(exc: BaseException, limit: int = 8) -> str:
-    """Short form of an exception: the exporter's run to hundreds of lines of advice and graphs."""
-    text = _ANSI.sub("", str(exc)).strip()
-    head, found, summary = text.partition("## Exception summary")
-    # torch.onnx puts the real cause under this heading, after a generic "next steps" preamble.
-    lines = head.splitlines()[:1] + summary.strip().splitlines() if found else text.splitlines()
-    more = f" ... ({len(lines) - limit} more lines)" if len(lines) > limit else ""
-    return f"{type(exc).__name__}: " + "\n".join(lines[:limit]) + more
 
 
 def _import_ort() -> Any:
@@ -132,7 +118,7 @@ def ort_session(path: str | os.PathLike[str] | bytes, *, providers: list[str] | 
         return ort.InferenceSession(path, sess_options=options, providers=providers or available_providers())
     except Exception as exc:
         name = what or (repr(path) if isinstance(path, str) else "a serialized model")
-        raise ExportError(f"onnxruntime could not load {name}: {_first_lines(exc)}") from exc
+        raise ExportError(f"onnxruntime could not load {name}: {short_message(exc)}") from exc
 
 
 def run_onnx(session_or_path: onnxruntime.InferenceSession | str | os.PathLike[str], args: tuple[Any, ...],
@@ -166,7 +152,7 @@ def run_onnx(session_or_path: onnxruntime.InferenceSession | str | os.PathLike[s
         outputs = session.run(None, feeds)
     except Exception as exc:
         fed = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in feeds.items())
-        raise ExportError(f"onnxruntime run failed with inputs {{{fed}}}: {_first_lines(exc)}") from exc
+        raise ExportError(f"onnxruntime run failed with inputs {{{fed}}}: {short_message(exc)}") from exc
     return [np.asarray(o) for o in outputs]
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, helper
 
-from ..errors import ExportError
-from . import onnx_files
+from ...errors import ExportError
+from .. import files
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -69,7 +69,7 @@ def plan(graph: GraphProto, budget: int) -> list[Segment]:
 
     A node whose own weights exceed the budget gets a segment to itself; an initializer read in
     several segments (a tied embedding and head) is held by each of them in turn."""
-    sizes = {t.name: onnx_files.stored_nbytes(t) for t in graph.initializer}
+    sizes = {t.name: files.stored_nbytes(t) for t in graph.initializer}
     reads_of = [_reads(node) for node in graph.node]
     groups: list[list[int]] = []
     held: set[str] = set()
@@ -114,7 +114,7 @@ class SegmentedSession:
     def __init__(self, path: str | os.PathLike[str], *, budget: int = DEFAULT_BUDGET,
                  providers: list[str] | None = None) -> None:
         self._path = os.fspath(path)
-        self._proto, self._folder = onnx_files.load(self._path)
+        self._proto, self._folder = files.load(self._path)
         self._providers = providers
         graph = self._proto.graph
         self.segments = plan(graph, budget)
@@ -153,11 +153,12 @@ class SegmentedSession:
         missing = [n for n in wanted if n not in values and n not in initializers]
         if missing:
             raise ExportError(f"segmented run of {self._path!r} did not produce outputs {missing}")
-        return [values[n] if n in values else onnx_files.tensor_array(initializers[n], self._folder) for n in wanted]
+        return [values[n] if n in values else files.tensor_array(initializers[n], self._folder) for n in wanted]
 
     def _run_segment(self, segment: Segment, values: dict[str, np.ndarray],
                      initializers: dict[str, onnx.TensorProto]) -> list[np.ndarray]:
-        from .ort import _first_lines, ort_session
+        from ...errors import short_message
+        from .ort import ort_session
 
         graph = self._proto.graph
         first = graph.node[segment.nodes[0]]
@@ -178,7 +179,7 @@ class SegmentedSession:
         try:
             return session.run(list(segment.outputs), {n: values[n] for n in segment.inputs})
         except Exception as exc:
-            raise ExportError(f"onnxruntime run of the {where} failed: {_first_lines(exc)}") from exc
+            raise ExportError(f"onnxruntime run of the {where} failed: {short_message(exc)}") from exc
 
 
 def bounded_session(path: str | os.PathLike[str], *, providers: list[str] | None = None,
@@ -192,7 +193,7 @@ def bounded_session(path: str | os.PathLike[str], *, providers: list[str] | None
     budget = DEFAULT_BUDGET if budget is None else int(budget)
     path = os.fspath(path)
     if os.path.isfile(path) and os.path.getsize(path) <= max(budget, _GRAPH_BYTES):
-        proto, _ = onnx_files.load(path)
-        if sum(onnx_files.stored_nbytes(t) for t in proto.graph.initializer) > budget:
+        proto, _ = files.load(path)
+        if sum(files.stored_nbytes(t) for t in proto.graph.initializer) > budget:
             return SegmentedSession(path, budget=budget, providers=providers)
     return ort_session(path, providers=providers, low_memory=True)

@@ -28,7 +28,7 @@ from onnx import AttributeProto, TensorProto, numpy_helper
 
 from lora_fx.errors import VerifyError
 
-from . import onnx_files
+from .. import files
 
 __all__ = ["StructureReport", "compare_structure"]
 
@@ -130,8 +130,8 @@ def compare_structure(
         ok=True, base_nodes=len(base_proto.graph.node), task_nodes=len(task_proto.graph.node),
         added_initializers=[n for n in task_inits if n in aliases],
     )
-    with onnx_files.DataFiles(base_dir, error=VerifyError) as base_data, \
-            onnx_files.DataFiles(task_dir, error=VerifyError) as task_data:
+    with files.DataFiles(base_dir, error=VerifyError) as base_data, \
+            files.DataFiles(task_dir, error=VerifyError) as task_data:
         walker = _Walker(base_data, task_data, aliases)
         try:
             walker.opsets(base_proto, task_proto)
@@ -148,7 +148,7 @@ def _load(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelP
     """The ModelProto without external weights loaded, and the folder its data files live in."""
     if isinstance(source, onnx.ModelProto):
         return source, None
-    return onnx_files.load(source, error=VerifyError)
+    return files.load(source, error=VerifyError)
 
 
 def _same_bytes(a: bytes | Iterator[bytes], b: bytes | Iterator[bytes]) -> bool:
@@ -199,7 +199,7 @@ def _same_float(a: float, b: float) -> bool:
 class _Walker:
     """Walks both models in lockstep; raises _Differ at the first difference."""
 
-    def __init__(self, base_bytes: onnx_files.DataFiles, task_bytes: onnx_files.DataFiles, aliases: dict[str, str]) -> None:
+    def __init__(self, base_bytes: files.DataFiles, task_bytes: files.DataFiles, aliases: dict[str, str]) -> None:
         self.base_bytes = base_bytes
         self.task_bytes = task_bytes
         self.aliases = aliases

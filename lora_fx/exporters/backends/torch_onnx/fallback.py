@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ..errors import ExportError
+from ....errors import ExportError
 from .onnx_io import ExportInfo, export_onnx
 
 aten = torch.ops.aten
@@ -35,7 +35,7 @@ aten = torch.ops.aten
 
 def views_as_reshapes(module: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``module`` whose ``aten.view`` nodes are ``aten.reshape`` (parameters shared)."""
-    from ..graph_module import copy_module
+    from ....graph_module import copy_module
 
     out = copy_module(module, freeze=False)
     changed = 0

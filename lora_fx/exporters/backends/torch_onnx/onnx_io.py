@@ -30,51 +30,21 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lora_fx.errors import ExportError
-
-from . import onnx_files
+from ....errors import ExportError, short_message
+from ... import files
+from ...files import ExportInfo
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExportInfo", "available_providers", "export_onnx", "ort_session", "run_onnx"]
-
-# Sessions and runs live in ort.py; re-exported here for callers of the original module.
-from .ort import _first_lines, available_providers, ort_session, run_onnx  # noqa: E402
+__all__ = ["export_onnx"]
 
 # protobuf cannot serialize a ModelProto over 2 GiB; stay clear of it (graph + metadata).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Names torch gives to dynamic dimensions (backed s<N>, unbacked u<N>).
 _TORCH_SYMBOL = re.compile(r"[su]\d+")
-
-
-@dataclass
-class ExportInfo:
-    """What :func:`export_onnx` wrote, read back from the file.
-
-    Attributes:
-        path: Absolute path of the ``.onnx`` file.
-        nodes: Number of nodes in the main graph.
-        op_counts: Node count per op type (``domain::op`` outside the default domain).
-        initializers: Number of initializers in the main graph.
-        initializer_bytes: Their size in bytes, as stored.
-        external_data: Whether the weights live in ``<path>.data``.
-        seconds: Wall time of export plus write.
-        opset: Version of the default ONNX domain.
-    """
-
-    path: str
-    nodes: int
-    op_counts: dict[str, int]
-    initializers: int
-    initializer_bytes: int
-    external_data: bool
-    seconds: float
-    opset: int
-    optimization: Any = None  # lora_fx.exporters.optimize.OptimizeReport when optimized
 
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
@@ -118,7 +88,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             failed, or the file could not be written.
     """
     path = os.path.abspath(os.fspath(path))
-    onnx_files.check_target(path)
+    files.check_target(path)
     start = time.perf_counter()
     _warn_size_one(tuple(args), kwargs, dynamic_shapes, path)
     program = _run_exporter(module, path, tuple(args), kwargs, dynamic_shapes, opset, False,
@@ -128,7 +98,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         bind(program)
     optimization = None
     if optimize is not False:
-        from ..graph_module import fold_report_of
+        from ....graph_module import fold_report_of
         from .optimize import optimize_model
 
         report = fold_report_of(module)  # a folded module's untied copies count as their weights
@@ -179,7 +149,7 @@ def _run_exporter(module: Any, path: str, args: tuple[Any, ...], kwargs: dict[st
                 custom_translation_table=translations,  # ops torchlib lacks (exporters/fallback.py)
             )
         except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed for {path!r}: {_first_lines(exc)}") from exc
+            raise ExportError(f"torch.onnx.export failed for {path!r}: {short_message(exc)}") from exc
     if program is None:
         raise ExportError(f"torch.onnx.export returned no program for {path!r}; is torch >= 2.9 installed?")
     return program
@@ -207,7 +177,7 @@ def _save(model: Any, path: str, external_data: bool) -> None:
     import onnx_ir as ir
 
     data_name = os.path.basename(path) + ".data"
-    onnx_files.write_model(path, lambda staged: ir.save(model, staged, external_data=data_name if external_data else None))
+    files.write_model(path, lambda staged: ir.save(model, staged, external_data=data_name if external_data else None))
 
 
 def _describe(model: Any, path: str, external: bool, seconds: float) -> ExportInfo:

@@ -53,15 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError
+from ....errors import ExportError
+from ...files import ORT_ONNX_DOMAIN_OPS
+from ...format import DERIVED_KEY, derived_name
 
-__all__ = ["DERIVED_KEY", "LAYOUT_OPS", "ORT_ONNX_DOMAIN_OPS", "MODES", "OptimizeReport", "optimize_model", "check_mode"]
+__all__ = ["DERIVED_KEY", "LAYOUT_OPS", "ORT_ONNX_DOMAIN_OPS", "MODES", "OptimizeReport", "check_mode",
+           "optimize_model"]
 
 MODES = (False, True, "ort")
 LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
-# Fused ops ONNX Runtime registers in the ONNX domain (onnx.checker does not know them).
-ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
-DERIVED_KEY = "lora_fx.derived_weights"  # metadata: {new initializer: {"source": weight, "ops": [...]}}
 
 # The dedup pass logs a warning for every initializer it skips: here that is every hidden weight.
 logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
@@ -229,7 +229,7 @@ def _fold_layout(model: Any, weights: set, ties: dict[str, str]) -> dict[str, di
         if like is None:
             continue
         ops = [*ops, step]
-        name = f"{source}::" + "::".join(op[0] for op in ops)
+        name = derived_name(source, [op[0] for op in ops])
         while name in model.graph.initializers:
             name += "'"
         dtype = ir.DataType.from_numpy(like.dtype)
@@ -313,18 +313,3 @@ def _evaluate(op: str, attrs: dict[str, Any], x: np.ndarray, rest: list[np.ndarr
 
 def _count(model: Any) -> int:
     return sum(1 for _ in model.graph)
-
-
-# ---- ONNX Runtime transformer fusions -------------------------------------------------------------
-
-
-def derived_aliases(untied: dict[str, str], names: set[str]) -> dict[str, str]:
-    """Aliases for weights derived from untied copies: ``{copy::Op: base::Op}`` for each
-    ``{copy: base}`` in ``untied`` whose derived name is in ``names`` (see verify_fold's aliases)."""
-    out = {}
-    for name in names:
-        source, sep, ops = name.partition("::")
-        if sep and source in untied:
-            out[name] = f"{untied[source]}::{ops}"
-    return out
-

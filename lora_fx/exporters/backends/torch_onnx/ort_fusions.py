@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ExportError
+from ....errors import ExportError
 
 __all__ = ["ort_fusions"]
 
@@ -96,7 +96,7 @@ def _generic_weights(proto: Any, weights: set[str]) -> Any:
 
 
 def _structure_difference(a: Any, b: Any) -> str:
-    from .verify_onnx import compare_structure
+    from ...verify.structure import compare_structure
 
     result = compare_structure(a, b)
     return "" if result.ok else str(result).splitlines()[0]

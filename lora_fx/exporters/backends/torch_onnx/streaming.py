@@ -27,8 +27,8 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from ..errors import ExportError
-from ..graph_module import LoraFxModule, copy_module
+from ....errors import ExportError
+from ....graph_module import LoraFxModule, copy_module
 from .onnx_io import ExportInfo, export_onnx
 
 
@@ -44,8 +44,8 @@ def skeleton(module: fx.GraphModule, dtype: torch.dtype | None = None) -> tuple[
     ``full(..., dtype=)``) is rewritten to match. Returns the skeleton and, per qualified name, the
     real tensor it stands for (the source's own tensor: nothing is copied).
     """
-    from ..passes.dtype import float_dtype as _float_dtype
-    from ..passes.dtype import retype as _retype
+    from ....passes.dtype import float_dtype as _float_dtype
+    from ....passes.dtype import retype as _retype
 
     sources: dict[str, torch.Tensor] = {}
     old = _float_dtype(module)
@@ -106,7 +106,7 @@ class SkeletonSpec:
 
     def first_difference(self, other: SkeletonSpec) -> str | None:
         """The first difference from ``other`` in words, or None when equal."""
-        from ..graph_module import first_difference
+        from ....graph_module import first_difference
 
         diff = first_difference(list(self.graph), list(other.graph))
         if diff is not None:
@@ -120,7 +120,7 @@ class SkeletonSpec:
 
 def skeleton_spec(module: fx.GraphModule, dtype: torch.dtype | None = None) -> SkeletonSpec:
     """The :class:`SkeletonSpec` of ``module`` as :func:`skeleton` would export it (no copies)."""
-    from ..graph_module import graph_signature
+    from ....graph_module import graph_signature
 
     lines = graph_signature(module.graph, dedupe=False)
     for node in module.graph.nodes:  # a call_module's behaviour lives in its module's settings
