@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from .errors import LoraFxError
-from .exporters.kv_cache import METADATA_KEY, DecoderLayout
-from .exporters.ort import available_providers, ort_session
+from .exporters.format import DECODER_KEY as METADATA_KEY
+from .exporters.format import DecoderLayout
+from .exporters.verify.ort import available_providers, ort_session
 
 __all__ = ["GenerationError", "OnnxGenerator"]
 

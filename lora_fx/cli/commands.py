@@ -139,7 +139,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def _quantize(ns: argparse.Namespace):
     if not ns.quantize:
         return None
-    from ..exporters.quantize import as_config
+    from ..exporters.quantize.quantizers import as_config
 
     return as_config(ns.quantize, block_size=ns.block_size, symmetric=False if ns.asymmetric else None,
                      int8_method=ns.int8_method, exclude=tuple(ns.quantize_exclude or ()) or None,
@@ -147,7 +147,7 @@ def _quantize(ns: argparse.Namespace):
 
 
 def _check_onnx(path: str) -> None:
-    from ..exporters import onnx_files
+    from ..exporters import files as onnx_files
 
     onnx_files.check(path, error=CliError)
 

@@ -38,14 +38,17 @@ from .. import delta as lora_delta
 from .. import kinds
 from ..adapters import Adapter
 from ..delta import Branch
-from ..errors import AdapterError
-from ..exporters import onnx_files
-from ..exporters.quantize import read_config
-from ..exporters.quantized_export import refold_quantized
+from ..errors import AdapterError, VerifyError
+from ..exporters import files as onnx_files
+from ..exporters.format import is_untied_copy
+from ..exporters.quantize.quantizers import QuantizeReport, quantize_file, read_config
+from ..exporters.quantize.step import prove
 from ..graph_facts import untied_name
 from ..kinds import CONV, EMBED, IN_OUT, OUT_IN
 from ..sites import Site
 from .folded import AdapterLike, as_adapter
+
+__all__ = ["RefoldReport", "refold_onnx", "refold_quantized"]
 
 Group = tuple[Site, list[Branch], Adapter]  # an initializer's layout, the branches adapting it, their tensors
 
@@ -72,7 +75,7 @@ class RefoldReport:
 
 def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: str | os.PathLike, *,
                 base_onnx: str | os.PathLike | None = None,
-                old_adapter: AdapterLike | None = None) -> RefoldReport:
+                old_adapter: AdapterLike | None = None) -> RefoldReport | QuantizeReport:
     """Writes ``out_path``: ``task_onnx`` with the new adapter folded in instead of the old one.
 
     Args:
@@ -83,8 +86,8 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
         old_adapter: the adapter folded into ``task_onnx`` (base recovered from it). Pass one.
 
     A quantized ``task_onnx`` (``fold_and_export(..., quantize=...)``) is refolded by
-    :func:`~lora_fx.exporters.quantized_export.refold_quantized` (needs ``base_onnx``, the fp32 base
-    export) and returns its :class:`~lora_fx.exporters.quantize.QuantizeReport`.
+    :func:`refold_quantized` (needs ``base_onnx``, the fp32 base export) and returns its
+    :class:`~lora_fx.exporters.quantize.QuantizeReport`.
 
     Raises:
         AdapterError: neither or both of ``base_onnx`` / ``old_adapter``; a branch whose weight is
@@ -196,7 +199,7 @@ def _base_from_onnx(base_onnx, inits: dict, new: dict, folder: str) -> dict[str,
             if src is None and name in new:
                 src = base_inits.get(new[name][1][0].site.weight)
             if src is None:
-                if name in new or "_folded" in name:
+                if name in new or is_untied_copy(name):
                     raise AdapterError(f"refold_onnx: {base_onnx} has no base weight for initializer {name} (an "
                                        "untied copy fold made, or another model's export); pass the base export "
                                        "of this model, or old_adapter= instead")
@@ -261,3 +264,40 @@ def _save_patched(model: onnx.ModelProto, folder: str, patches: dict[str, np.nda
 
 def _adapter_name(adapter) -> str:
     return os.fspath(adapter) if isinstance(adapter, (str, os.PathLike)) else getattr(adapter, "source", "")
+
+
+def refold_quantized(task_onnx: str | os.PathLike, adapter, out_path: str | os.PathLike, *,
+                     base_onnx: str | os.PathLike) -> QuantizeReport:
+    """Writes ``out_path``: the quantized ``task_onnx`` with ``adapter`` folded in instead.
+
+    Args:
+        task_onnx: a quantized file from ``fold_and_export(..., quantize=...)``.
+        adapter: the new adapter (folder, Adapter or lorafied module).
+        out_path: where to write (atomically; may equal ``task_onnx``).
+        base_onnx: the fp32 base export of the model (``lora-fx export`` without an adapter, no
+            quantization): the quantized file no longer holds the fp32 weights.
+
+    Raises:
+        AdapterError: ``task_onnx`` is not a lora-fx quantized file, or ``base_onnx`` is quantized.
+        VerifyError: the result is not structurally ``task_onnx`` (another model's base export?).
+    """
+    task_onnx, out_path = os.fspath(task_onnx), os.path.abspath(os.fspath(out_path))
+    cfg = read_config(onnx_files.load(task_onnx, error=AdapterError)[0])
+    if cfg is None:
+        raise AdapterError(f"refold_quantized: {task_onnx} carries no lora-fx quantization settings; "
+                           "pass a file written by fold_and_export(..., quantize=...)")
+    if read_config(onnx_files.load(base_onnx, error=AdapterError)[0]) is not None:
+        raise AdapterError(f"refold_quantized: base {base_onnx} is quantized; pass the fp32 base export "
+                           "(lora-fx export MODEL --targets ... -o base.onnx, without --quantize)")
+    external = os.path.exists(task_onnx + ".data")
+    with onnx_files.staging(out_path) as staged:
+        fp32 = os.path.join(os.path.dirname(staged), "fp32_task.onnx")
+        ref = refold_onnx(base_onnx, adapter, fp32, base_onnx=base_onnx)
+        info = quantize_file(fp32, staged, cfg, external_data=external)
+        report = prove(staged, task_onnx, cfg, info, list(ref.rewritten))
+        report.underived = []  # the old adapter's weights differ too: only structure is the claim here
+        if not report.structure_ok:
+            raise VerifyError(f"refold of {task_onnx}: the new file is not structurally the old one "
+                              f"({report.first_difference}); is {base_onnx} the base export of this model?")
+        onnx_files.install(staged, out_path)
+    return report
