@@ -6,7 +6,12 @@ calls), its module path (``transformer.h.0.attn.c_attn``) or its weight's qualif
 
 * a glob string: ``"*.q_proj"``; a plain name ``"q_proj"`` also matches as a dotted suffix (PEFT's rule);
 * a compiled regex: full match, like PEFT's string ``target_modules``;
-* a :class:`Target` carrying per-target settings.
+* a :class:`Target` carrying per-target settings;
+* ``"all-linear"``: every linear-like site (``nn.Linear``, GPT-2's ``Conv1D`` addmm, ``x @ W.T``) except
+  the output head, PEFT's shorthand (see :func:`select`'s ``heads``).
+
+A list of patterns follows PEFT's rule: it is an error only when no pattern selects a site; the ones that
+select nothing are returned by :func:`resolve` (lorafy warns and lists them in its report).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import difflib
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +101,22 @@ def owner_path(site: Site) -> str:
     return site.path
 
 
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def is_all_linear(pattern: object) -> bool:
+    """Whether a pattern is PEFT's ``"all-linear"`` shorthand (any case, as PEFT compares it)."""
+    return isinstance(pattern, str) and pattern.lower() == ALL_LINEAR
+
+
 def matches(pattern: str | re.Pattern[str], site: Site) -> bool:
-    names = site_names(site)
+    if is_all_linear(pattern):
+        return site.kind == "linear"
+    return matches_names(pattern, site_names(site))
+
+
+def matches_names(pattern: str | re.Pattern[str], names: Sequence[str]) -> bool:
+    """The pattern rules on plain names: regex full match, anchored glob, or exact / dotted suffix."""
     if isinstance(pattern, re.Pattern):
         return any(pattern.fullmatch(n) for n in names)
     if any(c in pattern for c in "*?["):
@@ -139,28 +158,58 @@ def as_targets(patterns) -> list[Target]:
 
 
 def select(all_sites: Sequence[Site], patterns, *, rank: int, alpha: float | None, dropout: float,
-           exclude=None) -> list[Selection]:
-    """Resolves patterns against sites. Every pattern must select something; first match wins."""
+           exclude=None, heads: Collection[str] = ()) -> list[Selection]:
+    """:func:`resolve`'s selections (first match wins); PatternError when no pattern selects a site."""
+    return resolve(all_sites, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude, heads=heads)[0]
+
+
+def resolve(all_sites: Sequence[Site], patterns, *, rank: int, alpha: float | None, dropout: float,
+            exclude=None, heads: Collection[str] = (),
+            explain: Callable[[Target], str] | None = None) -> tuple[list[Selection], list[Target]]:
+    """Resolves patterns against sites: (selections in graph order, the targets that selected nothing).
+
+    PEFT's rule for a list: an error (PatternError naming each pattern and its closest sites) only when
+    no pattern selects a site. ``heads``: module paths ``"all-linear"`` leaves out (the output head).
+    ``explain(target)``: the message for a target that selected nothing (default: its closest sites).
+    """
     targets = as_targets(patterns)
     excluded = as_targets(exclude) if exclude else []
     chosen: dict[str, Selection] = {}
+    unmatched = []
     for t in targets:
-        hit = [s for s in all_sites if t.matches(s)]
+        hit = [s for s in all_sites if t.matches(s)
+               and not (is_all_linear(t.pattern) and (s.path in heads or owner_path(s) in heads))]
         if not hit:
-            raise PatternError(_no_match(t, all_sites))
+            unmatched.append(t)
         for s in hit:
             if s.id in chosen or any(e.matches(s) for e in excluded):
                 continue
             chosen[s.id] = _resolve(t, s, rank, alpha, dropout)
+    if len(unmatched) == len(targets):
+        explain = explain or (lambda t: no_match([t], all_sites))
+        raise PatternError(none_matched([explain(t) for t in unmatched]))
     if not chosen:
         raise PatternError(f"every site selected by {[_show(t.pattern) for t in targets]} is excluded "
                            f"by {[_show(e.pattern) for e in excluded]}")
     order = {s.id: i for i, s in enumerate(all_sites)}
-    return sorted(chosen.values(), key=lambda sel: order[sel.site.id])
+    return sorted(chosen.values(), key=lambda sel: order[sel.site.id]), unmatched
 
 
 def _show(p) -> str:
     return repr(p.pattern) if isinstance(p, re.Pattern) else repr(p)
+
+
+def no_match(targets: Sequence[Target], all_sites: Sequence[Site]) -> str:
+    """The message for patterns that select no site: each one with its closest sites."""
+    return none_matched([_no_match(t, all_sites) for t in targets])
+
+
+def none_matched(messages: Sequence[str]) -> str:
+    """One message per pattern that selected nothing, as one error."""
+    if len(messages) == 1:
+        return messages[0]
+    return (f"none of the {len(messages)} patterns selects a site (a list is an error only then, as in PEFT):\n  "
+            + "\n  ".join(messages))
 
 
 def site_patterns(all_sites: Sequence[Site], near: str | None = None, n: int = 3) -> dict[str, list[Site]]:
@@ -184,6 +233,10 @@ def site_patterns(all_sites: Sequence[Site], near: str | None = None, n: int = 3
 
 
 def _no_match(t: Target, all_sites: Sequence[Site]) -> str:
+    if is_all_linear(t.pattern):
+        found = sorted({s.op for s in all_sites})
+        return (f"pattern {_show(t.pattern)} selects no linear site other than the output head; this model's "
+                f"sites are {found or 'none'}. List them with lora_fx.sites(gm).")
     key = t.pattern.pattern if isinstance(t.pattern, re.Pattern) else t.pattern
     bare = key.strip("*.?")
     hint = "; ".join(f"{name!r} ({', '.join(s.id for s in hits[:2])}{', ...' if len(hits) > 2 else ''})"

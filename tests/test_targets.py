@@ -4,12 +4,14 @@
 * a plain name matches exactly or as a dotted suffix (PEFT's rule), never a partial word;
 * a glob (``*``, ``?``, ``[``) must match a whole name; a compiled regex must full-match;
 * patterns are applied in order and the first one that selects a site sets its settings;
-* ``exclude`` removes sites; every pattern must select something (else PatternError naming it);
+* ``exclude`` removes sites; a list is an error only when no pattern selects a site (PEFT's rule: the
+  others are returned as unmatched, and lorafy warns and reports them);
+* ``"all-linear"`` (any case) selects the linear-like sites, minus the ``heads`` given;
 * ``path:weight#k`` ids address one call of a module that reads a weight several times;
 * ``Target(ops=...)`` restricts to op names or kinds; settings are validated per site (a rank above
   min(fan-in, out) is a note, as PEFT accepts it);
 * on traced models: a child's weight used functionally matches the child's path, ``"*.fc"`` also
-  matches a top-level ``fc``, and the pattern that matches nothing is the one blamed.
+  matches a top-level ``fc``, and a pattern naming an unadaptable matmul is blamed even in a list.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx.sites import Site
-from lora_fx.targets import Target, as_targets, matches, parse_patterns, select
+from lora_fx.targets import Target, as_targets, matches, parse_patterns, resolve, select
 
 
 def _site(sid: str, *, path: str | None = None, weight: str | None = None, op: str = "linear",
@@ -93,12 +95,31 @@ def test_exclude_removes_sites_and_cannot_remove_all():
         _ids("*.q_proj", exclude="*.attn.*")
 
 
-def test_a_pattern_selecting_nothing_is_an_error_naming_it():
+def test_a_list_is_an_error_only_when_no_pattern_selects_a_site():
+    sels, unmatched = resolve(SITES, ["*.q_proj", "*.k_proj", "nope"], rank=4, alpha=None, dropout=0.0)
+    assert [s.site.id for s in sels] == ["model.layers.0.attn.q_proj", "model.layers.1.attn.q_proj"]
+    assert [t.pattern for t in unmatched] == ["*.k_proj", "nope"]  # PEFT accepts the list; lorafy warns
     with pytest.raises(lora_fx.PatternError) as err:
-        _ids(["*.q_proj", "*.k_proj"])
+        _ids(["*.k_proj", "*.o_proj"])
     msg = str(err.value)
-    assert "'*.k_proj' matches no adaptable site among 9" in msg
+    assert msg.startswith("none of the 2 patterns selects a site")
+    assert "'*.k_proj' matches no adaptable site among 9" in msg and "'*.o_proj' matches no" in msg
     assert "model.layers.0.attn.q_proj" in msg.split("closest:")[1]  # the nearest names are listed
+    with pytest.raises(lora_fx.PatternError, match=r"^pattern '\*.k_proj' matches no adaptable site"):
+        _ids("*.k_proj")  # one pattern: its own message
+
+
+def test_all_linear_selects_linear_kinds_minus_the_heads():
+    linear = [s.id for s in SITES if s.kind == "linear"]
+    assert _ids("all-linear") == linear and _ids("ALL-LINEAR") == linear  # PEFT lower-cases it
+    assert _ids("all-linear", heads={"fc"}) == [i for i in linear if not i.startswith("fc:")]
+    assert _ids(["conv", "all-linear"], heads={"fc"})[-1] == "conv"
+    sels = select(SITES, [Target("*.q_proj", rank=8), Target("all-linear", rank=2)], rank=4, alpha=None,
+                  dropout=0.0)
+    assert {s.site.id: s.rank for s in sels}["model.layers.1.attn.q_proj"] == 8  # first match wins
+    assert {s.rank for s in sels if "q_proj" not in s.site.id} == {2}
+    with pytest.raises(lora_fx.PatternError, match="'all-linear' selects no linear site other than the output"):
+        select(SITES[6:7], "all-linear", rank=4, alpha=None, dropout=0.0)  # a conv-only model
 
 
 def test_call_ids_address_one_call():
@@ -253,9 +274,13 @@ class _BufferWeight(nn.Module):
 def test_the_pattern_that_matches_nothing_is_blamed_not_another():
     gm = lora_fx.trace(_BufferWeight(), (torch.randn(2, 4),))
     with pytest.raises(lora_fx.PatternError, match="'nope' matches no adaptable site"):
-        lora_fx.lorafy(gm, ["lin", "nope", "w"], rank=2)  # "w" names a buffer's matmul, but "nope" is the culprit
-    with pytest.raises(lora_fx.SiteError, match="not a parameter"):
-        lora_fx.lorafy(gm, ["lin", "w"], rank=2)
+        lora_fx.lorafy(gm, ["nope"], rank=2)
+    with pytest.raises(lora_fx.SiteError, match="not a parameter"):  # even beside patterns that match
+        lora_fx.lorafy(gm, ["lin", "nope", "w"], rank=2)
+    with pytest.warns(UserWarning, match="'nope' matches no adaptable site .* as in PEFT"):
+        lgm = lora_fx.lorafy(gm, ["lin", "nope"], rank=2)
+    assert [s.id for s in lgm.lora_report.sites] == ["lin"] and lgm.lora_report.unmatched == ["nope"]
+    assert "note: pattern 'nope' matches no adaptable site" in str(lgm.lora_report)
 
 
 class _StdLinear(nn.Linear):

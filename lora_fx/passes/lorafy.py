@@ -24,7 +24,7 @@ from torch import fx, nn
 from .. import kinds
 from ..capture import training_node
 from ..delta import Branch
-from ..errors import PatternError, SiteError
+from ..errors import SiteError
 from ..graph_facts import branch_leaf
 from ..graph_module import (
     LORA_KEY,
@@ -37,10 +37,10 @@ from ..graph_module import (
     lora_state,
     set_attr_path,
 )
-from ..sites import Site, module_path, sites
-from ..targets import Selection, as_targets, matches, owner_path, select
+from ..resolve import output_heads, unmatched_reason, unused_linears
+from ..sites import Site, sites
+from ..targets import Selection, as_targets, is_all_linear, owner_path, resolve
 from .fused import fuse_shared_inputs
-from .variants import add_magnitude, build_dora, check_init, init_pair, settle
 from .stand_ins import stand_in
 
 aten = torch.ops.aten
@@ -55,6 +55,7 @@ class LoraReport:
     total: int
     rslora: bool = False
     notes: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # patterns of a list that selected no site (PEFT's rule)
 
     @property
     def sites(self) -> list[Site]:
@@ -89,7 +90,7 @@ class LoraState:
 
 def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None = None,
            dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
-           exclude=None, autocast_adapter_dtype: bool = True, dora: bool = False) -> LoraFxModule:
+           exclude=None, autocast_adapter_dtype: bool = True) -> LoraFxModule:
     """Returns a new GraphModule where the selected sites carry trainable LoRA branches.
 
     Args:
@@ -97,14 +98,11 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
         patterns: glob / regex / :class:`lora_fx.Target` or a list; each must select a site.
         rank: r, the default for every target. ``alpha`` defaults to ``rank`` (scale 1).
         dropout: LoRA dropout on the branch input, active in ``.train()`` mode only.
-        init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A, B zero; or PEFT's ``"pissa"``,
-            ``"pissa_niter_<N>"``, ``"olora"``: A, B from W's SVD / QR, the base the residual W - s·B@A.
+        init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A; B is always zero.
         use_rslora: scale = alpha / sqrt(rank) instead of alpha / rank.
         exclude: patterns of sites never to adapt.
         autocast_adapter_dtype: A/B of a bf16/fp16 weight are fp32 (the branch casts its input up and
             rounds ``y + s·B A x`` once to the base dtype); False keeps them in the weight's dtype.
-        dora: DoRA on every selected site (a Target's ``dora`` overrides it): a trainable magnitude per
-            output row, W' = m · (W + s·B@A) / ||W + s·B@A|| (see :mod:`lora_fx.passes.variants`).
 
     Raises:
         PatternError: a pattern matches nothing (the message lists the closest sites).
@@ -113,13 +111,16 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"lorafy() needs a torch.fx.GraphModule (from lora_fx.trace or "
                         f"torch.fx.symbolic_trace); got {type(gm).__name__}. Call lora_fx.trace(model, args).")
-    check_init(init)
+    if not isinstance(init, str) or init not in ("kaiming", "gaussian"):
+        raise SiteError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
     found = sites(gm)
-    try:
-        chosen = select(found, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude)
-    except PatternError:
-        _raise_if_unadaptable(gm, patterns, found)
-        raise
+    all_linear = any(is_all_linear(t.pattern) for t in as_targets(patterns))
+    heads = output_heads(gm, found) if all_linear else ()  # PEFT's "all-linear" leaves out the output head
+    chosen, unmatched = resolve(found, patterns, rank=rank, alpha=alpha, dropout=dropout, exclude=exclude,
+                                heads=heads, explain=lambda t: unmatched_reason(gm, t, found))
+    skipped = [f"{unmatched_reason(gm, t, found)} (the other patterns' sites are adapted: a list is an error "
+               "only when no pattern selects a site, as in PEFT)" for t in unmatched]
+    skipped += unused_linears(gm) if all_linear else []
 
     prior: LoraState | None = gm.meta.get(LORA_KEY)
     out = copy_module(gm, freeze=True, codegen=False)  # recompiled below, once
@@ -128,17 +129,18 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     by_name = {n.name: n for n in graph.nodes}
     branches = list(prior.branches) if prior else []
     training = _training(graph) if chosen else None  # found once: a scan per site is sites x nodes
-    for sel in (settle(sel, dora, init) for sel in chosen):
+    for sel in chosen:
         branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype, training)
     fuse_shared_inputs(graph)
     stand_in(graph)  # eager training: causal masks as is_causal, autocast-safe regions (fold undoes it)
     graph.lint()
     out.recompile()
 
-    trainable = sum(out.get_parameter(n).numel() for br in branches for n in br.names)
+    trainable = sum(out.get_parameter(n).numel() for br in branches for n in (br.a, br.b))
     total = sum(p.numel() for p in out.parameters())
-    notes = [sel.note for sel in chosen if sel.note]
-    report = LoraReport(branches, trainable, total, use_rslora, notes)
+    notes = [sel.note for sel in chosen if sel.note] + skipped
+    report = LoraReport(branches, trainable, total, use_rslora, notes,
+                        [str(getattr(t.pattern, "pattern", t.pattern)) for t in unmatched])
     for note in notes:
         warnings.warn(f"lora_fx.lorafy: {note}", stacklevel=2)
     base_code = prior.base_code if prior else GeneratedCode(gm)
@@ -147,9 +149,9 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
 
 
 def lora_parameters(gm: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of a lorafied module, A then B (then DoRA's m) per branch, in graph order."""
+    """The trainable A/B parameters of a lorafied module, A then B for each branch, in graph order."""
     state: LoraState = lora_state(gm, "lora_parameters")
-    return [gm.get_parameter(n) for br in state.branches for n in br.names]
+    return [gm.get_parameter(n) for br in state.branches for n in (br.a, br.b)]
 
 
 def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
@@ -183,14 +185,11 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
         a_shape, b_shape = kind.lora_shapes(site, sel.rank, width)
         a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=weight.device))
         b = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=weight.device))
+        kind.init_pair(a, b, init)
         set_attr_path(gm, a_name, a)
         set_attr_path(gm, b_name, b)
         key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
-        init_pair(gm, kind, sel, a, b, sl, scale, key)  # PiSSA / OLoRA also write the residual base
-        mag = add_magnitude(gm, site, prefix, leaf, sl, dtype) if sel.dora else None
-        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl, mag))
-        if sel.dora:
-            continue  # the DoRA graph is built for all of the site's branches at once, below
+        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
         merged = None if sl is not None else kind.build_merged(emit, node, x, a_name, b_name, sel.dropout,
                                                                  training, scale)
         if merged is not None:  # the kind's fused form of y + s·B(A x) (linear: one addmm)
@@ -204,18 +203,15 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
             d = emit("call_function", aten.constant_pad_nd.default, (d, [sl[0], site.out_features - sl[1]]))
         deltas.append(d)
     else:
-        if sel.dora:
-            deltas = [build_dora(emit, kind, gm, node, site, x, made, sel, training, scale, weight.dtype)]
-        else:
-            total = deltas[0]
-            for d in deltas[1:]:
-                total = emit("call_function", aten.add.Tensor, (total, d))
-            scaled = emit("call_function", aten.mul.Tensor, (total, scale))
-            if dtype != weight.dtype:
-                scaled = emit("call_function", aten._to_copy.default, (scaled,), {"dtype": weight.dtype})
-            deltas = [emit("call_function", aten.add.Tensor, (node, scaled))]
-    merged = deltas[0]  # every user of y reads y' (the site's own branch nodes keep reading y)
-    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user.meta.get(NODE_LORA) != site.id)
+        total = deltas[0]
+        for d in deltas[1:]:
+            total = emit("call_function", aten.add.Tensor, (total, d))
+        scaled = emit("call_function", aten.mul.Tensor, (total, scale))
+        if dtype != weight.dtype:
+            scaled = emit("call_function", aten._to_copy.default, (scaled,), {"dtype": weight.dtype})
+        deltas = [emit("call_function", aten.add.Tensor, (node, scaled))]
+    merged = deltas[0]
+    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
     return made
 
 
@@ -235,60 +231,3 @@ def _training(graph: fx.Graph) -> fx.Node:
     if not exists:
         node.meta[NODE_LORA] = "training"
     return node
-
-
-def _raise_if_unadaptable(gm: fx.GraphModule, patterns, found: list[Site]) -> None:
-    """A pattern that selects no site but names a matmul whose weight is not a parameter, or one its
-    kind turns down (a grouped convolution), gets its own error (only such a pattern: another
-    pattern's sites are not the culprit)."""
-    targets = [t for t in as_targets(patterns) if not any(t.matches(s) for s in found)][:1]  # select()'s culprit
-    for node in gm.graph.nodes:
-        spec = kinds.FUNCTIONS.get(node.target) if node.op == "call_function" else None
-        kind = None if spec is None else kinds.get(spec.kind)
-        w = None if kind is None else kind.weight_input(node, None, spec)
-        if w is None:
-            continue
-        is_param = isinstance(w, fx.Node) and w.op == "get_attr" and _is_parameter(gm, str(w.target))
-        if is_param and kind.describe(gm, node, spec) is not None:
-            continue  # a site: not this error's case
-        path = module_path(node, None)
-        wname = str(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else path
-        probe = Site(path, path, str(node.target), spec.kind, wname, spec.layout, (), 0, 0, node.name)
-        if not any(t.pattern != "*" and matches(t.pattern, probe) for t in targets):
-            continue
-        site = f"site {path or wname} (node {node.name}, {node.target})"
-        if is_param:
-            raise SiteError(f"{site} cannot be adapted: {kind.rejection(node)}")
-        what = f"node {w.name} ({w.op} {w.target})" if isinstance(w, fx.Node) else repr(w)
-        source = _computed_from(gm, w)
-        if source:  # e.g. weight standardization (timm's ScaledStdConv2d): a function of the parameter
-            raise SiteError(f"{site}: its weight {what} is computed from the parameter {source} inside the forward, "
-                            "so an update could not be folded back into that parameter; target another site "
-                            "(lora_fx.sites(gm) lists the adaptable ones)")
-        raise SiteError(f"{site}: its weight {what} is not a parameter, and LoRA adapts parameters only; register "
-                        "the weight as an nn.Parameter of the module, or target another site")
-
-
-def _is_parameter(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _computed_from(gm: fx.GraphModule, w, depth: int = 8) -> str | None:
-    """The parameter a computed weight is derived from (a few ops up), if any."""
-    todo, seen = [w], set()
-    while todo and depth:
-        depth -= 1
-        nxt = []
-        for n in todo:
-            if not isinstance(n, fx.Node) or n in seen:
-                continue
-            seen.add(n)
-            if n.op == "get_attr" and _is_parameter(gm, str(n.target)):
-                return str(n.target)
-            nxt += list(n.all_input_nodes)
-        todo = nxt
-    return None
