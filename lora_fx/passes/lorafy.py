@@ -42,6 +42,7 @@ from ..sites import Site, sites
 from ..targets import Selection, as_targets, is_all_linear, owner_path, resolve
 from .fused import fuse_shared_inputs
 from .stand_ins import stand_in
+from .variants import add_magnitude, build_dora, check_init, init_pair, settle
 
 aten = torch.ops.aten
 
@@ -90,29 +91,34 @@ class LoraState:
 
 def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None = None,
            dropout: float = 0.0, init: str = "kaiming", use_rslora: bool = False,
-           exclude=None, autocast_adapter_dtype: bool = True) -> LoraFxModule:
+           exclude=None, autocast_adapter_dtype: bool = True, dora: bool = False) -> LoraFxModule:
     """Returns a new GraphModule where the selected sites carry trainable LoRA branches.
 
     Args:
         gm: from :func:`lora_fx.trace`, ``torch.fx.symbolic_trace``, or a lorafied module (new sites).
-        patterns: glob / regex / :class:`lora_fx.Target` or a list; each must select a site.
+        patterns: glob / regex / :class:`lora_fx.Target` or a list; ``"all-linear"`` is every linear-like
+            site but the output head (PEFT's meaning). A list is an error only when no pattern selects a
+            site (PEFT's rule); the others are warned about and listed in ``lora_report.unmatched``.
         rank: r, the default for every target. ``alpha`` defaults to ``rank`` (scale 1).
         dropout: LoRA dropout on the branch input, active in ``.train()`` mode only.
-        init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A; B is always zero.
+        init: ``"kaiming"`` (PEFT's default) or ``"gaussian"`` for A, B zero; or PEFT's ``"pissa"``,
+            ``"pissa_niter_<N>"``, ``"olora"``: A, B from W's SVD / QR, the base the residual W - s·B@A.
         use_rslora: scale = alpha / sqrt(rank) instead of alpha / rank.
         exclude: patterns of sites never to adapt.
         autocast_adapter_dtype: A/B of a bf16/fp16 weight are fp32 (the branch casts its input up and
             rounds ``y + s·B A x`` once to the base dtype); False keeps them in the weight's dtype.
+        dora: DoRA on every selected site (a Target's ``dora`` overrides it): a trainable magnitude per
+            output row, W' = m · (W + s·B@A) / ||W + s·B@A|| (see :mod:`lora_fx.passes.variants`).
 
     Raises:
-        PatternError: a pattern matches nothing (the message lists the closest sites).
+        PatternError: no pattern selects a site (each one's closest sites, or the module it names that
+            the captured forward never calls).
         SiteError: a setting does not fit a site, or the site already carries LoRA.
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"lorafy() needs a torch.fx.GraphModule (from lora_fx.trace or "
                         f"torch.fx.symbolic_trace); got {type(gm).__name__}. Call lora_fx.trace(model, args).")
-    if not isinstance(init, str) or init not in ("kaiming", "gaussian"):
-        raise SiteError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+    check_init(init)
     found = sites(gm)
     all_linear = any(is_all_linear(t.pattern) for t in as_targets(patterns))
     heads = output_heads(gm, found) if all_linear else ()  # PEFT's "all-linear" leaves out the output head
@@ -129,14 +135,14 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
     by_name = {n.name: n for n in graph.nodes}
     branches = list(prior.branches) if prior else []
     training = _training(graph) if chosen else None  # found once: a scan per site is sites x nodes
-    for sel in chosen:
+    for sel in (settle(sel, dora, init) for sel in chosen):
         branches += _adapt(out, by_name[sel.site.node], sel, init, use_rslora, autocast_adapter_dtype, training)
     fuse_shared_inputs(graph)
     stand_in(graph)  # eager training: causal masks as is_causal, autocast-safe regions (fold undoes it)
     graph.lint()
     out.recompile()
 
-    trainable = sum(out.get_parameter(n).numel() for br in branches for n in (br.a, br.b))
+    trainable = sum(out.get_parameter(n).numel() for br in branches for n in br.names)
     total = sum(p.numel() for p in out.parameters())
     notes = [sel.note for sel in chosen if sel.note] + skipped
     report = LoraReport(branches, trainable, total, use_rslora, notes,
@@ -149,9 +155,9 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
 
 
 def lora_parameters(gm: nn.Module) -> list[nn.Parameter]:
-    """The trainable A/B parameters of a lorafied module, A then B for each branch, in graph order."""
+    """The trainable parameters of a lorafied module, A then B (then DoRA's m) per branch, in graph order."""
     state: LoraState = lora_state(gm, "lora_parameters")
-    return [gm.get_parameter(n) for br in state.branches for n in (br.a, br.b)]
+    return [gm.get_parameter(n) for br in state.branches for n in br.names]
 
 
 def _key(site: Site, sl: tuple[int, int] | None) -> tuple[str, str]:
@@ -185,11 +191,14 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
         a_shape, b_shape = kind.lora_shapes(site, sel.rank, width)
         a = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=weight.device))
         b = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=weight.device))
-        kind.init_pair(a, b, init)
         set_attr_path(gm, a_name, a)
         set_attr_path(gm, b_name, b)
         key = path if leaf == "weight" else (f"{path}.{leaf}" if path else leaf)
-        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl))
+        init_pair(gm, kind, sel, a, b, sl, scale, key)  # PiSSA / OLoRA also write the residual base
+        mag = add_magnitude(gm, site, prefix, leaf, sl, dtype) if sel.dora else None
+        made.append(Branch(key, site, a_name, b_name, sel.rank, sel.alpha, scale, sel.dropout, sl, mag))
+        if sel.dora:
+            continue  # the DoRA graph is built for all of the site's branches at once, below
         merged = None if sl is not None else kind.build_merged(emit, node, x, a_name, b_name, sel.dropout,
                                                                  training, scale)
         if merged is not None:  # the kind's fused form of y + s·B(A x) (linear: one addmm)
@@ -203,15 +212,18 @@ def _adapt(gm: LoraFxModule, node: fx.Node, sel: Selection, init: str, rslora: b
             d = emit("call_function", aten.constant_pad_nd.default, (d, [sl[0], site.out_features - sl[1]]))
         deltas.append(d)
     else:
-        total = deltas[0]
-        for d in deltas[1:]:
-            total = emit("call_function", aten.add.Tensor, (total, d))
-        scaled = emit("call_function", aten.mul.Tensor, (total, scale))
-        if dtype != weight.dtype:
-            scaled = emit("call_function", aten._to_copy.default, (scaled,), {"dtype": weight.dtype})
-        deltas = [emit("call_function", aten.add.Tensor, (node, scaled))]
-    merged = deltas[0]
-    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+        if sel.dora:
+            deltas = [build_dora(emit, kind, gm, node, site, x, made, sel, training, scale, weight.dtype)]
+        else:
+            total = deltas[0]
+            for d in deltas[1:]:
+                total = emit("call_function", aten.add.Tensor, (total, d))
+            scaled = emit("call_function", aten.mul.Tensor, (total, scale))
+            if dtype != weight.dtype:
+                scaled = emit("call_function", aten._to_copy.default, (scaled,), {"dtype": weight.dtype})
+            deltas = [emit("call_function", aten.add.Tensor, (node, scaled))]
+    merged = deltas[0]  # every user of y reads y' (the site's own branch nodes keep reading y)
+    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user.meta.get(NODE_LORA) != site.id)
     return made
 
 
