@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+__all__ = ["replace_files", "write_file_atomically", "write_files_atomically"]
+
 
 def replace_files(moves: list[tuple[str, str]], backup_dir: str | os.PathLike) -> None:
     """``os.replace(src, dst)`` for each pair, in order; undone entirely if any of them fails.

@@ -40,6 +40,8 @@ from .graph_module import (
 )
 from .sites import module_path
 
+__all__ = ["BLOCKS", "blocks_of", "split_blocks", "split_name"]
+
 BLOCKS = "blocks"
 
 

@@ -37,6 +37,9 @@ from .graph_facts import symbolic_dims
 from .graph_module import CAPTURE_KEY, NODE_MODE, Capture, LoraFxModule, SourceRef, capture_of, wrap
 from .passes.functionalize import functionalize
 
+__all__ = ["auto_dims", "dynamic_shapes_for", "example_inputs", "MODE_OPS", "ModeOp", "trace",
+    "training_node"]
+
 aten = torch.ops.aten
 
 

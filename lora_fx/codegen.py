@@ -15,6 +15,8 @@ from torch import fx
 from torch.fx import graph as fx_graph
 from torch.fx.graph import PythonCode
 
+__all__ = ["share_attribute_prefixes"]
+
 
 def share_attribute_prefixes(code: PythonCode, graph: fx.Graph) -> PythonCode:
     """``code`` with each module path that several ``get_attr`` nodes read resolved once per call.

@@ -33,6 +33,8 @@ from .kinds.base import transposed
 if TYPE_CHECKING:
     from .sites import Site
 
+__all__ = ["Branch", "compute_dtype", "delta", "fold_weight", "merge", "product", "recover", "to_layout"]
+
 @dataclass(frozen=True)
 class Branch:
     """One A/B pair: ``delta[slice rows] += scale · B @ A`` at ``site``, A (r, in...), B (out, r...).

@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .errors import SiteError
 from .passes.lorafy import lora_parameters
 
+__all__ = ["adapter_divergence", "fully_shard_blocks", "gather_adapter", "wrap_ddp"]
+
 
 def wrap_ddp(lgm: fx.GraphModule, *, allow_extra: bool = False, **ddp_kwargs: Any) -> DistributedDataParallel:
     """Wraps a lorafied module in DDP after checking that only LoRA parameters require grad.

@@ -32,6 +32,8 @@ import torch
 
 from .kinds import CONV, IN_OUT, OUT_IN
 
+__all__ = ["dora_output", "dora_scale", "LAYOUTS", "magnitude_init", "merge", "out_major", "row_norms"]
+
 LAYOUTS = (OUT_IN, IN_OUT, CONV)  # weight layouts with one output feature per row of out_major()
 
 

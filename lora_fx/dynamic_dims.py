@@ -29,6 +29,9 @@ from torch.utils import _pytree as pytree
 from .graph_facts import input_sizes
 from .graph_module import capture_of
 
+__all__ = ["dynamic_dims", "grow", "grown", "GROWTH", "input_names", "prove_dims", "RTOL", "Symbol",
+    "symbols"]
+
 GROWTH = (1, 3)  # each symbol is proven at size + 1 and size + 3 (verification grows batch + 1, sequence + 3)
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 

@@ -7,6 +7,9 @@ failures of a step), so ``except ValueError`` keeps working in user code.
 
 from __future__ import annotations
 
+__all__ = ["AdapterError", "CaptureError", "ExportError", "FoldError", "LoraFxError", "NoLoraError",
+    "PatternError", "short_message", "SiteError", "VerifyError", "WeightsError"]
+
 
 class LoraFxError(Exception):
     """Base class of every error lora-fx raises on purpose."""

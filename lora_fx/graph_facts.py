@@ -27,6 +27,9 @@ from collections import Counter
 import torch
 from torch import fx
 
+__all__ = ["branch_leaf", "call_suffix", "input_sizes", "is_transpose", "param_source", "symbolic_dims",
+    "TRANSPOSES", "untied_module_name", "untied_name", "weight_reads"]
+
 aten = torch.ops.aten
 
 # call_function targets that only swap the two dims of a 2-D weight.

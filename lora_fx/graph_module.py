@@ -24,6 +24,11 @@ from .codegen import share_attribute_prefixes
 from .errors import NoLoraError
 from .graph_facts import is_transpose
 
+__all__ = ["Capture", "CAPTURE_KEY", "capture_of", "copy_module", "del_attr_path", "first_difference",
+    "FOLD_KEY", "fold_report_of", "GeneratedCode", "get_attr_path", "graph_signature", "has_attr_path",
+    "has_lora", "LORA_KEY", "lora_state", "LoraFxModule", "NODE_LORA", "NODE_MODE", "prune_empty_modules",
+    "recompile_as", "set_attr_path", "SourceRef", "wrap"]
+
 # Keys under GraphModule.meta. Values hold plain data and tensors only (never fx.Node): deepcopy must work.
 # Read them through capture_of / lora_state / LoraFxModule.lora_report / .fold_report, not directly.
 CAPTURE_KEY = "lora_fx_capture"

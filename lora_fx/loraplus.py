@@ -27,6 +27,8 @@ from torch import nn
 
 from .graph_module import lora_state
 
+__all__ = ["create_loraplus_optimizer", "lora_module", "loraplus_param_groups"]
+
 
 def lora_module(model: nn.Module) -> nn.Module:
     """The lorafied module inside ``model``: ``model`` itself, or what a wrapper holds

@@ -29,6 +29,8 @@ import torch
 from .dora import out_major
 from .errors import SiteError
 
+__all__ = ["check_site", "converted", "decompose", "INITIAL_KEY", "write_rows"]
+
 INITIAL_KEY = "lora_fx_initial"  # gm.meta: branch key -> (A0, B0, init) of PiSSA / OLoRA branches
 
 

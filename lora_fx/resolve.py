@@ -20,6 +20,8 @@ from .graph_module import capture_of
 from .sites import Site, module_path
 from .targets import Target, is_all_linear, matches, matches_names, no_match
 
+__all__ = ["called_modules", "output_heads", "unmatched_reason", "unused_linears"]
+
 
 def output_heads(gm: fx.GraphModule, found: Sequence[Site]) -> frozenset[str]:
     """Module paths PEFT's ``target_modules="all-linear"`` excludes: the output embedding layer only.

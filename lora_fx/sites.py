@@ -19,6 +19,8 @@ from torch import fx
 from . import kinds
 from .graph_module import NODE_LORA
 
+__all__ = ["module_path", "Site", "sites"]
+
 
 @dataclass(frozen=True)
 class Site:

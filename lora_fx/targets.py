@@ -28,6 +28,10 @@ from . import kinds
 from .errors import PatternError, SiteError
 from .sites import Site
 
+__all__ = ["ALL_LINEAR", "as_targets", "is_all_linear", "matches", "matches_names", "max_rank", "no_match",
+    "none_matched", "owner_path", "parse_patterns", "resolve", "select", "Selection", "site_names",
+    "site_patterns", "Target"]
+
 
 @dataclass(frozen=True)
 class Target:

@@ -29,6 +29,9 @@ from torch import fx, nn
 
 from .errors import WeightsError
 
+__all__ = ["check_materialized", "checkpoint_files", "config_example", "empty_weights", "from_config",
+    "INDEX", "load_weights", "LoadReport", "meta_tensors", "redevice", "SINGLE"]
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 

@@ -16,6 +16,8 @@ from ..delta import Branch
 from ..graph_module import capture_of, lora_state
 from ..residual import INITIAL_KEY, converted
 
+__all__ = ["Adapter", "adapter_of"]
+
 
 @dataclass
 class Adapter:

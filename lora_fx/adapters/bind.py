@@ -22,6 +22,8 @@ from ..targets import Target
 from .adapter import Adapter
 from .peft_format import file_keys, read_adapter
 
+__all__ = ["load_adapter"]
+
 
 def load_adapter(gm: fx.GraphModule, src: str | os.PathLike | Adapter) -> fx.GraphModule:
     """Loads an adapter into a lorafied module, in place, after checking all of it.

@@ -59,6 +59,8 @@ from ..kinds import IN_OUT
 from ..sites import Site
 from .adapter import Adapter, adapter_of
 
+__all__ = ["CONFIG", "file_keys", "FORMAT", "read_adapter", "save_adapter", "site_ref", "TENSORS"]
+
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"
 FORMAT = 1

@@ -16,6 +16,8 @@ from ..errors import LoraFxError, VerifyError
 from ..examples.model_spec import builtin_names, describe_builtin, load_model
 from ..targets import parse_patterns, site_patterns
 
+__all__ = ["CliError", "cmd_demo", "cmd_export", "cmd_generate", "cmd_inspect", "cmd_refold", "cmd_verify"]
+
 
 class CliError(LoraFxError, ValueError):
     """A command-line input is wrong (bad file, missing folder, missing optional package)."""

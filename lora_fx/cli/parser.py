@@ -7,6 +7,8 @@ import argparse
 from ..examples.model_spec import builtin_names
 from . import commands
 
+__all__ = ["build_parser", "EPILOG"]
+
 EPILOG = """\
 MODEL is a built-in example ({names}: small models with RANDOM weights, e.g. gpt2 is a
 2-layer GPT2LMHeadModel, not the pretrained gpt2), a Hugging Face config.json,

@@ -13,6 +13,8 @@ import torch
 
 from ..targets import Target
 
+__all__ = ["build", "DECODERS"]
+
 _VOCAB = 96
 _SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128, vocab_size=_VOCAB, use_cache=False, eos_token_id=3, pad_token_id=0,

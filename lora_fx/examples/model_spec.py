@@ -15,6 +15,8 @@ from typing import Any
 
 from ..errors import LoraFxError
 
+__all__ = ["builtin_names", "describe_builtin", "load_model", "ModelSpecError"]
+
 
 class ModelSpecError(LoraFxError, ValueError):
     """A MODEL spec names no model: unknown name, module that does not import, bad factory."""

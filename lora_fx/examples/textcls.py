@@ -31,6 +31,10 @@ from typing import Any
 
 import torch
 
+__all__ = ["ACTIONS", "CLOSERS", "encode", "LABELS", "make_dataset", "NEGATORS", "OPENERS", "PARTS",
+    "products", "QUALITIES", "SENTIMENT_FRAMES", "SINCE", "TEMPLATES", "templates", "TEST_PRODUCTS",
+    "TRAIN_PRODUCTS", "WHEN"]
+
 LABELS: list[str] = ["praise", "complaint", "question", "request"]
 PRAISE, COMPLAINT, QUESTION, REQUEST = range(4)
 

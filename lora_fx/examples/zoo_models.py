@@ -35,6 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["BATCH", "BENCH_MODELS", "bert", "build", "ConvNet", "convnet", "Example", "Functional",
+    "functional", "FunctionalBlock", "gpt2", "gpt2_medium_sized", "gpt2_small_sized", "llama",
+    "MeanPooledEncoder", "mha", "MHABlock", "minilm", "minilm_encoder", "minilm_path", "MINILM_SENTENCES",
+    "minilm_tokenizer", "MLP", "mlp", "MODELS", "tied_lm", "TiedLM"]
+
 Example = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 """What every factory returns: ``(model, args, kwargs)``."""
 

@@ -36,6 +36,10 @@ from ..graph_module import NODE_LORA
 if TYPE_CHECKING:
     from ..sites import Site
 
+__all__ = ["arg", "CONV", "EMBED", "Emitter", "FUNCTIONS", "get", "IN_OUT", "kind_for_layout", "kind_of",
+    "KINDS", "LAYOUT_KINDS", "LAYOUTS", "METHODS", "MODULES", "op_name", "op_names", "OpKind", "OpSpec",
+    "OUT_IN", "PEFT_MODULES", "register", "spec_of", "transposed"]
+
 # Weight layouts of the built-in kinds: how the weight tensor stores (out, in).
 OUT_IN = "out,in"  # nn.Linear, x @ w.T
 IN_OUT = "in,out"  # GPT-2 Conv1D (addmm), x @ w

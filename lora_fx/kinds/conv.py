@@ -18,6 +18,8 @@ from torch import fx, nn
 
 from .base import CONV, OpKind, OpSpec, arg, register
 
+__all__ = ["Conv", "CONV_KIND", "conv_params", "GROUPS_ARG"]
+
 aten = torch.ops.aten
 GROUPS_ARG = 6  # conv*(input, weight, bias, stride, padding, dilation, groups)
 

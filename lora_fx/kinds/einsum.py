@@ -17,6 +17,8 @@ import torch
 from ..graph_facts import param_source
 from .base import IN_OUT, OUT_IN, OpKind, OpSpec, register
 
+__all__ = ["EINSUM", "Einsum", "einsum_equations", "einsum_roles"]
+
 aten = torch.ops.aten
 
 

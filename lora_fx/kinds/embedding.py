@@ -16,6 +16,8 @@ from torch import nn
 
 from .base import EMBED, OpKind, OpSpec, register, transposed
 
+__all__ = ["EMBEDDING", "Embedding"]
+
 aten = torch.ops.aten
 
 

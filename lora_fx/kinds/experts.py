@@ -31,6 +31,8 @@ from torch import fx, nn
 
 from .base import OpKind, OpSpec, op_name, register
 
+__all__ = ["EXPERTS", "Experts", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "GROUPED_OPS"]
+
 aten = torch.ops.aten
 
 EXPERTS_OUT_IN = "experts:out,in"  # W (E, out, in), the op reads W.transpose(-2, -1) (transformers 5)

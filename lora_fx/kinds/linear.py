@@ -25,6 +25,8 @@ from torch import nn
 
 from .base import IN_OUT, OUT_IN, OpKind, OpSpec, register, transposed
 
+__all__ = ["LINEAR", "Linear"]
+
 aten = torch.ops.aten
 
 

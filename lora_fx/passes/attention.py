@@ -51,6 +51,8 @@ from typing import NamedTuple
 
 import torch
 
+__all__ = ["causal_sdpa", "repeat_kv", "RepeatedKV"]
+
 aten = torch.ops.aten
 
 

@@ -43,6 +43,8 @@ from ..codegen import share_attribute_prefixes
 from ..errors import PatternError
 from ..graph_module import LoraFxModule, copy_module, wrap
 
+__all__ = ["checkpoint", "CheckpointedModule", "CheckpointState", "CKPT_KEY", "POLICIES"]
+
 CKPT_KEY = "lora_fx_checkpoint"
 POLICIES = ("full", "selective")
 aten = torch.ops.aten

@@ -18,6 +18,8 @@ from torch.utils import _pytree as pytree
 
 from ..graph_module import LoraFxModule
 
+__all__ = ["cast_inputs", "float_dtype", "retype"]
+
 
 def float_dtype(gm: fx.GraphModule) -> torch.dtype:
     """The dtype of the first floating parameter (fp32 when there is none)."""

@@ -51,6 +51,8 @@ from .lorafy import LoraState
 from .quantize_base import dequantized
 from .stand_ins import restore as restore_stand_ins
 
+__all__ = ["fold", "FoldReport", "strip"]
+
 
 @dataclass
 class FoldReport:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+__all__ = ["functionalize", "out_of_place", "SAVES_OUTPUT"]
+
 aten = torch.ops.aten
 
 # ops whose backward reads their output (an in-place write on it corrupts their gradient)

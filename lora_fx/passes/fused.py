@@ -29,6 +29,8 @@ from torch import fx
 
 from ..graph_module import NODE_LORA
 
+__all__ = ["build_addmm", "fuse_shared_inputs", "lora_addmm"]
+
 aten = torch.ops.aten
 
 

@@ -44,6 +44,8 @@ from .fused import fuse_shared_inputs
 from .stand_ins import stand_in
 from .variants import add_magnitude, build_dora, check_init, init_pair, settle
 
+__all__ = ["lora_parameters", "lorafy", "LoraReport", "LoraState"]
+
 aten = torch.ops.aten
 
 

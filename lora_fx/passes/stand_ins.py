@@ -34,6 +34,9 @@ from torch import fx
 
 from .attention import causal_sdpa, repeat_kv
 
+__all__ = ["metadata_check", "no_grad_region", "NODE_STAND_IN", "NODE_STAND_IN_ARGS", "restore", "stand_in",
+    "STAND_INS"]
+
 aten = torch.ops.aten
 NODE_STAND_IN = "lora_fx_stand_in"  # node.meta: the name of the captured op this node's target stands in for
 NODE_STAND_IN_ARGS = "lora_fx_stand_in_args"  # node.meta: the captured op's argument count, where a stand-in has more

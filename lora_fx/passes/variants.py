@@ -39,6 +39,8 @@ from ..kinds.conv import conv_params
 from ..targets import Selection
 from .fused import build_addmm
 
+__all__ = ["add_magnitude", "build_dora", "check_init", "init_pair", "INITS", "settle"]
+
 aten = torch.ops.aten
 INITS = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
 
