@@ -5,3 +5,5 @@
 
 Submodules are not imported here, so ``import lora_fx.examples`` stays cheap.
 """
+
+__all__ = ["decoders", "model_spec", "orders", "textcls", "zoo_models"]  # the submodules (imported on use)
