@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ._text import plural
 from .errors import WeightsError
 
 __all__ = ["check_materialized", "checkpoint_files", "config_example", "empty_weights", "from_config",
@@ -49,8 +50,8 @@ class LoadReport:
     graph_constants: int = 0  # graph nodes whose baked-in device=meta was rewritten
 
     def __str__(self) -> str:
-        return (f"loaded {self.loaded} tensors ({self.bytes / 2**30:.2f} GiB) from {len(self.files)} file(s); "
-                f"initialised {self.lora_initialised} LoRA tensors (B = 0); tied {len(self.tied)}; "
+        return (f"loaded {plural(self.loaded, 'tensor')} ({self.bytes / 2**30:.2f} GiB) from {plural(len(self.files), 'file')}; "
+                f"initialised {plural(self.lora_initialised, 'LoRA tensor')} (B = 0); tied {len(self.tied)}; "
                 f"unused checkpoint keys {len(self.unused)}")
 
 

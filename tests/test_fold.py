@@ -46,7 +46,7 @@ def test_tied_weight_keeps_its_other_use():
     (new, old), = report.untied.items()
     assert old in ("lm_head.weight", "embed.weight") and "folded" in new
     lines = str(report).splitlines()
-    assert lines[0] == "folded 1 site(s)" and lines[1].startswith("  lm_head: max |dW| = ")
+    assert lines[0] == "folded 1 site" and lines[1].startswith("  lm_head: max |dW| = ")
     assert lines[2] == f"  untied {new} (copy of {old}, which other uses still read)"
     assert torch.equal(folded.get_parameter(old), gm.get_parameter(old))  # the embedding reads this
     assert not torch.equal(folded.get_parameter(new), gm.get_parameter(old))

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from .. import delta as lora_delta
 from .. import kinds
+from .._text import plural
 from ..delta import Branch
 from ..errors import FoldError
 from ..graph_facts import untied_module_name, untied_name, weight_reads
@@ -62,7 +63,7 @@ class FoldReport:
     untied: dict[str, str] = field(default_factory=dict)  # new parameter name -> weight it copies
 
     def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)} site(s)"]
+        lines = [f"folded {plural(len(self.folded), 'site')}"]
         lines += [f"  {sid}: max |dW| = {d:.3g}" for sid, d in self.folded.items()]
         lines += [f"  untied {new} (copy of {old}, which other uses still read)" for new, old in self.untied.items()]
         return "\n".join(lines)

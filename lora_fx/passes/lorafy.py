@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from .. import kinds
+from .._text import plural
 from ..capture import training_node
 from ..delta import Branch
 from ..errors import SiteError
@@ -75,7 +76,7 @@ class LoraReport:
             sl = "" if br.slice is None else f"[{br.slice[0]}:{br.slice[1]}]"
             lines.append(f"{br.site.id:<{w}} {br.site.op:<10} {shape:<14} {br.rank:>4} {br.scale:>6.3g}  {sl}")
         pct = 100.0 * self.trainable / max(self.total, 1)
-        lines.append(f"{len(self.sites)} sites, {len(self.branches)} LoRA pairs; trainable "
+        lines.append(f"{plural(len(self.sites), 'site')}, {plural(len(self.branches), 'LoRA pair')}; trainable "
                      f"{self.trainable:,} / {self.total:,} parameters ({pct:.3f}%)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from .._text import plural
 from ..errors import LoraFxError
 from ..graph_module import (
     CAPTURE_KEY,
@@ -151,7 +152,7 @@ class QuantizeBaseReport:
     bytes_after: int = 0
 
     def __str__(self) -> str:
-        return (f"quantized {len(self.weights)} frozen weight(s): {self.bytes_before / 2**20:.2f} MiB -> "
+        return (f"quantized {plural(len(self.weights), 'frozen weight')}: {self.bytes_before / 2**20:.2f} MiB -> "
                 f"{self.bytes_after / 2**20:.2f} MiB")
 
 
