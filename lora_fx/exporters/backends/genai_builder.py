@@ -65,8 +65,7 @@ def unsupported(model: Any, *, quantize: Any = None, dtype: Any = None, untied: 
         return f"the model builder does not support {arch}"
     if dtype not in (None, torch.float32):
         return f"dtype={dtype} on CPU (the builder's CPU precisions are fp32 and int4)"
-    if quantize is not None and (getattr(quantize, "scheme", quantize) != "int4"
-                                 or not isinstance(quantize, str) and quantize != type(quantize)()):
+    if quantize is not None and not _default_int4(quantize):
         return f"quantize={quantize!r}: the builder makes its own int4 only (quantize='int4')"
     if untied:
         return f"the fold untied {sorted(untied)} (an adapted tied weight): the builder would tie them again"
@@ -75,6 +74,13 @@ def unsupported(model: Any, *, quantize: Any = None, dtype: Any = None, untied: 
     if head % 16:
         return f"head size {head} (ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16)"
     return None
+
+
+def _default_int4(quantize: Any) -> bool:
+    """``"int4"`` or a config equal to lora-fx's default int4 one (the builder has its own settings)."""
+    from ..quantize import as_config
+
+    return quantize == "int4" or not isinstance(quantize, str) and as_config(quantize) == as_config("int4")
 
 
 def _plain_model(model: Any, state: dict) -> Any:

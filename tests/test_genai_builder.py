@@ -1,0 +1,105 @@
+"""onnxruntime-genai's model builder as an export backend (lora_fx/exporters/backends/genai_builder.py):
+support decided by the builder's own table, base and task built alike and proven structurally equal
+with only the adapted weights' initializers changed; a stray change fails loudly."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import onnx
+import pytest
+import torch
+
+from lora_fx.errors import VerifyError
+from lora_fx.exporters.backends import genai_builder as gb
+
+genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
+                           reason="onnxruntime-genai not installed (pip install 'lora-fx[genai]')")
+
+
+def tiny_llama(head_dim: int = 16, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4 * head_dim, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, vocab_size=96, eos_token_id=3,
+                      pad_token_id=0, bos_token_id=1, use_cache=False, **kw)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_explained_maps_builder_names_to_adapted_weights():
+    adapted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    assert gb.explained("model.layers.0.attn.qkv_proj.MatMul.weight", adapted)  # packed q/k/v
+    assert gb.explained("model.layers.0.attn.qkv_proj.MatMul.weight_Q4", adapted)  # its quantized form
+    assert gb.explained("model.layers.1.mlp.up_proj.MatMul.weight_scales", adapted)
+    assert gb.explained("model.layers.1.mlp.gate_up_proj.MatMul.weight", adapted)
+    assert not gb.explained("model.layers.1.attn.qkv_proj.MatMul.weight", adapted)  # another layer
+    assert not gb.explained("model.layers.0.attn.o_proj.MatMul.weight", adapted)
+    assert not gb.explained("model.layers.0.mlp.up_proj.MatMul.weight", adapted)
+    assert not gb.explained("lm_head.MatMul.weight", adapted)
+
+
+@genai
+def test_support_follows_the_builders_table():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    archs = gb.builder_architectures()
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+            "GemmaForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "SmolLM3ForCausalLM"} <= archs
+    assert gb.unsupported(tiny_llama()) is None
+    assert gb.unsupported(tiny_llama(), quantize="int4") is None
+    assert "head size 8" in gb.unsupported(tiny_llama(head_dim=8))
+    assert "GPT2LMHeadModel" in gb.unsupported(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2)))
+    assert "dtype" in gb.unsupported(tiny_llama(), dtype=torch.float16)
+    assert "quantize='int8'" in gb.unsupported(tiny_llama(), quantize="int8")
+
+
+def test_not_installed_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime_genai" else real(n, *a))
+    assert 'pip install "lora-fx[genai]"' in gb.unsupported(tiny_llama())
+
+
+def _states(model, adapt=("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight")):
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    task = dict(base)
+    for name in adapt:
+        task[name] = base[name] + 0.05 * torch.randn_like(base[name])
+    return task, base, list(adapt)
+
+
+@genai
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_build_pair_proof(tmp_path, precision):
+    model = tiny_llama()
+    task, base, adapted = _states(model)
+    built = gb.build_pair(model, task, base, str(tmp_path), precision)
+    s = gb.prove(built.base, built.task, adapted)
+    ops = {n.op_type for n in onnx.load(built.task, load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and ("MatMulNBits" in ops) == (precision == "int4")
+    assert s.ok and s.task_nodes == s.base_nodes
+    suffix = (".MatMul.weight_Q4",) if precision == "int4" else (".MatMul.weight",)
+    assert sorted(n for n in s.changed_initializers if n.endswith(suffix)) == [
+        f"model.layers.{i}.attn.qkv_proj{suffix[0]}" for i in (0, 1)]
+    assert built.genai_config["model"]["decoder"]["num_hidden_layers"] == 2
+
+
+@genai
+def test_prove_fails_on_a_stray_change_and_on_a_structural_difference(tmp_path):
+    model = tiny_llama()
+    task, base, adapted = _states(model)
+    task["model.layers.1.mlp.down_proj.weight"] = base["model.layers.1.mlp.down_proj.weight"] * 1.5  # not adapted
+    built = gb.build_pair(model, task, base, str(tmp_path), "fp32")
+    with pytest.raises(VerifyError, match="down_proj"):
+        gb.prove(built.base, built.task, adapted)
+    proto = onnx.load(built.base, load_external_data=False)
+    gqa = next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention")
+    next(a for a in gqa.attribute if a.name == "do_rotary").i = 0  # a graph that read a value differently
+    onnx.save(proto, built.base)
+    with pytest.raises(VerifyError, match="GroupQueryAttention|node"):
+        gb.prove(built.base, built.task, adapted)
