@@ -82,7 +82,7 @@ class TrainerModule(nn.Module):
             raise TrainingError("TrainerModule needs a module traced with keyword inputs, e.g. lora_fx.trace(model, "
                                 "(), {'input_ids': ids, 'attention_mask': mask, 'labels': ids}): trainers call "
                                 "the model with keywords")
-        unread = _size_only_inputs(lgm.graph, tuple(cap.kwargs))
+        unread = _merged_inputs(lgm.graph, cap.kwargs)
         if unread:
             raise TrainingError(f"the captured graph never reads the values of {unread} (only their sizes): trace was "
                                 "given the same tensor object for two inputs, and torch.export merged them (e.g. "
@@ -290,12 +290,22 @@ def _graph_inputs(names: tuple[str, ...], given: dict[str, Any], who: str) -> di
     return {k: given[k] for k in names}
 
 
-def _size_only_inputs(graph: fx.Graph, names: tuple[str, ...]) -> list[str]:
-    """Inputs whose placeholder only feeds size queries (torch.export read an aliased input elsewhere)."""
+def _merged_inputs(graph: fx.Graph, examples: dict[str, Any]) -> list[str]:
+    """Inputs torch.export merged into another: the graph never reads their values (no use, or only size
+    queries) while another input had equal example values (the same tensor object was passed twice)."""
     size_ops = (torch.ops.aten.sym_size.int, torch.ops.aten._assert_tensor_metadata.default)
-    return [n.name for n in graph.nodes if n.op == "placeholder" and n.name in names and n.users
-            and all(u.op == "call_function" and (u.target in size_ops or "metadata" in getattr(u.target, "__name__", ""))
-                    for u in n.users)]
+
+    def unread(n: fx.Node) -> bool:
+        return all(u.op == "call_function" and (u.target in size_ops or "metadata" in getattr(u.target, "__name__", ""))
+                   for u in n.users)
+
+    def twin(name: str) -> bool:
+        t = examples[name]
+        return any(k != name and isinstance(o, torch.Tensor) and o.shape == t.shape and o.dtype == t.dtype
+                   and torch.equal(o, t) for k, o in examples.items())
+
+    return [n.name for n in graph.nodes if n.op == "placeholder" and isinstance(examples.get(n.name), torch.Tensor)
+            and unread(n) and twin(n.name)]
 
 
 def _decoder_blocks(source: nn.Module | None) -> list[str]:
