@@ -116,7 +116,7 @@ def build_dora(emit: kinds.Emitter, kind: kinds.OpKind, gm: fx.GraphModule, node
             xb = emit("call_function", aten._to_copy.default, (x,), {"dtype": weight_dtype})
         base_dropped = _base_call(emit, gm, node, kind, spec, site, xb)
     y = node if base_dropped is None else base_dropped
-    if kind.name == "linear" and len(made) == 1 and made[0].slice is None:
+    if kind.name == "linear" and len(made) == 1 and made[0].slice is None and base_dropped is None:
         u = build_addmm(emit, y, x, made[0].a, made[0].b, 0.0, training, scale)
     else:
         total = None

@@ -106,7 +106,10 @@ def swap_adapter(folded: fx.GraphModule, new: AdapterLike, *, old: AdapterLike |
         ddt = lora_delta.compute_dtype(w.dtype)  # fold's dtype
         cdt = ddt if state.exact[sid] else torch.float64
         w_base = w_base.to(w.device)
-        if sid in groups:
+        if sid in groups and any(br.magnitude for br in groups[sid]):  # DoRA: fold's arithmetic on W_base
+            new_weights[sid] = lora_delta.fold_weight(w, groups[sid], adapter.tensors, site, ab_dtype=w.dtype,
+                                                      base=w_base.to(cdt))[0]
+        elif sid in groups:
             d = lora_delta.delta(groups[sid], adapter.tensors, site, ddt, ab_dtype=w.dtype)
             new_weights[sid] = (w_base.to(cdt) + d.to(cdt)).to(w.dtype)
         else:
@@ -150,6 +153,10 @@ def combine_adapters(gm: fx.GraphModule, items: list[tuple[AdapterLike, float]])
     per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int] | None]]] = {}
     for src, weight in items:
         adapter = as_adapter(src)
+        if adapter.dora:
+            raise AdapterError(f"combine_adapters: {adapter.source} is a DoRA adapter; a weighted sum of DoRA "
+                               "updates (each a rescaling of W + delta) is not a LoRA delta. Fold it alone "
+                               "(lora_fx.fold) or swap it in (swap_adapter)")
         for sid, brs in _group(adapter, found).items():
             per_site.setdefault(sid, []).extend((*adapter.pair(br.key), float(weight) * br.scale, br.slice)
                                                 for br in brs)
@@ -209,6 +216,10 @@ def _first_state(folded: fx.GraphModule, report, found: dict[str, Site], old: Ad
                                "module) or base= (the module fold started from) to recover base weights")
         return state
     adapter = as_adapter(old)
+    if adapter.dora:
+        raise AdapterError(f"swap_adapter: old adapter {adapter.source} is DoRA: its fold m / ||W + delta|| · "
+                           "(W + delta) keeps only the direction of each row, so W cannot be recovered from the "
+                           "folded weights and the adapter; pass base= (the module fold started from)")
     groups = _group(adapter, found)
     if groups.keys() != report.folded.keys():
         raise AdapterError(f"swap_adapter: old adapter {adapter.source} covers sites {sorted(groups)} but "
