@@ -64,6 +64,16 @@ def test_every_lora_fx_name_in_the_readme_resolves():
             obj = getattr(obj, attr)
 
 
+def test_set_up_runs_in_order_with_the_cpu_note_first():
+    """venv, then torch on its own (its CPU-build note before the commands), then the package."""
+    text = README.read_text()
+    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
+    assert [c.split("#")[0].strip() for c in commands] == [
+        "python3 -m venv .venv && . .venv/bin/activate", 'pip install "torch==2.13.0"', 'pip install -e ".[test]"']
+    assert section.index("CPU build") < section.index("```bash")
+
+
 def test_readme_test_command_is_the_one_ci_runs():
     command = re.search(r"Run the tests.*?```bash\n(.*?)\n```", README.read_text(), re.S).group(1).strip()
     assert command.startswith("python -m pytest") and command in (ROOT / ".ci" / "run").read_text()
