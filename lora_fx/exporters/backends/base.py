@@ -135,7 +135,8 @@ class ExportResult:
             or the torch backend's skeleton proof (``by_construction``). Required when
             ``options.verify`` is true; None otherwise.
         base: the base file, when one was written (a file comparison's other side). Required when
-            ``options.quantize`` is set and ``quantized`` is None (the quantize step quantizes both).
+            ``options.verify`` and ``options.quantize`` are set and ``quantized`` is None (the quantize step
+            quantizes task and base alike and compares them).
         quantized: a backend that quantizes by itself (``options.quantize``) returns its report here, and
             the pipeline's quantize step is skipped.
         notes: fixes or choices worth telling the user (they land in ``report.notes``).

@@ -23,7 +23,8 @@ from torch import fx
 
 from ...capture import example_inputs
 from ...errors import VerifyError
-from ...graph_module import LoraFxModule
+from ...graph_module import LoraFxModule, lora_state
+from ...weights import check_materialized
 from .. import files
 from ..format import DECODER_KEY, DecoderLayout
 from ..options import ExportOptions, ExportReport, resolve_options
@@ -52,6 +53,8 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
             :func:`lora_fx.trace` is needed), a setting is wrong, or the export failed.
         VerifyError: a check failed (nothing at ``path`` changed).
     """
+    lora_state(lgm, "export_decoder")
+    check_materialized(lgm, "export_decoder")
     options = resolve_options(options, overrides, "export_decoder", extra=("options",))
 
     def write(kv: LoraFxModule, layout: DecoderLayout, raw: str) -> tuple[ExportReport, str]:
