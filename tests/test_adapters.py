@@ -291,3 +291,37 @@ def test_rank_pattern_and_rslora_read_from_peft_config(gpt2_case, tmp_path: Path
     assert adapter.use_rslora and adapter.branches["transformer.h.1.attn.c_attn"].scale == pytest.approx(3 / 2 ** 0.5)
     auto = load_adapter(gm, tmp_path)
     assert (logits(auto, ids) - logits(pm, ids)).abs().max().item() <= TOL
+
+
+def _tiny_llama():
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "VeraConfig", "IA3Config", "AdaLoraConfig"])
+def test_other_peft_methods_are_refused_by_name(method, tmp_path):
+    """A PEFT adapter of another method (real folders PEFT wrote) is an error naming it, never a plain load."""
+    peft = pytest.importorskip("peft")
+    extra = {"total_step": 10} if method == "AdaLoraConfig" else {}
+    config = getattr(peft, method)(target_modules=["q_proj", "v_proj"], **extra)
+    peft.get_peft_model(_tiny_llama(), config).save_pretrained(tmp_path)
+    kind = json.loads((tmp_path / CONFIG).read_text())["peft_type"]
+    with pytest.raises(lora_fx.AdapterError, match=f"peft_type is '{kind}', a PEFT method other than LoRA"):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value, what", [("lora_bias", True, "LoRA bias terms"),
+                                               ("use_qalora", True, "QA-LoRA"),
+                                               ("layer_replication", [[0, 1]], "layer replication"),
+                                               ("init_lora_weights", "corda", "changes the base weights")])
+def test_lora_flags_lora_fx_does_not_support_are_refused(flag, value, what, tmp_path):
+    peft = pytest.importorskip("peft")
+    peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    read_adapter(tmp_path)  # as PEFT wrote it: a plain LoRA adapter
+    _rewrite_config(tmp_path, **{flag: value})
+    with pytest.raises(lora_fx.AdapterError, match=what):
+        read_adapter(tmp_path)  # load_adapter reads first: nothing is lorafied or loaded
