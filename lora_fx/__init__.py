@@ -45,6 +45,7 @@ __all__ = [
     "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
     "GenerationError", "OnnxGenerator",
     "create_loraplus_optimizer", "loraplus_param_groups", "SaveAdapterCallback", "TrainerModule",
+    "merged_model", "optimize_model",
 ]
 __version__ = "0.1.0"
 
@@ -63,6 +64,10 @@ def __getattr__(name: str):
         from .exporters import quantize as module
     elif name in ("VerifyReport", "verify_fold"):
         from .exporters.verify import proof as module
+    elif name == "merged_model":  # the Hugging Face model with the folded weights (compare generate with ORT)
+        from .exporters.decoder import capture as module
+    elif name == "optimize_model":  # weight-independent ONNX optimization, for quantizers and other weight tools
+        from .exporters.backends.torch_onnx import optimize as module
     elif name in ("SaveAdapterCallback", "TrainerModule"):  # they need transformers
         from . import training as module
     else:
