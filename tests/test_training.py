@@ -103,7 +103,8 @@ def test_trainer_accumulates_schedules_checkpoints_and_saves_peft_adapters(tiny,
     folder = tmp_path / "checkpoint-2"
     # Trainer's own model file holds the LoRA tensors only, never a copy of the (tied) base
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert set(load_file(folder / "model.safetensors")) == trainable and len(trainable) == 12
+    saved = load_file(folder / "model.safetensors")
+    assert set(saved) == trainable and len(trainable) == 12
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 6
 
@@ -115,6 +116,14 @@ def test_trainer_accumulates_schedules_checkpoints_and_saves_peft_adapters(tiny,
         folded = lora_fx.fold(ckpt)(**batch)["logits"]
     assert_close(loaded, trained)
     assert_close(folded, trained)
+    # what resume_from_checkpoint does with model.safetensors: load_state_dict(state_dict, strict=False)
+    with torch.no_grad():
+        for p in lora_fx.lora_parameters(lgm):
+            p.zero_()
+    result = wrapped.load_state_dict(saved, False)
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(lgm(**batch)["logits"], trained)
     peft = pytest.importorskip("peft")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
     with torch.no_grad():
@@ -215,3 +224,20 @@ def test_docs_recipe_runs_as_written(k, tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "only LoRA changed: True" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes(tmp_path):
+    """docs/trainers.md's train_ddp.py under ``accelerate launch`` with 2 CPU processes (gloo DDP)."""
+    script = tmp_path / "train_ddp.py"
+    script.write_text(next(b for b in _doc_blocks() if b.startswith("# train_ddp.py")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = sorted(re.findall(r"rank (\d) of (\d): (\w+) ([0-9a-f]{64})", res.stdout))
+    assert [r[:3] for r in ranks] == [("0", "2", "DistributedDataParallel"), ("1", "2", "DistributedDataParallel")]
+    assert ranks[0][3] == ranks[1][3]  # both ranks hold the same adapter
+    assert res.stdout.count("only LoRA changed: True") == 2
+    assert (tmp_path / "out_ddp" / "checkpoint-2" / "adapter_model.safetensors").is_file()
