@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .._text import plural
 from ..errors import ExportError
 from . import files
 from .quantize import QuantizeConfig, QuantizeReport, as_config
@@ -140,8 +141,8 @@ class ExportReport:
 
     def __str__(self) -> str:
         mib = files.file_bytes(self.export.path) / 2**20
-        lines = [f"wrote {self.path} ({self._what()}): {self.export.nodes} nodes, "
-                 f"{self.export.initializers} initializers, {mib:.1f} MiB on disk"
+        lines = [f"wrote {self.path} ({self._what()}): {plural(self.export.nodes, 'node')}, "
+                 f"{plural(self.export.initializers, 'initializer')}, {mib:.1f} MiB on disk"
                  + (" (with its .data file)" if self.export.external_data else "")]
         if self.base is not None:
             lines.append(f"  base export: {self.base.nodes} nodes; LoRA added {self.lora_nodes_added} nodes")
@@ -157,9 +158,15 @@ class ExportReport:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    @property
+    def zero_adapter(self) -> bool:
+        """Every folded LoRA delta is zero (no adapter loaded or trained): the file is the base export."""
+        return self.folded and self.fold is not None and bool(self.fold.folded) and not any(self.fold.folded.values())
+
     def _what(self) -> str:
         if not self.folded:
             return "UNFOLDED LoRA"
-        if self.fold is not None and self.fold.folded and not any(self.fold.folded.values()):
-            return "base weights: every LoRA delta is zero (no adapter loaded or trained)"
+        if self.zero_adapter:
+            return ("base weights: the adapter is all zero (every LoRA delta is zero: no adapter loaded or trained), "
+                    "so the file equals the base export")
         return "folded LoRA"

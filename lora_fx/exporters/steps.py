@@ -113,6 +113,7 @@ def verify_step(report: ExportReport, staged: str, structure: StructureReport | 
     verification = verify_export(staged, structure, lgm=lgm, fold_report=report.fold, example_args=args,
                                  example_kwargs=kwargs, dtype=options.dtype, providers=options.providers,
                                  notes=[] if options.folded else [UNFOLDED_NOTE])
+    verification.structure.unchanged = report.zero_adapter  # the adapted initializers keep their base values
     report.verification = verification
     if not verification.ok:
         hint = (f"\n(optimize={options.optimize!r}: if only the optimized graphs differ, export with "

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..._text import plural
 from ...errors import ExportError
 from .. import files
 from ..format import QUANTIZE_KEY  # the quantization settings, stored in the file for refold
@@ -387,8 +388,9 @@ class QuantizeReport:
         lines = [f"quantized {c.scheme} ({ops}; {how}): {i.bytes / 2**20:.2f} MiB, "
                  f"{i.bytes / max(i.fp32_bytes, 1):.3f}x the fp32 file ({i.fp32_bytes / 2**20:.2f} MiB)"]
         if self.structure_ok:
-            lines.append(f"  structure identical to the quantized base export; {len(self.changed)} quantized "
-                         "initializer(s) changed, all derived from adapted weights" if not self.underived else
+            lines.append(f"  structure identical to the quantized base export; "
+                         f"{plural(len(self.changed), 'quantized initializer')} changed, all derived from adapted weights"
+                         if not self.underived else
                          f"  changed initializers NOT derived from adapted weights: {self.underived[:8]}")
         else:
             lines.append(f"  structure DIFFERS from the quantized base export: {self.first_difference}")

@@ -26,6 +26,7 @@ from typing import Any
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from lora_fx._text import plural
 from lora_fx.errors import VerifyError
 
 from .. import files
@@ -60,6 +61,7 @@ class StructureReport:
     added_initializers: list[str] = field(default_factory=list)
     first_difference: str | None = None
     by_construction: bool = False
+    unchanged: bool = False  # the adapted initializers hold their base values (every LoRA delta is zero)
 
     def __str__(self) -> str:
         if self.ok and self.by_construction:
@@ -74,8 +76,11 @@ class StructureReport:
             lines.append(f"aliased initializers: {_short(self.added_initializers)}")
         changed = self.changed_initializers
         if self.ok:  # after a structural difference the value scan stopped early: do not print a count
-            what = "adapted" if self.by_construction else "changed"
-            lines.append(f"{len(changed)} initializer(s) {what}" + (f": {_short(changed)}" if changed else ""))
+            if self.by_construction and self.unchanged:
+                what = f"{plural(len(changed), 'adapted initializer')} unchanged (the adapter is all zero)"
+            else:
+                what = f"{plural(len(changed), 'initializer')} {'adapted' if self.by_construction else 'changed'}"
+            lines.append(what + (f": {_short(changed)}" if changed else ""))
         return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from ...._text import plural
 from ....errors import ExportError
 from ...files import ORT_ONNX_DOMAIN_OPS
 from ...format import DERIVED_KEY, derived_name
@@ -80,7 +81,7 @@ class OptimizeReport:
 
     def __str__(self) -> str:
         text = (f"optimize={self.mode!r}: {self.nodes_before} -> {self.nodes_after} nodes, "
-                f"{len(self.derived)} weights folded through layout ops")
+                f"{plural(len(self.derived), 'weight')} folded through layout ops")
         fused = {k: v for k, v in self.fusions.items() if v}
         return text + (f", ORT fusions {fused}" if fused else "")
 
