@@ -7,6 +7,9 @@ can be adapted on its own (GPT-2's tied ``lm_head`` / ``wte``).
 
 Site ids: the module path when the module makes one adaptable call; else the weight's name when only
 one op reads it; else ``path:weight``; a base shared by several calls gets ``#k`` (k-th in graph order).
+Sites whose LoRA would belong to one module and weight under different ids (ProphetNet's decoder embeds
+with ``position_embeddings`` and with its weight directly) share the base ``owner:weight`` and are
+numbered, so their A/B names never collide.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ class Site:
             n *= s
         return n
 
+    @property
+    def owner(self) -> str:
+        """The module this site's LoRA belongs to (see :func:`owner_of`)."""
+        return owner_of(self.path, self.weight)
+
     def __str__(self) -> str:
         shape = "x".join(map(str, self.shape))
         return f"{self.id:<40} {self.op:<10} {self.weight} [{shape}]"
@@ -73,6 +81,7 @@ def sites(gm: fx.GraphModule) -> list[Site]:
             bases.append(weight)
         else:
             bases.append(f"{path}:{weight}" if path else weight)
+    _share_owner_bases(found, bases)
     per_base = Counter(bases)
     seen: Counter = Counter()
     out = []
@@ -83,6 +92,28 @@ def sites(gm: fx.GraphModule) -> list[Site]:
             seen[base] += 1
         out.append(Site(id=sid, node=node.name, **info))
     return out
+
+
+def owner_of(path: str, weight: str) -> str:
+    """The module LoRA of a site belongs to: the weight's owner when the caller reached into a child's weight
+    (timm's ``F.linear(x, self.qkv.weight)``: path ``blocks.0.attn``, owner ``blocks.0.attn.qkv``), else the
+    calling module's path. A tied weight read by another module (GPT-2's ``lm_head`` reading ``wte.weight``)
+    is not owned below its caller and stays the caller's."""
+    owner = weight.rpartition(".")[0]
+    if owner and owner != path and (not path or owner.startswith(path + ".")):
+        return owner
+    return path
+
+
+def _share_owner_bases(found: list[tuple[fx.Node, dict]], bases: list[str]) -> None:
+    """Sites of one owner and weight with different bases get the base ``owner:weight`` (then numbered)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (_, info) in enumerate(found):
+        groups.setdefault((owner_of(info["path"], info["weight"]), info["weight"]), []).append(i)
+    for (owner, weight), members in groups.items():
+        if len({bases[i] for i in members}) > 1:
+            for i in members:
+                bases[i] = f"{owner}:{weight}" if owner else weight
 
 
 def module_path(node: fx.Node, weight: str | None) -> str:

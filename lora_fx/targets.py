@@ -97,12 +97,9 @@ def site_names(site: Site) -> tuple[str, ...]:
 
 
 def owner_path(site: Site) -> str:
-    """The module LoRA of this site belongs to: the weight's owner when the caller reached into a child's
-    weight (see :func:`site_names`), else the calling module's path."""
-    owner = site.weight.rpartition(".")[0]
-    if owner and owner != site.path and (not site.path or owner.startswith(site.path + ".")):
-        return owner
-    return site.path
+    """The module LoRA of this site belongs to (:attr:`Site.owner`): the weight's owner when the caller
+    reached into a child's weight (see :func:`site_names`), else the calling module's path."""
+    return site.owner
 
 
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND

@@ -90,6 +90,28 @@ def test_repeated_calls_of_one_module_are_numbered():
     assert lgm.lora_report.branches[0].a == "fc.lora_A.weight_call1"
 
 
+class _CallAndReach(nn.Module):
+    """ProphetNet's decoder: a child embedding called as a module and its weight read by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(16, 8)
+
+    def forward(self, ids):
+        return self.pos(ids) + nn.functional.embedding(ids + 1, self.pos.weight)
+
+
+def test_sites_of_one_owner_and_weight_are_numbered_so_their_lora_names_differ():
+    gm = lora_fx.trace(_CallAndReach().eval(), (torch.randint(0, 14, (2, 5)),))
+    assert [(s.id, s.path, s.owner) for s in lora_fx.sites(gm)] == [
+        ("pos:pos.weight#0", "pos", "pos"), ("pos:pos.weight#1", "", "pos")]
+    lgm = lora_fx.lorafy(gm, "*", rank=2)  # raised "already carries LoRA" when both were named pos.lora_A.weight
+    assert [br.a for br in lgm.lora_report.branches] == ["pos.lora_A.weight_call0", "pos.lora_A.weight_call1"]
+    randomize_lora(lgm)
+    ids = torch.randint(0, 14, (3, 4))
+    torch.testing.assert_close(lora_fx.fold(lgm)(ids), lgm(ids), rtol=1e-5, atol=1e-6)
+
+
 def test_transposes_are_matched_by_op_not_by_name():
     gm = lora_fx.trace(_Twice().eval(), (torch.randn(2, 8),))
     ops = {str(n.target): is_transpose(n) for n in gm.graph.nodes if n.op == "call_function"}
