@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ from onnx import TensorProto, numpy_helper
 
 from .._atomic import replace_files
 from ..errors import ExportError, LoraFxError, short_message
+from .format import op_name
+
+__all__ = ["CHUNK", "ORT_ONNX_DOMAIN_OPS", "DataFiles", "ExportInfo", "External", "check", "check_target", "describe",
+           "external", "file_bytes", "initializer_names", "inline_bytes", "install", "is_external", "load",
+           "remove_stale", "staging", "stored_nbytes", "tensor_array", "write_model"]
 
 CHUNK = 64 << 20  # external data is streamed 64 MiB at a time to bound memory
 # Fused ops ONNX Runtime registers in the ONNX domain (onnx.checker does not know them; optimize="ort").
@@ -169,12 +175,11 @@ class ExportInfo:
 
 def describe(path: str | os.PathLike, seconds: float = 0.0) -> ExportInfo:
     """The :class:`ExportInfo` of a written file (its graph read without the weights)."""
-    from collections import Counter
 
     path = os.path.abspath(os.fspath(path))
     proto, _ = load(path)
     graph = proto.graph
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in graph.node)
+    ops = Counter(op_name(n.domain, n.op_type) for n in graph.node)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ExportInfo(path=path, nodes=len(graph.node), op_counts=dict(ops), initializers=len(graph.initializer),
                       initializer_bytes=sum(stored_nbytes(t) for t in graph.initializer),

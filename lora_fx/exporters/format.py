@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["DECODER_KEY", "DERIVED_KEY", "MULTI_LORA_KEY", "QUANTIZE_KEY", "DecoderLayout", "derived_aliases", "derived_name",
-           "derived_source", "is_untied_copy"]
+           "derived_source", "is_untied_copy", "op_name"]
 
 DECODER_KEY = "lora_fx.decoder"
 MULTI_LORA_KEY = "lora_fx.multi_lora"
@@ -43,6 +43,11 @@ def derived_source(name: str) -> tuple[str, tuple[str, ...]]:
     """``(weight, ops)`` of a derived initializer name; ``(name, ())`` for a plain one."""
     source, *ops = name.split(_SEP)
     return source, tuple(ops)
+
+
+def op_name(domain: str, op_type: str) -> str:
+    """An op's name in counts and reports: ``MatMul``, or ``<domain>::<op>`` outside the default domain."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
 
 
 def derived_aliases(untied: dict[str, str], names: set[str]) -> dict[str, str]:

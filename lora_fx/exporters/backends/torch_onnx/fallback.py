@@ -28,7 +28,10 @@ import torch
 from torch import fx
 
 from ....errors import ExportError
-from .onnx_io import ExportInfo, export_onnx
+from ...files import ExportInfo
+from .onnx_io import export_onnx
+
+__all__ = ["Fallbacks", "Fix", "explain", "translations", "views_as_reshapes"]
 
 aten = torch.ops.aten
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ....errors import ExportError, short_message
 from ... import files
 from ...files import ExportInfo
+from ...format import op_name
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,7 @@ def _save(model: Any, path: str, external_data: bool) -> None:
 
 def _describe(model: Any, path: str, external: bool, seconds: float) -> ExportInfo:
     """Summarize the written model from memory (reading a multi-GB file back would cost a second parse)."""
-    ops = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph)
+    ops = collections.Counter(op_name(n.domain, n.op_type) for n in model.graph)
     inits = model.graph.initializers.values()
     return ExportInfo(path=path, nodes=len(model.graph), op_counts=dict(ops), initializers=len(inits),
                       initializer_bytes=sum(v.const_value.nbytes for v in inits if v.const_value is not None),

@@ -29,7 +29,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ....errors import ExportError
 from ....graph_module import LoraFxModule, copy_module
-from .onnx_io import ExportInfo, export_onnx
+from ...files import ExportInfo
+from .onnx_io import export_onnx
+
+__all__ = ["SkeletonSpec", "bind_lazy", "export_streaming", "skeleton", "skeleton_spec"]
 
 
 def skeleton(module: fx.GraphModule, dtype: torch.dtype | None = None) -> tuple[LoraFxModule, dict[str, torch.Tensor]]:
