@@ -40,7 +40,7 @@ from ..adapters import Adapter
 from ..delta import Branch
 from ..errors import AdapterError, VerifyError
 from ..exporters import files as onnx_files
-from ..exporters.format import is_untied_copy
+from ..exporters.format import derived_name, is_untied_copy
 from ..exporters.quantize.quantizers import QuantizeReport, quantize_file, read_config
 from ..exporters.quantize.step import prove
 from ..graph_facts import untied_name
@@ -139,6 +139,11 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
     return report
 
 
+def _transposed(weight: str) -> str:
+    """The initializer name of ``weight`` with its transpose folded in (``W::Transpose``, optimize)."""
+    return derived_name(weight, ["Transpose"])
+
+
 def _delta(group: Group, dtype: torch.dtype) -> torch.Tensor:
     """Fold's delta of a group; A/B first rounded to their stored dtype, as a module holding them is."""
     site, brs, adapter = group
@@ -152,8 +157,8 @@ def _by_initializer(adapter: Adapter, inits: dict, readers: Counter) -> dict[str
         path = br.site.path or br.key
         names = [untied_name(path, br.site.weight, br.site.id), br.site.weight or f"{path}.weight"]
         # An optimized export (fold_and_export's default) folds x @ W.T's transpose into ``W::Transpose``.
-        found = [(n, False) for n in names if n in inits] + [(n, True) for n in names if f"{n}::Transpose" in inits]
-        name, flipped = (found[0][0] + ("::Transpose" if found[0][1] else ""), found[0][1]) if found else (None, False)
+        found = [(n, False) for n in names if n in inits] + [(n, True) for n in names if _transposed(n) in inits]
+        name, flipped = (_transposed(found[0][0]) if found[0][1] else found[0][0], found[0][1]) if found else (None, False)
         if name is None:
             raise AdapterError(f"adapter {adapter.source}: branch {br.key} adapts {names[-1]}, which is not an "
                                f"initializer of the ONNX file (tried {names}); is this the export of the same model?")
