@@ -132,7 +132,7 @@ def test_a_failing_backend_leaves_nothing_half_written(lgm, tmp_path, registered
     with pytest.raises(lora_fx.ExportError, match="the toy backend broke down"):
         lora_fx.fold_and_export(lgm, path, backend="failing", verify=False)
     assert path.read_bytes() == before and _listing(tmp_path) == ["a.onnx"]
-    report = lora_fx.fold_and_export(lgm, path)  # "auto": noted, and the default backend writes the file
-    assert report.backend == DEFAULT_BACKEND and report.verification.ok
+    report = lora_fx.fold_and_export(lgm, path, verify=False)  # "auto": noted, the default backend writes it
+    assert report.backend == DEFAULT_BACKEND and report.export.nodes > 0
     assert report.notes == ["backend 'failing' failed (the toy backend broke down): used 'torch_onnx' instead"]
     assert _listing(tmp_path) == ["a.onnx"]
