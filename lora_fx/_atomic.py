@@ -8,7 +8,7 @@ between two renames, and a failure never leaves a mix (an old ONNX model beside 
 would load silently with the wrong weights). No backup or temp file outlives the call.
 
 Used by :func:`write_files_atomically` (adapter folders), :func:`write_file_atomically` (single
-files such as ONNX Runtime adapters) and :func:`lora_fx.exporters.onnx_files.install` (a model and
+files such as ONNX Runtime adapters) and :func:`lora_fx.exporters.files.install` (a model and
 its ``.data`` file).
 """
 

@@ -84,7 +84,7 @@ def og_greedy(folder: str, prompt: torch.Tensor, new: int) -> list[int]:
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_exported_folder_runs_in_genai(tmp_path, quantize):
     pytest.importorskip("onnxruntime_genai")
-    from lora_fx.exporters.kv_cache import merged_model
+    from lora_fx.exporters.decoder.capture import merged_model
 
     model, ids, targets = _model_with_tokenizer(tmp_path)
     with warnings.catch_warnings():

@@ -170,7 +170,7 @@ class ExportInfo:
     external_data: bool
     seconds: float
     opset: int
-    optimization: Any = None  # lora_fx.exporters.optimize.OptimizeReport when optimized
+    optimization: Any = None  # lora_fx.exporters.backends.torch_onnx.optimize.OptimizeReport when optimized
 
 
 def describe(path: str | os.PathLike, seconds: float = 0.0) -> ExportInfo:

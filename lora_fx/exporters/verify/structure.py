@@ -50,7 +50,7 @@ class StructureReport:
         added_initializers: Task initializers accepted through ``aliases``.
         first_difference: The first structural difference, or None when ``ok``.
         by_construction: ``ok`` was proven without a base file: the task was exported from a weightless
-            skeleton equal to the base model's (``exporters.streaming.SkeletonSpec``), so a base export
+            skeleton equal to the base model's (``exporters.backends.torch_onnx.streaming.SkeletonSpec``), so a base export
             is this graph with the base weights; ``changed_initializers`` are then the adapted ones.
     """
 

@@ -1,7 +1,7 @@
 """Exports past the plain exporter's known failures on real models, each with a note; else a clear error.
 
 ``torch.onnx.export`` (dynamo) fails on some base models that lora-fx captures, lorafies and folds fine.
-:class:`Fallbacks` wraps :func:`~lora_fx.exporters.onnx_io.export_onnx`, recognises those failures and
+:class:`Fallbacks` wraps :func:`~.onnx_io.export_onnx`, recognises those failures and
 retries with a fix that keeps the computed values and the dynamic shapes:
 
 * ``Cannot view a tensor with shape ... and strides ...`` (T5, Hugging Face Swin, timm BEiT / MaxViT with

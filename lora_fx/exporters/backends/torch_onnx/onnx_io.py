@@ -73,7 +73,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             the initializers exceed ~1.8 GB. Without external data a stale ``<path>.data`` left by
             an earlier export to the same path is removed.
         custom_translation_table: ONNX functions for ops torch's exporter lacks (see fallback.py).
-        optimize: ``True``: :func:`lora_fx.exporters.optimize.optimize_model`, onnxscript's optimizer
+        optimize: ``True``: :func:`.optimize.optimize_model`, onnxscript's optimizer
             with the weights opaque (the structure never depends on weight values); ``"ort"``: plus
             ONNX Runtime's transformer fusions (``model_type``); ``False``: the exporter's raw graph.
             torch's own optimizer is never run: it reads weight values (see the module docstring).

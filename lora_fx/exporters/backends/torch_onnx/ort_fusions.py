@@ -1,6 +1,6 @@
 """``optimize="ort"``: ONNX Runtime's python transformer fusions, refused when they read weight values.
 
-Run by :func:`lora_fx.exporters.optimize.optimize_model` after the weight-independent passes. The
+Run by :func:`.optimize.optimize_model` after the weight-independent passes. The
 fusions read constants by pattern, so :func:`ort_fusions` fuses the model a second time with every
 weight replaced by generic values (seeded normal, no zeros, no equal tensors) and refuses when the two
 fused graphs differ.

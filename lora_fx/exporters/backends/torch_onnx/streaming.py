@@ -140,7 +140,7 @@ def skeleton_spec(module: fx.GraphModule, dtype: torch.dtype | None = None) -> S
 def export_streaming(module: fx.GraphModule, path: str | os.PathLike, args: tuple, kwargs: dict | None = None,
                      *, dtype: torch.dtype | None = None, values: dict[str, Callable[[], torch.Tensor]] | None = None,
                      exporter: Callable[..., ExportInfo] = export_onnx, **export_kwargs: Any) -> ExportInfo:
-    """Exports ``module`` like :func:`~lora_fx.exporters.onnx_io.export_onnx`, weights streamed.
+    """Exports ``module`` like :func:`~.onnx_io.export_onnx`, weights streamed.
 
     Args:
         module: the GraphModule to export (real weights; they are read, never copied whole).
