@@ -238,3 +238,18 @@ def test_scale_smoke(tmp_path):
     assert [p["layers"] for p in r["data"]["passes"]] == [2, 4]
     assert r["data"]["passes"][1]["sites"] > r["data"]["passes"][0]["sites"]
     assert "adaptable sites" in " ".join(r["data"]["inspect"]["summary"])
+
+
+def test_variants_smoke(tmp_path):
+    """The DoRA/variants benchmark's plumbing: every variant timed, memory children, goals, norm and fold tables."""
+    got = _run("variants", str(tmp_path))
+    data, md = got["data"], got["md"]
+    assert set(data["step_s"]) == {"peft-dora", "peft-dora#2", "lora-fx-dora", "peft", "lora-fx", "floor"}
+    for v in data["step_s"].values():
+        _stats(v)
+    assert {"peft-dora", "lora-fx-dora"} <= set(data["memory_used_mb"])
+    assert set(data["goals"]) == {"time lora-fx-dora / peft-dora", "memory lora-fx-dora / peft-dora"}
+    assert data["norm"]["max_rel_err"]["lora-fx"] < 1e-5
+    assert set(data["fold"]) == {"LoRA", "rsLoRA", "DoRA", "PiSSA", "OLoRA"}
+    assert all(r["max_abs_diff"] < 1e-4 for r in data["fold"].values())
+    assert "| lora-fx-dora |" in md and "| OLoRA |" in md
