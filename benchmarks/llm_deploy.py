@@ -112,13 +112,12 @@ def _export_lorafx(lgm: Any, folder: str, quantize: str | None, backend: str, to
 
 def _export_builder(merged: Any, tokenizer: Any, folder: str, precision: str, work: str) -> dict[str, Any]:
     """The user's path without lora-fx: save_pretrained of the merged model, then the builder's CLI."""
-    from lora_fx.exporters.backends.genai_builder import byte_level_tokenizer
+    from lora_fx.exporters.backends.genai_builder import hf_checkpoint
 
     hf = os.path.join(work, f"hf_{precision}")
     start = time.perf_counter()
-    merged.config.use_cache = True
-    merged.save_pretrained(hf)
-    (tokenizer or byte_level_tokenizer(int(merged.config.vocab_size))).save_pretrained(hf)
+    # a GGUF-loaded model cannot save_pretrained: a plain model of its class holding its weights
+    hf_checkpoint(merged, merged.state_dict(), hf, tokenizer)
     saved = time.perf_counter() - start
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", folder, "-p", precision, "-e",
            "cpu", "-c", os.path.join(work, "cache")]
@@ -182,7 +181,8 @@ def _prompts(tokenizer: Any, vocab: int, n: int, count: int) -> list[list[int]]:
 def run(out: str, smoke: bool = False) -> dict[str, str]:
     """Runs the benchmark; writes llm_deploy.{json,md,png} into ``out``."""
     import torch
-    from lora_fx.exporters.kv_cache import merged_model
+
+    from lora_fx.exporters.decoder.capture import merged_model
 
     torch.set_num_threads(1)
     os.makedirs(out, exist_ok=True)

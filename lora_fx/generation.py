@@ -16,6 +16,7 @@ Beam search is not implemented.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import LoraFxError
+from .exporters.backends.genai_builder import BUILDER_KEY
 from .exporters.format import DECODER_KEY as METADATA_KEY
 from .exporters.format import DecoderLayout
 from .exporters.verify.ort import available_providers, ort_session
@@ -63,6 +65,8 @@ class OnnxGenerator:
         past_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self._dtype = np.float16 if "float16" in past_type else np.float32
         overridable = [i.name for i in self.session.get_overridable_initializers()]
+        # a builder-made file (GroupQueryAttention) reads the mask as row lengths: padding only at the end
+        self.right_padding_only = json.loads(meta.get(BUILDER_KEY, "{}")).get("padding") == "right"
         self.extra_inputs = [n for n in names + overridable if n not in self.layout.input_names]
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None,
@@ -99,6 +103,14 @@ class OnnxGenerator:
             [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
         pad = pad_token_id if pad_token_id is not None else (
             self.layout.pad_token_id if self.layout.pad_token_id is not None else (eos[0] if eos else 0))
+        if self.right_padding_only and not mask.all():  # left padding: each row alone, unpadded
+            kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, do_sample=do_sample, temperature=temperature,
+                      top_k=top_k, top_p=top_p, seed=seed, pad_token_id=pad, adapter=adapter, run_options=run_options)
+            rows = [self.generate(row[m.astype(bool)][None], **kw)[0, int(m.sum()):]
+                    for row, m in zip(ids, mask, strict=True)]
+            width = max(len(r) for r in rows)
+            rows = [torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows]
+            return torch.cat([torch.from_numpy(ids), torch.stack(rows)], 1)
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         extra = self._adapter(adapter)

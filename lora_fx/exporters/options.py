@@ -47,6 +47,8 @@ class ExportOptions:
         optimize: True (weight-independent onnxscript optimizer), "ort" (plus ORT's fusions) or False.
         model_type: ``onnxruntime.transformers`` model type for ``optimize="ort"``.
         backend: "auto" or the name of a registered export backend (exporters/backends/).
+        tokenizer: decoder exports: a transformers tokenizer or a folder with its files, written beside the
+            model (decoder/folder.py); None: found from the model's ``name_or_path``.
     """
 
     opset: int | None = None
@@ -60,6 +62,7 @@ class ExportOptions:
     optimize: bool | Literal["ort"] = True
     model_type: str = "bert"
     backend: str = "auto"
+    tokenizer: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.opset is not None and (type(self.opset) is not int or self.opset < 7):

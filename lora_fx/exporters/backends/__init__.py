@@ -15,9 +15,11 @@ from .base import (
     timed,
     unregister_backend,
 )
+from .genai_builder import GenaiBuilder
 from .torch_onnx import TorchOnnxBackend
 
 __all__ = ["DEFAULT_BACKEND", "Backend", "ExportRequest", "ExportResult", "TorchOnnxBackend", "backend_names",
            "get_backend", "register_backend", "select_backend", "timed", "unregister_backend"]
 
 register_backend(TorchOnnxBackend())
+register_backend(GenaiBuilder())  # decoders of the builder's architectures (kv_cache=True), when installed

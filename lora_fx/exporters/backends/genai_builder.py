@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ExportError, VerifyError
+from .base import Backend, ExportRequest, ExportResult, timed
 
-__all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "build_pair", "builder_architectures", "byte_level_tokenizer", "explained",
-           "hf_checkpoint", "prove", "run_builder", "unsupported"]
+__all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "GenaiBuilder", "build_pair", "builder_architectures", "byte_level_tokenizer", "explained",
+           "hf_checkpoint", "prove", "right_padding_only", "run_builder",
+           "unsupported"]
 
 GENAI_EXTRA = 'pip install "lora-fx[genai]"'
 BUILDER_KEY = "lora_fx.genai_builder"  # metadata: the builder's settings (and "padding": "right")
@@ -91,13 +93,15 @@ def _plain_model(model: Any, state: dict) -> Any:
         if hasattr(config, attr):
             delattr(config, attr)
     plain = type(model)(config)
-    buffers = {n for n, _ in plain.named_buffers()}  # rotary tables: rebuilt from the config
-    missing, unexpected = plain.load_state_dict({k: v for k, v in state.items() if k not in buffers}, strict=False)
-    missing = [m for m in missing if m not in buffers]
-    missing = [m for m in missing if not m.endswith("lm_head.weight") or not getattr(config, "tie_word_embeddings", 0)]
-    if missing or unexpected:
+    # only the model's parameters: buffers (rotary tables) come from the config, a capture's lifted constants
+    # (``lifted_tensor_0``) are no weights
+    params = {n for n, _ in plain.named_parameters()}
+    missing, _ = plain.load_state_dict({k: v for k, v in state.items() if k in params}, strict=False)
+    missing = [m for m in missing if m in params and not (m.endswith("lm_head.weight")
+                                                          and getattr(config, "tie_word_embeddings", False))]
+    if missing:
         raise ExportError(f"genai_builder: the folded weights do not fit a fresh {type(model).__name__}: missing "
-                          f"{missing[:3]}, unexpected {unexpected[:3]}")
+                          f"{missing[:3]}")
     return plain
 
 
@@ -226,3 +230,129 @@ def build_pair(model: Any, task_state: dict, base_state: dict, folder: str, prec
     with open(os.path.join(folder, "task", "genai_config.json")) as f:
         config = json.load(f)
     return Built(out["task"], out["base"], seconds, config)
+
+
+def _canonical(src: str, dst: str, layout: Any, metadata: dict[str, str]) -> None:
+    """``src`` (a builder file) saved as ``dst`` with lora-fx's decoder I/O order (``input_ids``,
+    ``attention_mask``, then key/value per layer; ``logits``, present key/value per layer), the layout
+    and ``metadata`` in its metadata, and its external data renamed to ``<dst>.data``."""
+    import onnx
+
+    proto = onnx.load(src, load_external_data=False)
+    graph = proto.graph
+    for values, order in ((graph.input, layout.input_names), (graph.output, layout.output_names)):
+        by_name = {v.name: v for v in values}
+        if set(order) - set(by_name):
+            raise ExportError(f"genai_builder: the builder's file lacks {sorted(set(order) - set(by_name))[:3]} "
+                              f"(it has {sorted(by_name)[:4]}...)")
+        ordered = [by_name[n] for n in order] + [v for v in values if v.name not in set(order)]
+        copies = [type(v)() for v in ordered]
+        for c, v in zip(copies, ordered, strict=True):
+            c.CopyFrom(v)
+        del values[:]
+        values.extend(copies)
+    data = os.path.basename(dst) + ".data"
+    for t in graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = data
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, dst)
+    if os.path.exists(src + ".data"):
+        os.replace(src + ".data", os.path.join(os.path.dirname(dst), data))
+
+
+class GenaiBuilder(Backend):
+    """The ``genai_builder`` backend (see the module docstring): decoders of the builder's architectures."""
+
+    name = "genai_builder"
+    priority = 10
+    scope = "decoder"
+
+    def supports(self, request: ExportRequest) -> str | None:
+        from ...graph_module import fold_report_of
+
+        if request.decoder is None:
+            return "not a decoder export (kv_cache=True / export_decoder)"
+        if request.source is None:
+            return "trace() did not remember the Hugging Face model"
+        if not request.options.folded:
+            return "folded=False (the builder writes plain weights)"
+        report = fold_report_of(request.module) if request.module is not None else None
+        return unsupported(_hf_model(request), quantize=request.options.quantize, dtype=request.options.dtype,
+                           untied=dict(report.untied) if report is not None and report.untied else None)
+
+    def export(self, request: ExportRequest) -> ExportResult:
+        from ...graph_module import lora_state
+        from .. import files
+        from ..format import DECODER_KEY
+
+        quantize = request.options.quantize
+        precision = "int4" if quantize is not None else "fp32"
+        work = os.path.join(request.folder, "genai_builder")
+        task = {k: v.detach() for k, v in request.module.state_dict().items()}
+        request.module = None  # the pipeline's only reference: freed once the builder has the weights
+        base = {k: v.detach() for k, v in request.base.state_dict().items()}
+        built = build_pair(_hf_model(request), task, base, work, precision,
+                           tokenizer=getattr(request.options, "tokenizer", None))
+        fp32_bytes = 4 * sum(v.numel() for v in task.values())
+        del task, base
+        meta = {DECODER_KEY: request.decoder.to_json(),
+                BUILDER_KEY: json.dumps({"precision": precision, "padding": "right", "version": _version()})}
+        base_path = os.path.join(request.folder, "base", os.path.basename(request.staged))
+        os.makedirs(os.path.dirname(base_path), exist_ok=True)
+        _canonical(built.task, request.staged, request.decoder, meta)
+        _canonical(built.base, base_path, request.decoder, meta)
+        config = dict(built.genai_config)
+        config["model"]["decoder"]["filename"] = os.path.basename(request.staged)
+        with open(os.path.join(request.folder, "genai_config.json"), "w") as f:
+            json.dump(config, f, indent=4)
+        adapted = sorted({br.site.weight for br in lora_state(request.lgm, "genai_builder").branches})
+        seconds = {"builder": built.seconds["builder_task"] + built.seconds["builder_base"],
+                   "save_pretrained": built.seconds["save_pretrained_task"] + built.seconds["save_pretrained_base"]}
+        with timed(seconds, "structure"):
+            structure = prove(base_path, request.staged, adapted)
+        export, base_info = files.describe(request.staged), files.describe(base_path)
+        notes = [f"backend genai_builder: onnxruntime-genai {_version()} model builder ({precision}, cpu) on the "
+                 f"folded and the base weights; {len(structure.changed_initializers)} initializers changed, all "
+                 "from adapted weights"]
+        quantized = _quantize_report(quantize, request.staged, fp32_bytes, structure) if quantize is not None else None
+        return ExportResult(export, structure if request.options.verify else None, base_info, quantized, notes,
+                            seconds=seconds)
+
+
+def _hf_model(request: ExportRequest) -> Any:
+    """The user's Hugging Face model (a decoder export's source is its KV-cache wrapper)."""
+    return getattr(request.source, "decoder", request.source)
+
+
+def right_padding_only(path: str) -> bool:
+    """Whether the decoder file at ``path`` was made by the builder (padding only at the end of a row)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return json.loads(meta.get(BUILDER_KEY, "{}")).get("padding") == "right"
+
+
+def _version() -> str:
+    import onnxruntime_genai
+
+    return str(getattr(onnxruntime_genai, "__version__", "?"))
+
+
+def _quantize_report(cfg: Any, task: str, fp32_bytes: int, structure: Any) -> Any:
+    """The builder's int4 as a QuantizeReport (the proof is the builder files' own)."""
+    import onnx
+
+    from .. import files
+    from ..quantize import QuantizeReport, as_config
+    from ..quantize.quantizers import QuantizeInfo
+
+    counts: dict[str, int] = {}
+    for n in onnx.load(task, load_external_data=False).graph.node:
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    cfg = as_config(cfg)
+    info = QuantizeInfo(task, cfg, 0, counts, fp32_bytes, files.file_bytes(task))
+    return QuantizeReport(cfg, info, structure.ok, structure.first_difference, structure.changed_initializers, [])

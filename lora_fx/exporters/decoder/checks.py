@@ -15,13 +15,14 @@ __all__ = ["decode_checks"]
 
 
 def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=None, providers=None,
-                  steps: int = 3) -> list[NumericCheck]:
+                  steps: int = 3, left_padding: bool = True) -> list[NumericCheck]:
     """ORT on ``path`` vs torch on ``kv`` (the unfolded LoRA cache graph): a left-padded prefill with
     an empty past, then ``steps`` decode steps of one token feeding each side its own ``present``.
 
     Positions the mask hides (padding) are excluded: their values are never read later, and fully
     masked attention rows are undefined (torch and ORT fill them differently). A file that also takes
     ``position_ids`` (a builder's decoder) gets the ones the wrapper computes from the mask.
+    ``left_padding=False``: no padded row (a builder's GroupQueryAttention reads the mask as row lengths).
     """
     session = bounded_session(path, providers=providers or available_providers())
     wants_positions = "position_ids" in {i.name for i in session.get_inputs()}
@@ -32,7 +33,7 @@ def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=N
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, min(layout.vocab_size, 100), (2, 7), generator=gen)
     mask = torch.ones(2, 7, dtype=torch.long)
-    mask[0, :3] = 0  # left padding
+    mask[0, :3] = 0 if left_padding else 1  # left padding
     past_t = tuple(torch.zeros(2, s[0], 0, s[1], dtype=float_dtype) for k, v in layout.kv for s in (k, v))
     past_o = [p.numpy() for p in past_t]
     checks = []
@@ -43,11 +44,11 @@ def decode_checks(kv: LoraFxModule, path: str, layout: DecoderLayout, *, dtype=N
         if wants_positions:
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
             feeds["position_ids"] = positions.numpy()
-        got = session.run(None, feeds)
+        got = session.run(layout.output_names, feeds)
         valid_q, valid = mask[:, -ids.shape[1]:].bool(), mask.bool()
         err = output_errors([got[0][valid_q.numpy()]] + [g.transpose(0, 2, 1, 3)[valid.numpy()] for g in got[1:]],
                             [expected[0][valid_q]] + [e.transpose(1, 2)[valid] for e in expected[1:]])
-        what = f"prefill {tuple(ids.shape)} left-padded, past 0" if step == 0 else \
+        what = f"prefill {tuple(ids.shape)} {'left-padded' if left_padding else 'unpadded'}, past 0" if step == 0 else \
             f"decode step {step}, past {past_t[0].shape[2]}"
         checks.append(NumericCheck(what, err.max_abs, err.max_rel, err.max_rel <= rtol and len(got) == len(expected)))
         nxt = expected[0][:, -1].argmax(-1, keepdim=True)

@@ -26,11 +26,13 @@ from ...errors import VerifyError
 from ...graph_module import LoraFxModule, lora_state
 from ...weights import check_materialized
 from .. import files
+from ..backends.genai_builder import right_padding_only
 from ..format import DECODER_KEY, DecoderLayout
 from ..options import ExportOptions, ExportReport, resolve_options
 from ..steps import export_staged
-from .capture import recapture
+from .capture import recapture, source_model
 from .checks import decode_checks
+from .folder import folder_files, install_folder, read_genai_config
 from .io_names import name_io
 
 __all__ = ["decoder_files", "export_decoder"]
@@ -64,7 +66,8 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
     def check(kv: LoraFxModule, layout: DecoderLayout, named: str, report: ExportReport) -> None:
         if not options.verify:
             return
-        checks = decode_checks(kv, named, layout, dtype=options.dtype, providers=options.providers)
+        checks = decode_checks(kv, named, layout, dtype=options.dtype, providers=options.providers,
+                               left_padding=not right_padding_only(named))
         if options.quantize is not None:
             report.verification.notes += [f"{c.shapes}: max rel err vs fp32 torch {c.max_rel_err:.2e} "
                                           "(quantized: not enforced)" for c in checks]
@@ -75,17 +78,19 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
                               f"written:\n{report.verification}")
 
     final = os.path.abspath(os.fspath(path))
-    report = decoder_files(lgm, final, write, check)
+    report = decoder_files(lgm, final, write, check, tokenizer=options.tokenizer)
     report.path = report.export.path = final
     return report
 
 
 def decoder_files(lgm: fx.GraphModule, path: str,
                   write: Callable[[LoraFxModule, DecoderLayout, str], tuple[T, str]],
-                  check: Callable[[LoraFxModule, DecoderLayout, str, T], None] | None = None) -> T:
+                  check: Callable[[LoraFxModule, DecoderLayout, str, T], None] | None = None, *,
+                  tokenizer=None) -> T:
     """Recaptures ``lgm`` with a KV cache; ``write(kv, layout, raw)`` writes under ``raw``'s folder in a
     staging folder beside ``path`` and returns ``(what it wrote, the file to install)``; the file's I/O is
-    named, ``check(kv, layout, named_file, result)`` runs, and the file is installed at ``path``."""
+    named, ``check(kv, layout, named_file, result)`` runs, and the file is installed at ``path`` with the
+    folder files serving stacks read beside it (decoder/folder.py: genai_config.json, config.json, ...)."""
     kv = recapture(lgm)
     layout: DecoderLayout = kv.meta[DECODER_KEY]
     final = os.path.abspath(os.fspath(path))
@@ -99,5 +104,9 @@ def decoder_files(lgm: fx.GraphModule, path: str,
         name_io(written, named, layout)
         if check is not None:
             check(kv, layout, named, result)
-        files.install(named, final)
+        side = folder_files(source_model(lgm), layout, named, tokenizer=tokenizer,
+                            genai=read_genai_config(os.path.dirname(written)))
+        install_folder(named, final, side)
+    if isinstance(getattr(result, "notes", None), list):
+        result.notes += [str(side)] + side.notes
     return result

@@ -30,7 +30,8 @@ from typing import Any
 from ..._atomic import replace_files
 from ...errors import ExportError
 
-__all__ = ["FolderFiles", "TOKENIZER_FILES", "folder_files", "genai_config", "install_folder", "write_beside"]
+__all__ = ["FolderFiles", "TOKENIZER_FILES", "folder_files", "genai_config", "install_folder", "read_genai_config",
+           "write_beside"]
 
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -191,6 +192,15 @@ def folder_files(model: Any, layout: Any, staged: str, *, tokenizer: Any = None,
                 shutil.copyfile(os.path.join(src, name), os.path.join(folder, name))
                 out.files.append(name)
     return out
+
+
+def read_genai_config(folder: str) -> dict | None:
+    """The genai_config.json a backend wrote into ``folder`` (the builder's own), or None."""
+    path = os.path.join(folder, GENAI_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def install_folder(staged: str, final: str, files: FolderFiles) -> None:

@@ -63,7 +63,9 @@ class QuantizeConfig:
         exclude: glob patterns over weight names kept in fp32 (e.g. ``("lm_head.*",)``).
         int8_method: ``"dynamic"`` (MatMulInteger, activations quantized at run time) or
             ``"weight_only"`` (MatMulNBits with 8 bits, activations stay fp32).
-        accuracy_level: MatMulNBits compute precision (None: ORT's default; 4 = int8 compute).
+        accuracy_level: MatMulNBits compute precision: 4 (default) = int8 compute on CPU, measured 14.5x faster
+            per decoded token than ORT's default (0: fp32 compute) on SmolLM2-135M with an 8-bit LM head (39 vs
+            571 ms/token, 1 thread; the builder uses 4 as well); None: ORT's default.
         algorithm: ``"rtn"`` (round to nearest) or ``"hqq"`` (ORT's calibration-free Half-Quadratic
             Quantization: scales and zero points optimized per block; asymmetric, int4 MatMul only).
         head_bits: bits of the output heads (:func:`output_heads`: the MatMuls that produce a graph
@@ -78,7 +80,7 @@ class QuantizeConfig:
     ops: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     int8_method: str = "dynamic"
-    accuracy_level: int | None = None
+    accuracy_level: int | None = 4
     algorithm: str = "rtn"
     head_bits: int = 8
 
