@@ -19,6 +19,7 @@ from .errors import (
                      NoLoraError,
                      PatternError,
                      SiteError,
+                     TrainingError,
                      VerifyError,
                      WeightsError,
 )
@@ -44,7 +45,7 @@ __all__ = [
     "QuantizeConfig", "quantize_base",
     "WeightsError", "LoadReport", "empty_weights", "from_config", "load_weights",
     "GenerationError", "OnnxGenerator",
-    "create_loraplus_optimizer", "loraplus_param_groups", "SaveAdapterCallback", "TrainerModule",
+    "create_loraplus_optimizer", "loraplus_param_groups", "SaveAdapterCallback", "TrainerModule", "TrainingError",
     "merged_model", "optimize_model",
 ]
 __version__ = "0.1.0"

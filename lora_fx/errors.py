@@ -8,7 +8,7 @@ failures of a step), so ``except ValueError`` keeps working in user code.
 from __future__ import annotations
 
 __all__ = ["AdapterError", "CaptureError", "ExportError", "FoldError", "LoraFxError", "NoLoraError",
-    "PatternError", "short_message", "SiteError", "VerifyError", "WeightsError"]
+    "PatternError", "short_message", "SiteError", "TrainingError", "VerifyError", "WeightsError"]
 
 
 class LoraFxError(Exception):
@@ -53,6 +53,11 @@ class NoLoraError(FoldError, AdapterError, SiteError, ExportError):
 
 class WeightsError(LoraFxError, ValueError):
     """A checkpoint does not fit the captured module, or weights are still on the meta device."""
+
+
+class TrainingError(LoraFxError, ValueError):
+    """A lorafied module cannot be trained as a trainer asks (Hugging Face Trainer / TRL glue: inputs,
+    checkpointing options, an LM head SFTTrainer reads directly)."""
 
 
 def short_message(exc: BaseException, limit: int = 8) -> str:

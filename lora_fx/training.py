@@ -42,7 +42,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import save_adapter
-from .errors import LoraFxError
+from .errors import TrainingError
 from .graph_module import capture_of, copy_module, lora_state
 from .loraplus import lora_module
 from .passes.checkpoint import CheckpointedModule, checkpoint
@@ -53,10 +53,6 @@ __all__ = ["Backbone", "SaveAdapterCallback", "TrainerModule", "TrainingError"]
 # Keyword arguments trainers pass that a captured graph has no input for, and the values that mean
 # "what the capture did" (the trace runs with use_cache=False and returns no router logits).
 _NEUTRAL = {"use_cache": (None, False), "output_router_logits": (None, False), "return_dict": (None, True)}
-
-
-class TrainingError(LoraFxError, ValueError):
-    """A lorafied module cannot be trained as a trainer asks (inputs, checkpointing, LM head)."""
 
 
 class TrainerModule(nn.Module):

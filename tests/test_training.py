@@ -221,7 +221,7 @@ def test_docs_recipe_runs_as_written(k, tmp_path):
     script.write_text(src)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "only LoRA changed: True" in res.stdout, res.stdout[-2000:]
 
