@@ -60,7 +60,8 @@ class TrainerModule(nn.Module):
 
     Args:
         lgm: what :func:`lora_fx.lorafy` (or :func:`lora_fx.checkpoint`) returned, traced with keyword
-            inputs, e.g. ``trace(model, (), {"input_ids": ids, "attention_mask": mask, "labels": ids})``.
+            inputs, e.g. ``trace(model, (), {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})``
+            (labels its own tensor: torch.export merges two inputs given the same tensor).
         config: the model's ``PretrainedConfig``; default: the traced model's ``config``.
         checkpoint_blocks: module-path patterns :meth:`activation_checkpointing_enable` recomputes; default:
             the traced model's modules whose class is in its ``_no_split_modules`` (its decoder layers).
@@ -76,7 +77,7 @@ class TrainerModule(nn.Module):
         info = getattr(lgm.graph._codegen, "pytree_info", None)
         if cap is None or info is None or not cap.kwargs or cap.args:
             raise TrainingError("TrainerModule needs a module traced with keyword inputs, e.g. lora_fx.trace(model, "
-                                "(), {'input_ids': ids, 'attention_mask': mask, 'labels': ids}): trainers call "
+                                "(), {'input_ids': ids, 'attention_mask': mask, 'labels': ids.clone()}): trainers call "
                                 "the model with keywords")
         unread = _merged_inputs(lgm.graph, cap.kwargs)
         if unread:
