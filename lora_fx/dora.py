@@ -169,3 +169,14 @@ def merge(w: torch.Tensor, d: torch.Tensor, layout: str, scale_rows: Sequence[tu
         norm = torch.linalg.vector_norm(rows[lo:hi], dim=1)
         rows[lo:hi] *= (m.detach().to(v.dtype) / norm).unsqueeze(1)
     return v.to(w.dtype), v
+
+
+def refuse_ort_adapters(branches, error: type[Exception], who: str) -> None:
+    """ONNX Runtime's multi-LoRA adapters override A and B of an unfolded export; a DoRA site also needs
+    ``m / ||W + s·B@A||`` recomputed from W, A, B and m, which an adapter file cannot carry: refused."""
+    dora = [br.key for br in branches if br.magnitude]
+    if dora:
+        raise error(f"{who}: {dora[0]} (and {len(dora) - 1} more) are DoRA branches; ONNX Runtime adapter files "
+                    "override an unfolded export's A and B only, and cannot express DoRA's magnitude and weight "
+                    "norm. Fold each DoRA adapter instead (fold_and_export per task, or swap_adapter / refold_onnx "
+                    "with the base)")

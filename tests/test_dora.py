@@ -240,3 +240,14 @@ def test_dora_export_is_proven_and_refolds(tmp_path):
     assert len(refold.rewritten) == 6
     with pytest.raises(AdapterError, match="old adapter .* is DoRA"):
         refold_onnx(tmp_path / "task.onnx", tmp_path / "dora", tmp_path / "x.onnx", old_adapter=tmp_path / "dora")
+
+
+def test_ort_multi_lora_adapters_refuse_dora(tmp_path):
+    """ORT adapter files override A/B of an unfolded export; DoRA's m and norm cannot ride along: refused."""
+    model, _, args = conv()
+    lgm = lora_fx.lorafy(lora_fx.trace(model.eval(), args), ["conv1", "head"], rank=2, dora=True)
+    with pytest.raises(lora_fx.ExportError, match=r"export_multi_lora: conv1 \(and 1 more\) are DoRA branches"):
+        lora_fx.export_multi_lora(lgm, tmp_path / "multi.onnx")
+    assert not (tmp_path / "multi.onnx").exists()
+    with pytest.raises(AdapterError, match="write_ort_adapter: .* cannot express DoRA"):
+        lora_fx.write_ort_adapter(lgm, tmp_path / "a.onnx_adapter", tmp_path / "multi.onnx")

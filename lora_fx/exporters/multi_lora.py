@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 from .._atomic import write_file_atomically
 from ..adapters import Adapter, adapter_of
 from ..capture import example_inputs
+from ..dora import refuse_ort_adapters
 from ..errors import AdapterError, ExportError
 from ..graph_module import copy_module, lora_state, set_attr_path
 from . import files
@@ -117,7 +118,7 @@ def export_multi_lora(lgm: fx.GraphModule, path: str | os.PathLike, *, example_a
         ExportError: ``lgm`` has no LoRA, the export failed, or a LoRA tensor has no initializer (or no
             consumer node) in the exported graph.
     """
-    lora_state(lgm, "export_multi_lora")
+    refuse_ort_adapters(lora_state(lgm, "export_multi_lora").branches, ExportError, "export_multi_lora")
     path = os.path.abspath(os.fspath(path))
     if kv_cache:
         from .decoder.export import decoder_files
@@ -209,8 +210,9 @@ def write_ort_adapter(source: fx.GraphModule | Adapter, path: str | os.PathLike,
     """
     import onnxruntime as ort
 
-    exp = mapping if isinstance(mapping, MultiLoraExport) else MultiLoraExport.read(mapping)
     adapter = source if isinstance(source, Adapter) else adapter_of(source)
+    refuse_ort_adapters(adapter.branches.values(), AdapterError, "write_ort_adapter")
+    exp = mapping if isinstance(mapping, MultiLoraExport) else MultiLoraExport.read(mapping)
     missing = sorted(set(exp.branches) - set(adapter.branches))
     extra = sorted(set(adapter.branches) - set(exp.branches))
     if missing or extra:

@@ -111,6 +111,10 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
                           source=os.fspath(base_onnx) if base_onnx else _adapter_name(old_adapter))
     base = _base_from_onnx(base_onnx, inits, new, folder) if base_onnx is not None else {}
     if old_adapter is not None:
+        if as_adapter(old_adapter).dora:
+            raise AdapterError(f"refold_onnx: old adapter {_adapter_name(old_adapter)} is DoRA, whose fold keeps only "
+                               "each row's direction of W + delta: the base cannot be recovered from it; pass "
+                               "base_onnx= (the base export) instead")
         for name, group in _by_initializer(as_adapter(old_adapter), inits, readers).items():
             w = torch.from_numpy(_array(inits[name], folder).copy())
             base[name] = lora_delta.recover(w, _delta(group, lora_delta.compute_dtype(w.dtype))).numpy()
@@ -123,8 +127,13 @@ def refold_onnx(task_onnx: str | os.PathLike, adapter: AdapterLike, out_path: st
             w = torch.from_numpy(old.copy())
             ddt = lora_delta.compute_dtype(w.dtype)
             cdt = torch.float64 if value.dtype == np.float64 else ddt
-            delta = _delta(new[name], ddt).to(cdt)  # A/B as trained
-            value = (torch.from_numpy(value.copy()).to(cdt) + delta).to(w.dtype).numpy()
+            site, brs, new_adapter = new[name]
+            if any(br.magnitude for br in brs):  # DoRA: m / ||W + delta|| · (W + delta), fold's arithmetic
+                value = lora_delta.fold_weight(w, brs, new_adapter.tensors, site, base=torch.from_numpy(value.copy())
+                                               .to(cdt), ab_dtype=new_adapter.tensors[brs[0].a].dtype)[0].numpy()
+            else:
+                delta = _delta(new[name], ddt).to(cdt)  # A/B as trained
+                value = (torch.from_numpy(value.copy()).to(cdt) + delta).to(w.dtype).numpy()
         value = value.astype(old.dtype, copy=False)
         # in the weights' own float type: no float64 copies of every weight on the hot path
         change = float(np.abs(value - old).max()) if old.size else 0.0
