@@ -126,3 +126,81 @@ def test_complex_valued_model_is_refused_naming_the_cause(tmp_path):
     with pytest.raises(ExportError, match=r"complex tensors \(the op aten\.\w+ reads one\).*cos/sin form"):
         lora_fx.fold_and_export(lgm, str(tmp_path / "a.onnx"))
     assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def _input_dims(path: str) -> list[list]:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+
+
+def _trained_heads():
+    lgm = lora_fx.lorafy(_gm(), "fc", rank=2)
+    with torch.no_grad():
+        lora_fx.lora_parameters(lgm)[1].normal_(std=0.1)
+    return lgm
+
+
+@pytest.mark.parametrize("verify", [True, "full"])
+def test_an_optimizer_failure_ships_the_unoptimized_dynamic_file(tmp_path, monkeypatch, verify):
+    from lora_fx.exporters.backends.torch_onnx import optimize
+
+    def failing(*a, **k):  # what onnxscript's constant folding raised on ProphetNet's SplitToSequence
+        raise RuntimeError("PassError: An error occurred at step 0")
+
+    monkeypatch.setattr(optimize, "optimize_model", failing)
+    rep = lora_fx.fold_and_export(_trained_heads(), str(tmp_path / "a.onnx"), verify=verify)
+    assert [n for n in rep.notes if n.startswith("unoptimized: ")] == [rep.notes[-1]]
+    assert "PassError: An error occurred at step 0" in rep.notes[-1] and rep.export.optimization is None
+    assert isinstance(_input_dims(rep.export.path)[0][0], str)  # the batch stays dynamic
+    assert rep.verification.ok and len(rep.verification.numerics) == 2  # checked at a grown batch too
+    if verify == "full":  # the base export for the proof is unoptimized alike
+        assert rep.base.optimization is None and rep.verification.structure.ok
+
+
+def test_a_dynamic_export_failure_ships_a_static_file(tmp_path, monkeypatch):
+    real, seen = fallback.export_onnx, []
+
+    def no_dynamic(module, path, *args, **kwargs):
+        seen.append(kwargs.get("dynamic_shapes"))
+        if kwargs.get("dynamic_shapes") is not None:
+            raise ExportError("torch.onnx.export failed: RuntimeError: Constraints violated (s0)! guard s0 % 4 == 0")
+        return real(module, path, *args, **kwargs)
+
+    monkeypatch.setattr(fallback, "export_onnx", no_dynamic)
+    rep = lora_fx.fold_and_export(_trained_heads(), str(tmp_path / "a.onnx"), verify="full")
+    assert rep.notes[-1].startswith("static: the dynamic export failed inside torch.onnx")
+    assert "Constraints violated" in rep.notes[-1] and "(2, 5, 8)" in rep.notes[-1]
+    assert seen[0] is not None and seen[1:] == [None, None]  # task retried static; the base static at once
+    assert _input_dims(rep.export.path) == [[2, 5, 8]] and rep.base.nodes == rep.export.nodes
+    assert rep.verification.ok and rep.verification.structure.ok and rep.verification.numerics[0].ok
+
+
+def test_when_the_retries_fail_too_the_error_explains_the_first_failure(tmp_path, monkeypatch):
+    def broken(module, path, *args, **kwargs):
+        if kwargs.get("dynamic_shapes") is not None:
+            raise ExportError("torch.onnx.export failed: RuntimeError: Constraints violated (s0)! guard s0 < 5")
+        raise ExportError("torch.onnx.export failed: RuntimeError: something else")
+
+    monkeypatch.setattr(fallback, "export_onnx", broken)
+    with pytest.raises(ExportError, match=r"a dynamic dimension cannot stay dynamic.*What to do.*"
+                                          r"\(retried \['static'\]: .*something else\)"):
+        Fallbacks().export(_gm(), str(tmp_path / "a.onnx"), (torch.randn(2, 5, 8),), {},
+                           dynamic_shapes=({0: torch.export.Dim.AUTO},))
+
+
+@pytest.mark.slow
+def test_prophetnet_ships_unoptimized_where_the_optimizer_fails(tmp_path):
+    from sweep_models import SWEEP
+
+    model, args, kwargs = next(m for m in SWEEP if m.name == "prophetnet").build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lgm = lora_fx.lorafy(lora_fx.trace(model, args, kwargs), ["query_proj", "value_proj"], rank=2)
+    with torch.no_grad():
+        for p in lora_fx.lora_parameters(lgm):
+            p.normal_(std=0.02)
+    rep = lora_fx.fold_and_export(lgm, str(tmp_path / "pn.onnx"))
+    assert any(n.startswith("unoptimized: ") and "PassError" in n for n in rep.notes)
+    assert rep.verification.ok and len(rep.verification.numerics) == 2

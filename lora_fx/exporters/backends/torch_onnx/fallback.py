@@ -12,9 +12,18 @@ retries with a fix that keeps the computed values and the dynamic shapes:
   grouped expert matmul): transformers ships an ONNX translation (one MatMul per expert); it is passed as
   ``custom_translation_table`` whenever the graph holds that op, before anything fails.
 
-A fix a first export needed is applied to the next one made through the same :class:`Fallbacks` (the base
-export of ``fold_and_export``), so both files come from the same graph. A failure no fix covers raises
-:class:`~lora_fx.errors.ExportError` naming the op or dimension that blocks and what to do.
+When no fix covers a failure, two retries keep the proof (both files are made the same way) and say so in
+a note (``report.notes``), in this order:
+
+* ``unoptimized``: onnxscript's optimizer failed on the exported graph (ProphetNet's n-gram streams, Laguna,
+  Solar-Open: constant folding of ``SplitToSequence`` under dynamic shapes, "PassError: ... at step 0"):
+  the file is the exporter's graph unoptimized, its dynamic dims kept (ONNX Runtime optimizes at load);
+* ``static``: the dynamic export itself failed inside torch.onnx: the file is exported at the example
+  inputs' shapes, and takes only those.
+
+A fix or retry a first export needed is applied to the next one made through the same :class:`Fallbacks`
+(the base export of ``fold_and_export``), so both files come from the same graph. A failure nothing covers
+raises :class:`~lora_fx.errors.ExportError` naming the op or dimension that blocks and what to do.
 """
 
 from __future__ import annotations
@@ -26,10 +35,11 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from ....errors import ExportError
 from ...files import ExportInfo
-from .onnx_io import export_onnx
+from .onnx_io import OPTIMIZER_FAILED, export_onnx
 
 __all__ = ["Fallbacks", "Fix", "explain", "translations", "views_as_reshapes"]
 
@@ -85,7 +95,8 @@ def translations(module: fx.GraphModule) -> tuple[dict[Any, Any] | None, str | N
 
 @dataclass
 class Fallbacks:
-    """Exports with the fixes above; remembers which were needed (``applied``) and why (``notes``)."""
+    """Exports with the fixes above; remembers which were needed (``applied``: fix names, ``"unoptimized"``,
+    ``"static"``) and why (``notes``)."""
 
     applied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -98,17 +109,59 @@ class Fallbacks:
         table, note = translations(module) if isinstance(module, fx.GraphModule) else (None, None)
         if note and note not in self.notes:
             self.notes.append(note)
+        first: tuple[str, str] | None = None  # the first failure no fix covered: what the error explains
         while True:
             try:
-                return export_onnx(module, path, args, kwargs, custom_translation_table=table, **options)
+                return export_onnx(module, path, args, kwargs, custom_translation_table=table,
+                                   **self._retried(options))
             except ExportError as e:
                 text = _cause_text(e)
                 fix = next((f for f in FIXES if f.name not in self.applied and f.pattern.search(text)), None)
-                if fix is None or not isinstance(module, fx.GraphModule):
-                    raise ExportError(explain(text, str(e))) from e
-                self.applied.append(fix.name)
-                self.notes.append(fix.note)
-                module = fix.apply(module)
+                if fix is not None and isinstance(module, fx.GraphModule):
+                    self.applied.append(fix.name)
+                    self.notes.append(fix.note)
+                    module = fix.apply(module)
+                    continue
+                first = first or (text, str(e))
+                if not self._retry(text, self._retried(options), args, kwargs):
+                    also = "" if first[0] == text else f" (retried {sorted(RETRIES & set(self.applied))}: {e})"
+                    raise ExportError(explain(*first) + also) from e
+
+    def _retried(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The export options with the retries this job needed so far."""
+        out = dict(options)
+        if "unoptimized" in self.applied:
+            out["optimize"] = False
+        if "static" in self.applied:
+            out["dynamic_shapes"] = None
+        return out
+
+    def _retry(self, text: str, options: dict[str, Any], args: tuple, kwargs: dict | None) -> bool:
+        """Records the next retry for a failure no fix covers (see the module docstring); False: none left."""
+        said = _first_line(text)
+        if OPTIMIZER_FAILED in text and options.get("optimize") is not False:
+            self.applied.append("unoptimized")
+            self.notes.append(f"unoptimized: onnxscript's optimizer failed on this graph ({said}); the file is the "
+                              "exporter's graph, not optimized (ONNX Runtime optimizes it when loading), with its "
+                              "dynamic dims; the base export of the proof is unoptimized alike")
+            return True
+        if options.get("dynamic_shapes") is not None and not _NO_FUNCTION.search(text):
+            self.applied.append("static")
+            shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves((args, kwargs or {}))
+                               if isinstance(t, torch.Tensor))
+            self.notes.append(f"static: the dynamic export failed inside torch.onnx ({said}); the file is exported "
+                              f"at the example inputs' shapes ({shapes}) and takes only those; the base export of "
+                              "the proof is static alike")
+            return True
+        return False
+
+
+RETRIES = frozenset({"unoptimized", "static"})
+
+
+def _first_line(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= 200 else line[:199] + "…"
 
 
 def _cause_text(e: BaseException) -> str:

@@ -40,12 +40,15 @@ from ...format import op_name
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["export_onnx"]
+__all__ = ["OPTIMIZER_FAILED", "export_onnx"]
 
 # protobuf cannot serialize a ModelProto over 2 GiB; stay clear of it (graph + metadata).
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Names torch gives to dynamic dimensions (backed s<N>, unbacked u<N>).
 _TORCH_SYMBOL = re.compile(r"[su]\d+")
+
+
+OPTIMIZER_FAILED = "the ONNX optimizer failed"  # fallback.Fallbacks retries such an export unoptimized
 
 
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
@@ -103,8 +106,13 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         from .optimize import optimize_model
 
         report = fold_report_of(module)  # a folded module's untied copies count as their weights
-        program.model, optimization = optimize_model(program.model, optimize, model_type=model_type,
-                                                     ties=dict(report.untied) if report else None)
+        try:
+            program.model, optimization = optimize_model(program.model, optimize, model_type=model_type,
+                                                         ties=dict(report.untied) if report else None)
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxscript / onnx_ir passes (ProphetNet: "PassError: ... at step 0")
+            raise ExportError(f"{OPTIMIZER_FAILED} on {path!r} (optimize={optimize!r}): {short_message(exc)}") from exc
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
     _save(program.model, path, external_data)
