@@ -147,9 +147,11 @@ class TrainerModule(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False, **_: Any) -> None:
-        """Recomputes the decoder blocks in backward with :func:`lora_fx.checkpoint` (non-reentrant)."""
+        """Recomputes the decoder blocks in backward with :func:`lora_fx.checkpoint` (non-reentrant); TRL's
+        ``{"selective": True}`` picks its ``policy="selective"`` (keeps matmul and attention outputs)."""
         kwargs = dict(activation_checkpointing_kwargs or {})
         reentrant = kwargs.pop("use_reentrant", None)
+        policy = "selective" if kwargs.pop("selective", False) else "full"
         if offload or reentrant or kwargs:
             asked = {**kwargs, **({"use_reentrant": True} if reentrant else {}), **({"offload": True} if offload else {})}
             raise TrainingError(f"activation checkpointing options {asked} are not supported: lora_fx.checkpoint "
@@ -160,7 +162,7 @@ class TrainerModule(nn.Module):
         blocks = self.checkpoint_blocks or _decoder_blocks(self.source)
         if isinstance(blocks, list) and every_n_layers > 1:
             blocks = blocks[::every_n_layers]
-        self.graph_module = checkpoint(self.graph_module, blocks)
+        self.graph_module = checkpoint(self.graph_module, blocks, policy=policy)
         self._modules.pop("backbone", None)  # cut again from the checkpointed graph
 
     gradient_checkpointing_enable = activation_checkpointing_enable  # transformers < 5.20 calls this name

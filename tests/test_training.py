@@ -180,6 +180,11 @@ def test_bad_input(tiny, zoo_traced):
         wrapped(**batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
     with pytest.raises(TrainingError, match="offload"):
         wrapped.activation_checkpointing_enable(offload=True)
+    with pytest.raises(TrainingError, match="use_reentrant"):
+        wrapped.activation_checkpointing_enable({"use_reentrant": True})
+    wrapped.activation_checkpointing_enable({"selective": True, "use_reentrant": False}, every_n_layers=2)
+    assert wrapped.graph_module.checkpoint_state.policy == "selective"
+    assert wrapped.graph_module.checkpoint_state.blocks == ("model.layers.0",)
     head = TrainerModule(lora_fx.lorafy(gm, [*TARGETS, "lm_head"], rank=4))
     with pytest.raises(TrainingError, match="lm_head carries LoRA"):
         head.get_output_embeddings()
