@@ -69,12 +69,12 @@ step_observer: Callable[[str], AbstractContextManager] | None = None
 
 @contextmanager
 def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    """Records the wall time of the ``with`` block as ``seconds[name]`` (an export step, or a named part
-    of a backend's export: ``ExportResult.seconds``)."""
+    """Adds the wall time of the ``with`` block to ``seconds[name]`` (an export step, or a named part of a
+    backend's export: ``ExportResult.seconds``)."""
     start = time.perf_counter()
     with step_observer(name) if step_observer is not None else nullcontext():
         yield
-    seconds[name] = time.perf_counter() - start
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -107,7 +107,7 @@ class ExportRequest:
     shapes: Any
     source: nn.Module | None = None
     decoder: DecoderLayout | None = None
-    _base: nn.Module | None = field(default=None, repr=False)
+    _base: nn.Module | None = field(default=None, init=False, repr=False)
 
     @property
     def folder(self) -> str:

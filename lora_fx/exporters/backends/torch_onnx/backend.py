@@ -36,14 +36,15 @@ class TorchOnnxBackend(Backend):
     def export(self, request: ExportRequest) -> ExportResult:
         o = request.options
         fallbacks = Fallbacks()  # fixes the exporter needed; reused for the base export
-        with timed(seconds := {}, "export"):
+        seconds: dict[str, float] = {}
+        with timed(seconds, "export"):
             info = self._write(request.module, request.staged, request, fallbacks)
+            fold_report = fold_report_of(request.module)
+            untied = dict(fold_report.untied) if fold_report else {}
+            spec = skeleton_spec(request.module, o.dtype) if o.verify else None
+            request.module = None  # the folded copies of the adapted weights: not needed by the proof
+            gc.collect()  # a GraphModule is a reference cycle (graph <-> module): free them before ORT runs
         result = ExportResult(info, notes=fallbacks.notes, seconds=seconds)
-        fold_report = fold_report_of(request.module)
-        untied = dict(fold_report.untied) if fold_report else {}
-        spec = skeleton_spec(request.module, o.dtype) if o.verify else None
-        request.module = None  # the folded copies of the adapted weights: not needed by the proof
-        gc.collect()  # a GraphModule is a reference cycle (graph <-> module): free those copies before ORT runs
         if not o.verify:
             return result
         if o.verify is True and o.folded and o.quantize is None:
@@ -53,8 +54,9 @@ class TorchOnnxBackend(Backend):
             base = os.path.join(request.folder, "base.onnx")
             with timed(seconds, "base_export"):
                 result.base = self._write(request.base, base, request, fallbacks)
-            files.check(base, error=VerifyError, role="base")
-            result.structure = compare_files(base, request.staged, untied=untied, numerics_only=not o.folded)
+            with timed(seconds, "structure"):  # the files compared
+                files.check(base, error=VerifyError, role="base")
+                result.structure = compare_files(base, request.staged, untied=untied, numerics_only=not o.folded)
         return result
 
     @staticmethod
