@@ -28,3 +28,17 @@ def lora_node_count(gm) -> int:
     from lora_fx.graph_module import NODE_LORA
 
     return sum(NODE_LORA in n.meta for n in gm.graph.nodes)
+
+
+def og_greedy(folder: str, prompt: torch.Tensor, new: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens (prompt included) for one prompt row on a model folder."""
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt.numpy())
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]

@@ -11,8 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
-from helpers import randomize_lora
+from helpers import og_greedy, randomize_lora
 
 import lora_fx
 from lora_fx.errors import ExportError
@@ -66,18 +65,6 @@ def test_folder_files_tokenizer_option_and_missing_tokenizer(tmp_path):
     assert "tokenizer.json" in files.files and files.tokenizer.startswith("the given")
     with pytest.raises(ExportError, match="tokenizer="):
         folder_files(model, LAYOUT, str(tmp_path / "b" / "model.onnx"), tokenizer=str(tmp_path / "a"))
-
-
-def og_greedy(folder: str, prompt: torch.Tensor, new: int) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(folder)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt.numpy())
-    while not gen.is_done():
-        gen.generate_next_token()
-    return list(gen.get_sequence(0))
 
 
 @pytest.mark.slow

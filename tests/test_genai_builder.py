@@ -9,6 +9,7 @@ import importlib.util
 import onnx
 import pytest
 import torch
+from helpers import og_greedy
 
 from lora_fx.errors import VerifyError
 from lora_fx.exporters.backends import genai_builder as gb
@@ -103,3 +104,83 @@ def test_prove_fails_on_a_stray_change_and_on_a_structural_difference(tmp_path):
     onnx.save(proto, built.base)
     with pytest.raises(VerifyError, match="GroupQueryAttention|node"):
         gb.prove(built.base, built.task, adapted)
+
+
+def _lorafied(model, tmp_path):
+    import lora_fx
+
+    gb.byte_level_tokenizer(96).save_pretrained(tmp_path / "tok")
+    model.name_or_path = str(tmp_path / "tok")
+    ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    lgm = lora_fx.lorafy(lora_fx.trace(model, (ids,)), ["*.q_proj", "*.v_proj"], rank=4)
+    with torch.no_grad():
+        for name, p in lgm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    return lgm, ids
+
+
+@genai
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_kv_export_goes_through_the_builder(tmp_path, quantize):
+    import lora_fx
+    from lora_fx.exporters.decoder.capture import merged_model
+
+    lgm, ids = _lorafied(tiny_llama(), tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rep = lora_fx.fold_and_export(lgm, str(out / "model.onnx"), kv_cache=True, quantize=quantize)
+    assert rep.backend == "genai_builder" and rep.verification.ok and rep.verification.structure.ok
+    assert any("model builder" in n for n in rep.notes) and rep.seconds["builder"] > 0
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    if quantize is None:  # the decode checks ran (unpadded rows: GroupQueryAttention)
+        assert [c.shapes.split(",")[0] for c in rep.verification.numerics][-4:] == [
+            "prefill (2", "decode step 1", "decode step 2", "decode step 3"]
+        assert all(c.ok for c in rep.verification.numerics if "step" in c.shapes or "prefill" in c.shapes)
+    else:
+        assert rep.quantized.ok and rep.quantized.info.quantized["MatMulNBits"] > 0
+    prompt = ids[:1, :6]
+    got = og_greedy(str(out), prompt, 10)
+    gen = lora_fx.OnnxGenerator(out / "model.onnx")
+    assert got == gen.generate(prompt, max_new_tokens=10, eos_token_id=[])[0].tolist()
+    if quantize is None:
+        merged = merged_model(lgm)
+        assert got == merged.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0].tolist()
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0  # left padding: OnnxGenerator runs such rows of a builder file one at a time
+        padded = ids.masked_fill(mask == 0, 0)
+        assert torch.equal(gen.generate(padded, mask, max_new_tokens=6, eos_token_id=[]),
+                           merged.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                           eos_token_id=None, pad_token_id=0))
+
+
+@genai
+@pytest.mark.slow
+def test_builder_refusals_fall_back_and_a_structural_difference_installs_nothing(tmp_path, monkeypatch):
+    import lora_fx
+
+    lgm, _ = _lorafied(tiny_llama(), tmp_path)
+    real = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime_genai" else real(n, *a))
+        rep = lora_fx.fold_and_export(lgm, str(tmp_path / "a.onnx"), kv_cache=True, verify=False)
+    assert rep.backend == "torch_onnx" and any('pip install "lora-fx[genai]"' in n for n in rep.notes)
+    real_build = gb.build_pair
+
+    def tampered(*args, **kwargs):  # a builder whose graph depended on weight values
+        built = real_build(*args, **kwargs)
+        proto = onnx.load(built.base, load_external_data=False)
+        next(a for a in next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention").attribute
+             if a.name == "do_rotary").i = 0
+        onnx.save(proto, built.base)
+        return built
+
+    monkeypatch.setattr(gb, "build_pair", tampered)
+    with pytest.raises(VerifyError, match="GroupQueryAttention"):
+        lora_fx.fold_and_export(lgm, str(tmp_path / "b.onnx"), kv_cache=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "config.json", "genai_config.json",
+                                                         "generation_config.json", "tok", "tokenizer.json",
+                                                         "tokenizer_config.json"]
