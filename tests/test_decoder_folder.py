@@ -97,3 +97,43 @@ def test_exported_folder_runs_in_genai(tmp_path, quantize):
 
     tok = og.Tokenizer(og.Model(str(out)))
     assert np.asarray(tok.encode("ab")).size >= 1
+
+
+@pytest.mark.slow
+def test_multi_lora_folder_switches_adapters_in_genai(tmp_path):
+    """export_multi_lora(kv_cache=True) writes a folder og.Model loads; og.Adapters switches per request and
+    each adapter's greedy tokens equal those of that adapter's fold (HF generate on the merged model)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from lora_fx.exporters.decoder.capture import merged_model
+    from lora_fx.exporters.multi_lora import export_multi_lora, write_ort_adapter
+
+    model, ids, targets = _model_with_tokenizer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = lora_fx.trace(model, (ids,))
+    lgm = lora_fx.lorafy(gm, targets, rank=4, alpha=8)
+    out = tmp_path / "multi"
+    out.mkdir()
+    mapping = export_multi_lora(lgm, out / "model.onnx", kv_cache=True)
+    assert {"genai_config.json", "config.json", "tokenizer.json"} <= set(os.listdir(out))
+    prompt = ids[:1, :6]
+    merged = {}
+    for seed in (1, 2):
+        randomize_lora(lgm, std=0.3, seed=seed)
+        write_ort_adapter(lgm, out / f"a{seed}.onnx_adapter", mapping)
+        merged[seed] = merged_model(lgm).generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                                  pad_token_id=0)[0].tolist()
+    assert merged[1] != merged[2]
+    og_model = og.Model(str(out))
+    adapters = og.Adapters(og_model)
+    for seed in (1, 2):
+        adapters.load(str(out / f"a{seed}.onnx_adapter"), f"a{seed}")
+    for seed in (2, 1):  # switched per request, in either order
+        params = og.GeneratorParams(og_model)
+        params.set_search_options(max_length=prompt.shape[1] + 10, do_sample=False)
+        gen = og.Generator(og_model, params)
+        gen.set_active_adapter(adapters, f"a{seed}")
+        gen.append_tokens(prompt.numpy())
+        while not gen.is_done():
+            gen.generate_next_token()
+        assert [int(t) for t in gen.get_sequence(0)] == merged[seed]
