@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .capture_retry import capture, noop_casts
 from .dynamic_dims import input_names, prove_dims
 from .errors import CaptureError, ExportError
 from .graph_facts import symbolic_dims
@@ -98,7 +99,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        gm = _export(model, args, kwargs, shapes)
+        attempt = capture(model, args, kwargs, shapes, _export, lambda a, k: dynamic_shapes_for(a, k, model),
+                          static_retry=dynamic_shapes is None)
+        gm, kwargs, notes = attempt.gm, attempt.kwargs, notes + attempt.notes
+        dynamic = dynamic and attempt.shapes is not None  # the ladder's static rung: a static graph and file
         if functionalize(gm.graph):  # in-place writes backward would trip on (custom autograd Functions)
             gm.recompile()
         dims, static_notes = None if dynamic else {}, []
@@ -109,7 +113,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         if train_capture and _has_mode_ops(gm.graph):
             model.train()
             try:  # static shapes: only the mode ops' rates are read from this graph
-                train_rates = _mode_rates(_export(model, args, kwargs, None).graph)
+                with noop_casts():
+                    train_rates = _mode_rates(_export(model, args, kwargs, None).graph)
             except CaptureError as e:  # e.g. wav2vec2's LayerDrop: `if self.training and torch.rand([]) < p`
                 notes.append(_train_capture_note(e))
     finally:

@@ -197,6 +197,12 @@ def _note(s: Symbol, names: list[str], args: tuple, kwargs: dict, why: str) -> s
             f"{why}. Inputs must have exactly that size there")
 
 
+def static_notes(gm: nn.Module) -> list[str]:
+    """trace's notes on the input dims the capture fixed (static in every export), for the reports."""
+    cap = capture_of(gm)
+    return list(getattr(cap, "static_notes", None) or [])
+
+
 def dynamic_dims(gm: nn.Module, inputs: object) -> dict[int, set[int]] | None:
     """The dims of each input leaf the export declares dynamic (and verification grows): those trace proved,
     else the graph's symbolic ones (:func:`lora_fx.graph_facts.symbolic_dims`); None when unknown."""
@@ -206,3 +212,19 @@ def dynamic_dims(gm: nn.Module, inputs: object) -> dict[int, set[int]] | None:
     if cap is not None and getattr(cap, "dims", None) is not None:
         return {k: set(v) for k, v in cap.dims.items()}
     return symbolic_dims(gm.graph, inputs)
+
+
+def grown_failure(gm: nn.Module, example: tuple, inputs: tuple, who: str, e: BaseException) -> str:
+    """The message of a verification that failed at grown inputs: which input dims grew, from what size to what
+    (``input_ids dim 1: 8 -> 11``), who failed (torch, ONNX Runtime) and why."""
+    cap = capture_of(gm)
+    source = getattr(getattr(cap, "source", None), "module", None)
+    names = input_names(source, *example)
+    old, new = pytree.tree_leaves(example), pytree.tree_leaves(inputs)
+    grew = [f"{names[k]} dim {d}: {a.shape[d]} -> {b.shape[d]}" for k, (a, b) in enumerate(zip(old, new, strict=False))
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
+            for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    at = f"at grown sizes ({', '.join(grew)})" if grew else "at the example's sizes"
+    return (f"{who} failed {at}: {type(e).__name__}: {first}. The file declares those dims dynamic; trace(..., "
+            "dynamic=False) or an example of the size you deploy gives a static file")

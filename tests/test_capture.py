@@ -66,13 +66,32 @@ def test_train_mode_capture_failure_falls_back_with_a_note():
     assert not torch.equal(a, lgm(x))
 
 
-def test_eval_capture_failure_is_still_an_error():
-    class Bad(nn.Module):
-        def forward(self, x):
-            return x if x.sum() > 0 else -x
+class _Branchy(nn.Module):
+    """Python control flow on tensor values: torch.export cannot decide the branch."""
 
-    with pytest.raises(lora_fx.CaptureError, match="torch.where"):
-        lora_fx.trace(Bad(), (torch.randn(2, 4),))
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_a_data_dependent_branch_is_captured_as_the_example_takes_it_and_asserted():
+    x = torch.rand(2, 4)
+    with pytest.warns(UserWarning, match=r"could not decide 1 data-dependent branch\(es\) \(Eq\(u0, 1\)\)"):
+        gm = lora_fx.trace(_Branchy(), (x,))
+    torch.testing.assert_close(gm(x + 1), x + 1)
+    with pytest.raises(RuntimeError):  # the other branch: the graph's runtime assertion fails, never a wrong value
+        gm(-x - 1)
+
+
+def test_capture_failure_names_the_source_line_and_the_guard(monkeypatch):
+    from lora_fx import capture_retry
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("draft_export refused too")
+
+    monkeypatch.setattr(capture_retry, "_draft", refuse)
+    with pytest.raises(lora_fx.CaptureError, match=r"(?s)torch.where.*test_capture.py:\d+ in forward: return x if "
+                                                   r"x.sum\(\) > 0 else -x\nguard torch could not decide: Eq\(u0, 1\)"):
+        lora_fx.trace(_Branchy(), (torch.randn(2, 4),))
 
 
 class _StdConv(nn.Conv2d):
@@ -151,9 +170,11 @@ class _Scan(nn.Module):
 
 def test_a_size_fixed_by_the_model_code_is_reported_and_verification_keeps_it(tmp_path):
     ids = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"fixed dimension\(s\) \[1\] of input 0 \(shape \(2, 6\)\)"):
+    with pytest.warns(UserWarning, match=r"ids dim 1 \(size 6\): fixed to the example's size by the model's code"):
         gm = lora_fx.trace(_Scan(), (ids,))
-    assert [n for n in lora_fx.graph_module.capture_of(gm).mode_notes if "fixed dimension" in n]
+    cap = lora_fx.graph_module.capture_of(gm)
+    assert [n for n in cap.mode_notes if "ids dim 1 (size 6)" in n] == cap.static_notes
+    assert cap.dims == {0: (0,)}
     lgm = lora_fx.lorafy(gm, "proj", rank=2)
     torch.nn.init.normal_(lora_fx.lora_parameters(lgm)[1])
     rep = lora_fx.fold_and_export(lgm, str(tmp_path / "scan.onnx"))

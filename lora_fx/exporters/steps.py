@@ -20,6 +20,7 @@ import time
 
 from torch import fx
 
+from ..dynamic_dims import static_notes
 from ..errors import ExportError, VerifyError
 from ..graph_module import LoraFxModule, capture_of, copy_module, fold_report_of
 from ..passes.dtype import cast_inputs
@@ -52,7 +53,7 @@ def export_staged(lgm: LoraFxModule, staged: str, options: ExportOptions, args: 
     """Runs the steps on ``lgm``, writing under ``staged``'s folder; returns the report and the file to
     install (the backend's, or the quantized one). ``path``: the final target, for messages."""
     seconds: dict[str, float] = {}
-    notes: list[str] = []
+    notes: list[str] = static_notes(lgm)  # input dims the capture fixed: static in the file
     with timed(seconds, "fold"):
         module = fold_step(lgm, options)
     fold_report = fold_report_of(module)

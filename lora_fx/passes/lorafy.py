@@ -25,6 +25,7 @@ from .. import kinds
 from .._text import plural
 from ..capture import training_node
 from ..delta import Branch
+from ..dynamic_dims import static_notes
 from ..errors import SiteError
 from ..graph_facts import branch_leaf
 from ..graph_module import (
@@ -152,6 +153,7 @@ def lorafy(gm: fx.GraphModule, patterns, *, rank: int = 8, alpha: float | None =
                         [str(getattr(t.pattern, "pattern", t.pattern)) for t in unmatched])
     for note in notes:
         warnings.warn(f"lora_fx.lorafy: {note}", stacklevel=2)
+    report.notes += static_notes(gm)  # trace warned them: input sizes the graph (and its exports) fix
     base_code = prior.base_code if prior else GeneratedCode(gm)
     out.meta[LORA_KEY] = LoraState(branches, base_signature, report, base_code)
     return out

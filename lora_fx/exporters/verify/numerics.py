@@ -23,8 +23,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ...capture import auto_dims
-from ...errors import ExportError
-from ...graph_facts import symbolic_dims
+from ...dynamic_dims import dynamic_dims, grown_failure
+from ...errors import ExportError, VerifyError
 from ...graph_module import copy_module
 from ...passes.dtype import cast_inputs, float_dtype
 from .ort import available_providers, run_onnx
@@ -92,7 +92,12 @@ def check_numerics(lgm: fx.GraphModule, task: str, args: tuple, kwargs: dict, dt
     # torch first, then ORT: the session is the only other holder of the weights while it runs, and
     # it holds them once (low_memory: no constant-folded casts, no pre-packed copies) or, for a big
     # file, a bounded share at a time (segments.bounded_session: the graph run as a chain of parts).
-    cases = [(a, k, torch_outputs(ref_model, a, k)) for a, k in variants(args, kwargs, lgm)]
+    cases = []
+    for a, k in variants(args, kwargs, lgm):
+        try:
+            cases.append((a, k, torch_outputs(ref_model, a, k)))
+        except Exception as e:  # a size the graph cannot take: named, never a bare RuntimeError
+            raise VerifyError(grown_failure(lgm, (args, kwargs), (a, k), "the torch model", e)) from e
     del ref_model
     checks = []
     try:
@@ -102,10 +107,16 @@ def check_numerics(lgm: fx.GraphModule, task: str, args: tuple, kwargs: dict, dt
         return None, []
     provider = session.get_providers()[0]
     rtol = tolerance(float_dtype(lgm), dtype)
+    if len(cases) > 1 and all(isinstance(d, int) for i in session.get_inputs() for d in i.shape):
+        notes.append("numeric check at the example's sizes only: the file declares every input dimension static "
+                     "(dynamic=False, or the static fallback of a failed dynamic export)")
+        cases = cases[:1]
     for a, k, expected in cases:
         try:
             got = run_onnx(session, *cast_inputs((a, k), dtype))
         except ExportError as e:
+            if checks:  # ran at the example's sizes, fails at grown ones: the file's dynamic dims are wrong
+                raise VerifyError(grown_failure(lgm, (args, kwargs), (a, k), f"ONNX Runtime ({provider})", e)) from e
             notes.append(f"numeric check on {provider} skipped: {e}")
             return provider, checks
         err = output_errors(got, expected)
@@ -123,7 +134,7 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
     is checked on the sizes its graph, and so its ONNX file, accepts. No dimension left to grow: the
     example inputs only."""
     gen = torch.Generator().manual_seed(0)
-    dynamic = None if gm is None else symbolic_dims(gm.graph, (args, kwargs))
+    dynamic = None if gm is None else dynamic_dims(gm, (args, kwargs))  # the dims the file declares dynamic
 
     def grow(k, t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
