@@ -59,7 +59,7 @@ def _model(smoke: bool):
 
 def run(out: str, smoke: bool = False) -> dict[str, Any]:
     import lora_fx
-    from lora_fx.exporters.quantize.quantizers import as_config
+    from lora_fx.exporters.quantize import as_config
     from lora_fx.exporters.quantize.step import quantize_step
     from lora_fx.exporters.verify.ort import ort_session
 

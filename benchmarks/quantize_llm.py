@@ -155,7 +155,7 @@ def variants_stage(ns, res: dict) -> dict:
     """Adds ``ns.variants`` (other int4 settings, quantized from one fp32 folded export) to ``res``."""
     import lora_fx
     from lora_fx.capture import example_inputs
-    from lora_fx.exporters.quantize.quantizers import as_config, quantize_file
+    from lora_fx.exporters.quantize import as_config, quantize_file
     from lora_fx.exporters.quantize.step import quantized_error
     from lora_fx.exporters.verify.numerics import variants as shapes
 

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from .errors import LoraFxError
-from .exporters.backends.genai_builder import BUILDER_KEY
+from .exporters.format import BUILDER_KEY, DecoderLayout
 from .exporters.format import DECODER_KEY as METADATA_KEY
-from .exporters.format import DecoderLayout
 from .exporters.verify.ort import available_providers, ort_session
 
 __all__ = ["GenerationError", "OnnxGenerator"]

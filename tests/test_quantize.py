@@ -18,14 +18,8 @@ from lora_fx.adapters import save_adapter
 from lora_fx.errors import AdapterError, ExportError
 from lora_fx.exporters.backends.torch_onnx.onnx_io import export_onnx
 from lora_fx.exporters.format import QUANTIZE_KEY as META_KEY
-from lora_fx.exporters.quantize.quantizers import (
-    QuantizeConfig,
-    as_config,
-    output_heads,
-    prepare,
-    quantize_file,
-    read_config,
-)
+from lora_fx.exporters.quantize import QuantizeConfig, as_config, quantize_file, read_config
+from lora_fx.exporters.quantize.quantizers import output_heads, prepare
 from lora_fx.exporters.quantize.step import prove as _prove
 from lora_fx.exporters.quantize.step import quantize_step
 from lora_fx.exporters.verify.numerics import variants as _variants

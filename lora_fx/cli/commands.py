@@ -141,7 +141,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def _quantize(ns: argparse.Namespace):
     if not ns.quantize:
         return None
-    from ..exporters.quantize.quantizers import as_config
+    from ..exporters.quantize import as_config
 
     return as_config(ns.quantize, block_size=ns.block_size, symmetric=False if ns.asymmetric else None,
                      int8_method=ns.int8_method, exclude=tuple(ns.quantize_exclude or ()) or None,

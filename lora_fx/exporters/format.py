@@ -7,6 +7,7 @@ Metadata (``model.metadata_props``, JSON values)::
     lora_fx.multi_lora       a multi-LoRA export's parameter mapping (exporters/multi_lora.py)
     lora_fx.quantize         the QuantizeConfig a quantized file was made with (exporters/quantize/)
     lora_fx.derived_weights  {derived initializer: {"source": weight, "ops": [...]}} (optimize)
+    lora_fx.genai_builder    a builder-made decoder's settings, "padding": "right" (backends/genai_builder.py)
 
 Initializer names::
 
@@ -22,13 +23,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DECODER_KEY", "DERIVED_KEY", "MULTI_LORA_KEY", "QUANTIZE_KEY", "DecoderLayout", "derived_aliases", "derived_name",
+__all__ = ["BUILDER_KEY", "DECODER_KEY", "DERIVED_KEY", "MULTI_LORA_KEY", "QUANTIZE_KEY", "DecoderLayout", "derived_aliases", "derived_name",
            "derived_source", "is_untied_copy", "op_name"]
 
 DECODER_KEY = "lora_fx.decoder"
 MULTI_LORA_KEY = "lora_fx.multi_lora"
 QUANTIZE_KEY = "lora_fx.quantize"
 DERIVED_KEY = "lora_fx.derived_weights"
+BUILDER_KEY = "lora_fx.genai_builder"
 
 _SEP = "::"
 _UNTIED = re.compile(r".+_folded(_call\d+)?")

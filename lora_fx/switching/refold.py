@@ -41,7 +41,7 @@ from ..delta import Branch
 from ..errors import AdapterError, VerifyError
 from ..exporters import files as onnx_files
 from ..exporters.format import derived_name, is_untied_copy
-from ..exporters.quantize.quantizers import QuantizeReport, quantize_file, read_config
+from ..exporters.quantize import QuantizeReport, quantize_file, read_config
 from ..exporters.quantize.step import prove
 from ..graph_facts import untied_name
 from ..kinds import CONV, EMBED, IN_OUT, OUT_IN

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from ..files import ExportInfo
     from ..format import DecoderLayout
     from ..options import ExportOptions
-    from ..quantize.quantizers import QuantizeReport
+    from ..quantize.config import QuantizeReport
     from ..verify.structure import StructureReport
 
 __all__ = ["DEFAULT_BACKEND", "Backend", "ExportRequest", "ExportResult", "backend_names", "get_backend",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ExportError, VerifyError
+from ..format import BUILDER_KEY  # metadata: the builder's settings (and "padding": "right")
 from .base import Backend, ExportRequest, ExportResult, timed
 
 __all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "GenaiBuilder", "build_pair", "builder_architectures", "byte_level_tokenizer", "explained",
@@ -41,7 +42,6 @@ __all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "GenaiBuilder", "build_pair", 
            "unsupported"]
 
 GENAI_EXTRA = 'pip install "lora-fx[genai]"'
-BUILDER_KEY = "lora_fx.genai_builder"  # metadata: the builder's settings (and "padding": "right")
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
            "query_key_value": ("q_proj", "k_proj", "v_proj")}
 
@@ -347,7 +347,7 @@ def _quantize_report(cfg: Any, task: str, fp32_bytes: int, structure: Any) -> An
 
     from .. import files
     from ..quantize import QuantizeReport, as_config
-    from ..quantize.quantizers import QuantizeInfo
+    from ..quantize.config import QuantizeInfo
 
     counts: dict[str, int] = {}
     for n in onnx.load(task, load_external_data=False).graph.node:

@@ -18,7 +18,8 @@ from .. import files
 from ..verify.numerics import output_errors, torch_outputs
 from ..verify.ort import ort_session, run_onnx
 from ..verify.structure import compare_structure
-from .quantizers import QuantizeConfig, QuantizeReport, quantize_file
+from .config import QuantizeConfig, QuantizeReport
+from .quantizers import quantize_file
 
 __all__ = ["prove", "quantize_staged", "quantize_step", "quantized_error", "quantized_path"]
 
