@@ -97,3 +97,9 @@ def test_the_30_second_example_runs(tmp_path: Path):
     assert "verification: PASSED" in proc.stdout
     assert {p.name for p in tmp_path.iterdir()} >= {"base.onnx", "task.onnx", "adapters"}
     assert (tmp_path / "adapters" / "task" / "adapter_config.json").is_file()
+    # the command-line lines that follow the example
+    for line in ("verify base.onnx task.onnx", "export mlp --adapter adapters/task -o task2.onnx",
+                 "verify base.onnx task2.onnx"):
+        cli = subprocess.run([sys.executable, "-m", "lora_fx", *line.split()], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env=env)
+        assert cli.returncode == 0, f"lora-fx {line}: {cli.stdout[-2000:]}{cli.stderr[-2000:]}"
