@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -34,6 +35,12 @@ def test_progress_has_no_carriage_returns_off_a_terminal(capsys):
     assert "\r" not in err and err.count("\n") == 11 and "training: 20/20" in err
 
 
+def test_runs_record_when_and_where():
+    info = console.machine()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", info["date_utc"]) and info["cores"] >= 1
+    assert info["torch"] == torch.__version__
+
+
 def test_evaluate_scores_exact_match():
     class Tok:
         pad_token_id = 0
@@ -61,6 +68,7 @@ def test_demo_llm_quick_on_real_smollm2(tmp_path):
     res = demo_llm.run(str(tmp_path), quick=True, threads=1)
     saved = json.loads((tmp_path / "demo_llm.json").read_text())
     assert saved["exact_match_before"] == res["exact_match_before"] <= 0.125
+    assert saved["machine"]["date_utc"] == res["machine"]["date_utc"]
     ex = saved["export"]
     assert ex["verified"] and ex["structure_identical"] and ex["nodes"] == ex["base_nodes"]
     assert ex["changed_initializers"] == res["lora_sites"]

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import LoraFxError
 
-__all__ = ["Clock", "DemoError", "default_threads", "progress", "say", "setup"]
+__all__ = ["Clock", "DemoError", "default_threads", "machine", "progress", "say", "setup"]
 
 
 class DemoError(LoraFxError, RuntimeError):
@@ -60,6 +60,16 @@ def setup(threads: int | None, seed: int, extra: str) -> int:
     except ImportError as e:
         raise DemoError(f"the demo needs transformers: pip install 'lora-fx[{extra}]' ({e})") from e
     return threads
+
+
+def machine() -> dict[str, Any]:
+    """When and where a run happened (stored with its numbers: timings mean little without it)."""
+    import platform
+
+    return {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "cores": os.cpu_count(),
+            "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
 class Clock:

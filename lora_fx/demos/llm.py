@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .._text import plural
-from .console import Clock, DemoError, progress, say, setup
+from .console import Clock, DemoError, machine, progress, say, setup
 
 __all__ = ["EvalResult", "LlmDemoConfig", "evaluate", "hf_generate", "load_smollm2", "prompts", "run"]
 
@@ -232,7 +232,8 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     say(f"lora-fx demo llm{' --quick' if quick else ''}: {plural(threads, 'thread')}, {os.cpu_count()} cores, load "
         f"average {load:.1f}, seed {seed}, output in {out}/")
-    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__)}
+    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__),
+                           "machine": machine()}
     tokenizer, model = load_smollm2()
     train_set, test_set = make_dataset(cfg.n_train, cfg.n_test, seed=seed)
     res["load_seconds"] = clock.lap("load")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._text import plural
-from .console import Clock, DemoError, say, setup
+from .console import Clock, DemoError, machine, say, setup
 
 __all__ = ["DemoConfig", "IntentClassifier", "accuracy", "run", "train"]
 
@@ -261,7 +261,8 @@ def _run(out: str, quick: bool, threads: int | None, seed: int, config: DemoConf
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     say(f"lora-fx demo{' --quick' if quick else ''}: {plural(threads, 'thread')} for torch and ONNX Runtime "
         f"({os.cpu_count()} cores, load average {load:.1f}), seed {seed}, output in {out}/")
-    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__)}
+    res: dict[str, Any] = {"quick": quick, "threads": threads, "seed": seed, "config": dict(cfg.__dict__),
+                           "machine": machine()}
     tokenizer, model, train_set, test_set, labels = _build(cfg, seed)
     test_batches = _batches(test_set, 64, tokenizer)
     clock.lap("load_data_head")
