@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from torch import fx
+from torch import fx, nn
 
 from ..dynamic_dims import static_notes
 from ..errors import ExportError, VerifyError
@@ -49,18 +49,22 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 
 def export_staged(lgm: LoraFxModule, staged: str, options: ExportOptions, args: tuple, kwargs: dict, shapes,
-                  *, path: str, decoder: DecoderLayout | None = None) -> tuple[ExportReport, str]:
+                  *, path: str, decoder: DecoderLayout | None = None,
+                  source: nn.Module | None = None) -> tuple[ExportReport, str]:
     """Runs the steps on ``lgm``, writing under ``staged``'s folder; returns the report and the file to
-    install (the backend's, or the quantized one). ``path``: the final target, for messages."""
+    install (the backend's, or the quantized one). ``path``: the final target, for messages; ``source``:
+    the user's model (default: the one ``trace`` remembered for ``lgm``)."""
     seconds: dict[str, float] = {}
     notes: list[str] = static_notes(lgm)  # input dims the capture fixed: static in the file
     with timed(seconds, "fold"):
         module = fold_step(lgm, options)
     fold_report = fold_report_of(module)
     export_args, export_kwargs = cast_inputs((args, kwargs), options.dtype)
-    source = getattr(capture_of(lgm), "source", None)
-    request = ExportRequest(lgm, module, options, staged, export_args, export_kwargs, shapes,
-                            source=None if source is None else source.module, decoder=decoder)
+    if source is None:
+        remembered = getattr(capture_of(lgm), "source", None)
+        source = None if remembered is None else remembered.module
+    request = ExportRequest(lgm, module, options, staged, export_args, export_kwargs, shapes, source=source,
+                            decoder=decoder)
     del module  # the request holds the only reference: a backend may free it
     start = time.perf_counter()
     backend, result = backend_step(request, notes)

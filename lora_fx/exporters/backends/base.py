@@ -93,7 +93,8 @@ class ExportRequest:
             external data as ``<name>.onnx.data`` beside it); ``folder`` is yours for other files.
         args, kwargs, shapes: example inputs (in ``options.dtype``) and their dynamic shapes, as
             ``torch.export`` takes them.
-        source: the user's original model (``trace`` remembered it), or None.
+        source: the user's original model (``trace`` remembered it; for a decoder export the Hugging Face
+            model the KV-cache graph was captured from), or None.
         decoder: for ``export_decoder`` (``kv_cache=True``): the KV-cache layout the file must serve
             (exporters/format.py); None for a plain export.
     """

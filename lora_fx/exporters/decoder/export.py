@@ -61,7 +61,8 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
 
     def write(kv: LoraFxModule, layout: DecoderLayout, raw: str) -> tuple[ExportReport, str]:
         args, kwargs, shapes = example_inputs(kv, None, None, options.dynamic)
-        return export_staged(kv, raw, options, args, kwargs, shapes, path=final, decoder=layout)
+        return export_staged(kv, raw, options, args, kwargs, shapes, path=final, decoder=layout,
+                             source=source_model(lgm))
 
     def check(kv: LoraFxModule, layout: DecoderLayout, named: str, report: ExportReport) -> None:
         if not options.verify:
