@@ -224,7 +224,6 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     import lora_fx
 
     from ..examples.orders import make_dataset
-    from ..exporters.decoder.capture import merged_model
 
     clock = Clock()
     threads = setup(threads, seed, extra="llm")
@@ -263,7 +262,7 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
     say(f"trained {cfg.steps} steps x {cfg.batch} (AdamW lr {cfg.lr:g}) in {res['train_seconds']:.0f}s; loss "
         f"{res['losses'][0]:.3f} -> {res['losses'][-1]:.3f}")
 
-    merged = merged_model(lgm)
+    merged = lora_fx.merged_model(lgm)
     after = evaluate(hf_generate(merged), tokenizer, test_set, max_new_tokens=cfg.max_new_tokens,
                      desc="fine-tuned (PyTorch), held-out")
     res["exact_match_after"] = after.exact_match
