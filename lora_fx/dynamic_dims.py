@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .errors import short_message
 from .graph_facts import input_sizes
 from .graph_module import capture_of
 
@@ -137,14 +138,12 @@ def _run(model: nn.Module, gm: nn.Module, inputs: tuple, exact: bool) -> str | N
         with torch.no_grad():
             got = gm(*args, **kwargs)
     except Exception as e:  # the graph fixed the size: a reshape, a view, an index out of range
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return f"the captured graph fails there ({type(e).__name__}: {first})"
+        return f"the captured graph fails there ({short_message(e, 1)[:240]})"
     try:
         with torch.no_grad():
             want = model(*args, **kwargs)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        return f"the model itself fails there ({type(e).__name__}: {first})"
+        return f"the model itself fails there ({short_message(e, 1)[:240]})"
     why = _mismatch(got, want)
     return None if why is None or not exact else f"the captured graph's {why}"
 
@@ -224,7 +223,22 @@ def grown_failure(gm: nn.Module, example: tuple, inputs: tuple, who: str, e: Bas
     grew = [f"{names[k]} dim {d}: {a.shape[d]} -> {b.shape[d]}" for k, (a, b) in enumerate(zip(old, new, strict=False))
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
             for d in range(a.dim()) if a.shape[d] != b.shape[d]]
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     at = f"at grown sizes ({', '.join(grew)})" if grew else "at the example's sizes"
-    return (f"{who} failed {at}: {type(e).__name__}: {first}. The file declares those dims dynamic; trace(..., "
+    return (f"{who} failed {at}: {short_message(e, 1)[:300]}. The file declares those dims dynamic; trace(..., "
             "dynamic=False) or an example of the size you deploy gives a static file")
+
+
+def asserts_values(gm: nn.Module) -> bool:
+    """Whether the graph asserts facts about input values at run time (draft_export's data-dependent branches,
+    unbacked sizes): verification then grows the example by repetition, not with random values."""
+    graph = getattr(gm, "graph", None)
+    return graph is not None and any(n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default
+                                     for n in graph.nodes)
+
+
+def grow_to(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """``t`` grown to ``shape`` by :func:`grow` along each dim that differs."""
+    for d, size in enumerate(shape):
+        if t.shape[d] != size:
+            t = grow(t, d, size)
+    return t

@@ -23,7 +23,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ...capture import auto_dims
-from ...dynamic_dims import dynamic_dims, grown_failure
+from ...dynamic_dims import asserts_values, dynamic_dims, grow_to, grown_failure
 from ...errors import ExportError, VerifyError
 from ...graph_module import copy_module
 from ...passes.dtype import cast_inputs, float_dtype
@@ -135,6 +135,7 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
     example inputs only."""
     gen = torch.Generator().manual_seed(0)
     dynamic = None if gm is None else dynamic_dims(gm, (args, kwargs))  # the dims the file declares dynamic
+    repeat = gm is not None and asserts_values(gm)
 
     def grow(k, t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
@@ -143,6 +144,8 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
         for d in auto_dims(t):  # batch + 1, token sequence + 3: the dims trace makes dynamic
             if dynamic is None or d in dynamic.get(k, ()):
                 shape[d] += 1 if d == 0 else 3
+        if repeat:  # the graph asserts the example's data-dependent branches: keep its values
+            return grow_to(t, shape)
         if t.is_floating_point():
             return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
         hi = int(t.max()) + 1 if t.numel() else 2
