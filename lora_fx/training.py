@@ -12,8 +12,11 @@ What each piece is for:
 * ``forward(input_ids, attention_mask, labels)`` calls the captured graph, which returns the model's
   own output (``CausalLMOutputWithPast(loss, logits)``: Trainer reads ``outputs["loss"]``). Inputs the
   trace did not take raise :class:`TrainingError`; ``use_cache=False`` (TRL passes it) is dropped.
-* ``accepts_loss_kwargs = False``: the graph cannot take ``num_items_in_batch``, so Trainer divides
-  each micro-batch's mean loss by the gradient accumulation steps (as for any model without loss kwargs).
+* ``accepts_loss_kwargs``: True for a causal LM traced with labels (``loss_type == "ForCausalLM"``): the
+  graph's loss is the mean over the micro-batch's ``n`` predicted tokens, and ``forward`` turns it into the
+  sum over the whole accumulated batch (``mean * n / num_items_in_batch``), as Hugging Face's own loss
+  does, so gradient accumulation weighs every token alike. Otherwise False: Trainer divides each
+  micro-batch's mean loss by the accumulation steps.
 * ``state_dict()`` holds the trainable tensors only (the LoRA A/B): Trainer saves a module that is not
   a ``PreTrainedModel`` as its state dict, which would be a copy of the frozen base in every checkpoint
   (and fails on tied weights: safetensors refuses shared tensors). ``resume_from_checkpoint`` loads it
@@ -88,6 +91,7 @@ class TrainerModule(nn.Module):
         self.graph_module = lgm
         self.source = cap.source.module if cap.source is not None else None  # not a submodule: no second copy
         self.input_names = tuple(cap.kwargs)
+        self.accepts_loss_kwargs = getattr(self.source, "loss_type", None) == "ForCausalLM" and "labels" in cap.kwargs
         config = config if config is not None else getattr(self.source, "config", None)
         if config is not None:  # Trainer and TRL test hasattr(model, "config")
             self.config = config
@@ -108,8 +112,10 @@ class TrainerModule(nn.Module):
         """The captured graph on these inputs (its output: the traced model's, e.g. ``loss`` and ``logits``).
 
         Without ``labels`` (a graph traced with them), the loss is dropped from the output: the graph
-        runs with every label ignored and its logits are returned.
+        runs with every label ignored and its logits are returned. With ``num_items_in_batch`` (Trainer
+        passes it when ``accepts_loss_kwargs``) the causal-LM mean loss becomes ``mean * n / num_items``.
         """
+        num_items = inputs.pop("num_items_in_batch", None) if self.accepts_loss_kwargs else None
         no_labels = labels is None and "labels" in self.input_names and isinstance(input_ids, torch.Tensor)
         if no_labels:  # every label ignored: the logits are right, the loss (0 / 0) is dropped below
             labels = torch.full_like(input_ids, -100)
@@ -117,6 +123,8 @@ class TrainerModule(nn.Module):
         out = self.graph_module(**_graph_inputs(self.input_names, inputs, "TrainerModule"))
         if no_labels and isinstance(out, dict) and "loss" in out:
             out = type(out)(**{k: v for k, v in out.items() if k != "loss"})
+        elif num_items is not None and isinstance(out, dict) and out.get("loss") is not None:
+            out["loss"] = out["loss"] * (labels[..., 1:] != -100).sum() / num_items  # HF's shifted-label count
         return out
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):

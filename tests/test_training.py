@@ -168,6 +168,12 @@ def test_forward_without_labels_returns_logits_only(tiny):
         out = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         ref = wrapped(**batch)
     assert "loss" not in out and torch.equal(out["logits"], ref["logits"])
+    # gradient accumulation over tokens: the loss as the sum over the micro-batch / all accumulated tokens
+    assert wrapped.accepts_loss_kwargs
+    with torch.no_grad():
+        summed = wrapped(**batch, num_items_in_batch=torch.tensor(50))["loss"]
+    logits, labels = ref["logits"][:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+    assert_close(summed, torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / 50)
 
 
 def test_bad_input(tiny, zoo_traced):
