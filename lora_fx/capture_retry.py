@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, short_message
 
 
 @dataclass
@@ -120,8 +120,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
                     kw, notes = masked, [*notes, _MASK_NOTE]
                 if not data_dependent(cause):
                     break  # draft_export only gets past data-dependent guards
-    cause = first.__cause__ if isinstance(first, CaptureError) and first.__cause__ is not None else first
-    raise CaptureError(f"{first}{where(cause)}") from cause
+    head = first.__cause__ if isinstance(first, CaptureError) and first.__cause__ is not None else first
+    last = "" if cause is head else (f"\nthe retries (attention_mask=ones, draft_export, static shapes) got further; "
+                                     f"the last failure: {short_message(cause, 3)}{where(cause)}")
+    raise CaptureError(f"{first}{where(head)}{last}") from head
 
 
 def _attempt(model, args, kw, dyn, draft: bool, export: Callable, notes: list[str]) -> Attempt:

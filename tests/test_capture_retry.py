@@ -97,7 +97,8 @@ REFUSED = {
                                attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0})),
     "nystromformer": ("base", "ids", dict(num_landmarks=4, segment_means_seq_len=8, conv_kernel_size=3)),
 }
-SHIPPED = {"fsmt", "led", "longformer", "longt5"}  # measured; the rest raise CaptureError (docs/capture.md)
+SHIPPED = {"fsmt", "longt5"}  # measured (docs/capture.md): captured, trained, exported and verified
+NEAR_MISS = {"led", "longformer"}  # captured and trained; ORT vs torch 1.1-1.7e-4, over fp32's 1e-4: VerifyError
 
 
 @pytest.mark.slow
@@ -107,7 +108,7 @@ def test_hf_models_torch_export_refuses(name, tmp_path):
 
     head, inputs, overrides = REFUSED[name]
     model, args, kwargs = hf(name, head, inputs, **overrides)()
-    if name not in SHIPPED:
+    if name not in SHIPPED | NEAR_MISS:
         with pytest.raises(lora_fx.CaptureError, match=r"(?s)\nat .+:\d+ in \w+: "):
             lora_fx.trace(model, args, kwargs)
         return
@@ -117,5 +118,9 @@ def test_hf_models_torch_export_refuses(name, tmp_path):
     randomize_lora(lgm)
     lgm.train()
     first_tensor(lgm(*args, **kwargs)).pow(2).mean().backward()
+    if name in NEAR_MISS:
+        with pytest.raises(lora_fx.VerifyError, match=r"max rel err 1\.\de-04 \(TOO LARGE\)"):
+            lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
+        return
     rep = lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
     assert rep.verification.ok and rep.verification.numerics
