@@ -51,8 +51,8 @@ from .llm_variants import setup as llm_setup
 
 NAME = "variants"
 VARIANTS = ("peft-dora", "peft-dora#2", "lora-fx-dora", "peft", "lora-fx", "floor")
-MEMORY = ("peft-dora", "lora-fx-dora", "peft", "lora-fx")
-ROUNDS = 4
+MEMORY = ("peft-dora", "lora-fx-dora")  # plain LoRA's peak at this shape: training_llm
+ROUNDS = 3
 GOALS = {"time lora-fx-dora / peft-dora": ("time", 0.8), "memory lora-fx-dora / peft-dora": ("memory", 1.0)}
 FOLD_VARIANTS = {"LoRA": {}, "rsLoRA": {"use_rslora": True}, "DoRA": {"dora": True}, "PiSSA": {"init": "pissa"},
                  "OLoRA": {"init": "olora"}}
@@ -157,11 +157,14 @@ def fold_table(smoke: bool) -> dict[str, dict[str, Any]]:
             folded = lora_fx.fold(lgm)(ids).logits
         row = {"max_abs_diff": float((folded - unfolded).abs().max()), "max_abs_logit": float(unfolded.abs().max())}
         if not smoke:
-            with tempfile.TemporaryDirectory() as d:
-                report = lora_fx.fold_and_export(lgm, os.path.join(d, "task.onnx"))
-            v = report.verification
-            row |= {"proof": bool(v.ok and v.structure.ok and report.lora_nodes_added == 0),
-                    "export_max_rel_err": max(n.max_rel_err for n in v.numerics)}
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    report = lora_fx.fold_and_export(lgm, os.path.join(d, "task.onnx"))
+                v = report.verification
+                row |= {"proof": bool(v.ok and v.structure.ok and report.lora_nodes_added == 0),
+                        "export_max_rel_err": max(n.max_rel_err for n in v.numerics)}
+            except Exception as e:  # reported in the table; the timings measured before are kept
+                row |= {"proof": f"export failed: {type(e).__name__}: {str(e)[:120]}"}
         rows[name] = row
         log(f"{NAME}: fold {name}: {row}")
     return rows
@@ -183,7 +186,7 @@ def _run(out: str, smoke: bool, rounds: int, shape: str) -> dict[str, Any]:
     args = ["--threads", "1", *(["--smoke"] if smoke else [])]
     os.environ["LORA_FX_VARIANTS_SHAPE"] = shape  # the memory children run the same shape
     memory: dict[str, dict[str, Any]] = {}
-    for v in MEMORY[:2] if smoke else MEMORY:
+    for v in MEMORY:
         try:
             memory.update(run_children("benchmarks.variants", [v], args, timeout=CHILD_TIMEOUT_S))
             log(f"{NAME}: {v}: peak {memory[v]['peak_mb'] - memory[v]['rss_imports_mb']:.0f} MB over imports")
