@@ -131,14 +131,17 @@ def _mismatch(got: object, want: object) -> str | None:
     return None
 
 
-def _run(model: nn.Module, gm: nn.Module, inputs: tuple, exact: bool) -> str | None:
-    """None when the captured graph runs on ``inputs`` and (``exact``) equals the model there; else why not."""
+def _run(model: nn.Module | None, gm: nn.Module, inputs: tuple, exact: bool) -> str | None:
+    """None when the captured graph runs on ``inputs`` and (``exact``) equals the model there (no ``model``:
+    runs); else why not."""
     args, kwargs = inputs
     try:
         with torch.no_grad():
             got = gm(*args, **kwargs)
     except Exception as e:  # the graph fixed the size: a reshape, a view, an index out of range
         return f"the captured graph fails there ({short_message(e, 1)[:240]})"
+    if model is None:
+        return None
     try:
         with torch.no_grad():
             want = model(*args, **kwargs)
@@ -166,12 +169,13 @@ def prove_dims(model: nn.Module, gm: nn.Module, args: tuple, kwargs: dict
         return None, []
     failed: dict[str, str] = {}
     if syms:
-        exact = _run(model, gm, inputs, True) is None  # outputs comparable at all (else: runs and shapes only)
-        together = [_run(model, gm, grown(inputs, syms, {s.name: g for s in syms}), exact) for g in GROWTH]
-        if any(together):
+        together = [_run(model, gm, grown(inputs, syms, {s.name: g for s in syms}), True) for g in GROWTH]
+        if any(together):  # find the culprits; first, whether the model and the graph agree at the example
+            base = _run(model, gm, inputs, True)
+            reference = None if base is not None and "model itself fails" in base else model
             for s in syms:
                 for g in GROWTH:
-                    why = _run(model, gm, grown(inputs, syms, {s.name: g}), exact)
+                    why = _run(reference, gm, grown(inputs, syms, {s.name: g}), base is None)
                     if why:
                         failed[s.name] = f"at size {s.value + g}: {why}"
                         break
