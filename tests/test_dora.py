@@ -143,6 +143,7 @@ def test_expanded_row_norm_equals_the_direct_norm():
     assert (row_norms(w, a, b, 1.5) - direct).abs().max() / direct.min() < 1e-6
 
 
+@pytest.mark.slow
 def test_fused_qkv_slices_take_dora_and_fold_exactly():
     torch.manual_seed(0)
     model, _, args = gpt2()
