@@ -244,7 +244,9 @@ def table(path: str = RESULTS) -> str:
 _SHORT = (("ONNX translation", "grouped_mm: transformers' ONNX translation"),
           ("aten.view exported as aten.reshape", "views exported as reshapes"),
           ("train-mode capture", "train-mode capture failed (LayerDrop): eval graph's dropout only"),
-          ("fixed dimension", "sequence length fixed by the model's code (static in the export)"))
+          ("fixed dimension", "sequence length fixed by the model's code (static in the export)"),
+          ("unoptimized: ", "the ONNX optimizer failed: unoptimized file (dynamic)"),
+          ("static: the dynamic export failed", "the dynamic export failed in torch.onnx: static file"))
 
 
 def _short_notes(notes: list[str]) -> str:

@@ -393,5 +393,105 @@ VISION_MODELS: list[SweepModel] = [
     SweepModel("torchvision", "squeezenet1_1", tv_model("squeezenet1_1", num_classes=10), ("*.squeeze",)),
 ]
 
-SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS
-FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "timm", "torchvision")
+# ------------------------------------------------------------------------ issue #27: a wider sweep (56 more)
+
+TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+            max_position_embeddings=64, projection_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PIXELS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+              patch_size=8, projection_dim=16)
+
+
+def hf_inputs(model_type: str, inputs: Callable[[Any], tuple[tuple, dict]], auto: str = "AutoModel",
+              **settings: Any) -> Callable[[], Example]:
+    """A random tiny Hugging Face model whose inputs are not the ``hf`` kinds: ``inputs(config)`` makes them."""
+
+    def build() -> Example:
+        import transformers as tf
+
+        cfg = tf.AutoConfig.for_model(model_type, **settings)
+        torch.manual_seed(0)
+        cls = getattr(tf, auto)
+        model = (cls.from_config(cfg) if auto.startswith("Auto") else cls(cfg)).eval()
+        args, kwargs = inputs(cfg)
+        return model, args, kwargs
+
+    return build
+
+
+def _text_image(cfg: Any) -> tuple[tuple, dict]:
+    return (), {"input_ids": _ids(), "pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+
+
+def dual(model_type: str, text: dict | None = None, vision: dict | None = None, auto: str = "AutoModel",
+         **settings: Any) -> Callable[[], Example]:
+    """A tiny text-image model (CLIP-style dual encoders, BLIP, ViLT): ``input_ids`` and ``pixel_values``."""
+    return hf_inputs(model_type, _text_image, auto, text_config={**TEXT, **(text or {})},
+                     vision_config={**PIXELS, **(vision or {})}, projection_dim=16, **settings)
+
+
+def _features(frames: int, bins: int, name: str = "input_features") -> Callable[[Any], tuple[tuple, dict]]:
+    return lambda cfg: ((), {name: torch.randn(2, frames, bins, generator=torch.Generator().manual_seed(0))})
+
+
+PYRAMID = dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2], strides=[4, 2],
+               mlp_ratios=[2, 2])  # PVT / SegFormer stages
+MORE_MODELS: list[SweepModel] = [
+    # decoders: dense, hybrids, MLA; MoE
+    _m("decoder", "zamba2", QKV, mamba_d_state=8, n_mamba_heads=8, layers_block_type=["mamba", "hybrid"],
+       use_mamba_kernels=False, head_dim=None),  # Mamba-2 layers and a shared attention block
+    _m("decoder", "jais2", QKV), _m("decoder", "mellum", QKV), _m("decoder", "iquestcoder", QKV),
+    _m("decoder", "granite_swa", QKV), _m("decoder", "hy_v3", QKV), _m("decoder", "laguna", QKV),
+    _m("decoder", "apertus1p5_text", QKV), _m("decoder", "solar_open", QKV),
+    _m("decoder", "youtu", ("q_b_proj", "kv_b_proj"), **MLA),
+    _m("decoder", "xlm", ["q_lin", "v_lin"], emb_dim=32, n_layers=2, n_heads=4),
+    _m("decoder", "bert-generation", BERT), _m("decoder", "roberta-prelayernorm", BERT),
+    _m("moe", "sarvam_mla", ("q_b_proj", "kv_b_proj"), **MLA),
+    _m("moe", "aria_text", QKV), _m("moe", "exaone_moe", QKV), _m("moe", "minimax_m2", QKV),
+    _m("moe", "sarvam_moe", QKV), _m("moe", "granitemoe_swa", QKV), _m("moe", "minicpm5_moe", ["v_proj"]),
+    _m("moe", "longcat_flash", ("q_b_proj", "kv_b_proj"), **MLA),
+    # sequence-classification heads
+    _m("classifier", "mistral", QKV), _m("classifier", "gemma", QKV), _m("classifier", "phi3", ["qkv_proj"]),
+    _m("classifier", "roberta", BERT), _m("classifier", "deberta-v2", ["query_proj", "value_proj"]),
+    _m("classifier", "modernbert", ["Wqkv"]), _m("classifier", "electra", BERT),
+    # encoders
+    _m("encoder", "camembert", BERT), _m("encoder", "ernie", BERT), _m("encoder", "megatron-bert", BERT),
+    _m("encoder", "fnet", ["dense"]), _m("encoder", "ibert", BERT),
+    # encoder-decoders
+    _m("encoder-decoder", "blenderbot-small", QKV), _m("encoder-decoder", "mvp", QKV),
+    _m("encoder-decoder", "bigbird_pegasus", QKV, attention_type="original_full"),
+    SweepModel("encoder-decoder", "prophetnet", hf_inputs(  # n-gram decoder streams (SplitToSequence in ONNX)
+        "prophetnet", lambda cfg: ((_ids(),), {"decoder_input_ids": _ids(6)}), "AutoModelForSeq2SeqLM", hidden_size=32,
+        num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, ngram=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, use_cache=False), ("query_proj", "value_proj")),
+    # vision
+    _m("vision", "dinov2_with_registers", QKV), _m("vision", "convnextv2", ["pwconv1"]),
+    _m("vision", "focalnet", ["fc1"]), _m("vision", "mobilenet_v2", ["convolution"]), _m("vision", "pvt", BERT, **PYRAMID, patch_sizes=[4, 2],
+       sequence_reduction_ratios=[2, 1]),
+    _m("vision", "segformer", ["q_proj"], **PYRAMID, patch_sizes=[7, 3], sr_ratios=[2, 1]),
+    _m("vision", "swinv2", BERT, num_heads=[2, 2], window_size=2, num_attention_heads=None),
+    _m("vision", "dinov3_vit", QKV),
+    # audio
+    _m("audio", "data2vec-audio", QKV), _m("audio", "sew", QKV),
+    _m("audio", "wav2vec2-conformer", ["linear_q", "linear_v"]),
+    SweepModel("audio", "audio-spectrogram-transformer",
+               hf_inputs("audio-spectrogram-transformer", _features(64, 16, "input_values"), **AUDIO, max_length=64,
+                         frequency_stride=4, time_stride=4, patch_size=8), QKV),
+    # multimodal
+    SweepModel("multimodal", "clip", dual("clip"), QKV),
+    SweepModel("multimodal", "siglip", dual("siglip"), QKV),
+    SweepModel("multimodal", "blip-itm", dual("blip", {"encoder_hidden_size": 32}, auto="BlipForImageTextRetrieval"),
+               ("query", "qkv")),
+]
+# timm: tiny configs of more families (mixers, hybrids, efficient CNNs)
+MORE_MODELS += [
+    SweepModel("timm", "cait", timm_model("cait_xxs24_224", 32, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                          num_heads=2), ("*.attn.qkv", "*.attn.q")),
+    SweepModel("timm", "efficientvit", timm_model("efficientvit_b0"), ("*.conv",)),
+    SweepModel("timm", "mobilenetv4", timm_model("mobilenetv4_conv_small"), ("*.conv",)),
+    SweepModel("timm", "sequencer", timm_model("sequencer2d_s", 32, layers=(1, 1, 1, 1)), ("*.mlp_channels.fc1",)),
+]
+
+SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS + MORE_MODELS
+FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "multimodal", "timm",
+            "torchvision")

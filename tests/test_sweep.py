@@ -36,5 +36,5 @@ def test_sweep_lists_enough_models():
     for m in SWEEP:
         per[m.family] = per.get(m.family, 0) + 1
     hf = sum(n for f, n in per.items() if f not in ("timm", "torchvision"))
-    assert hf >= 40 and per["timm"] >= 15, per
+    assert hf >= 40 and per["timm"] >= 15 and per["multimodal"] >= 3, per
     assert len({(m.family, m.name) for m in SWEEP}) == len(SWEEP)
