@@ -72,8 +72,15 @@ def data_dependent(e: BaseException) -> bool:
 
 def _draft(model: nn.Module, args: tuple, kwargs: dict, shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     """``torch.export.draft_export``: the data-dependent guards it specialised to the example (each asserted)."""
-    logging.getLogger("torch.export._draft_export").setLevel(logging.ERROR)
-    ep = torch.export.draft_export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    loggers = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [log.level for log in loggers]
+    for log in loggers:  # draft_export logs each specialised guard with the whole graph: the note says it once
+        log.setLevel(logging.ERROR)
+    try:
+        ep = torch.export.draft_export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
     report = getattr(ep, "_report", None)
     guards = [str(f.data.get("expr")) for f in getattr(report, "failures", []) if "expr" in getattr(f, "data", {})]
     return ep.module(check_guards=False), guards
