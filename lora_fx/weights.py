@@ -194,19 +194,12 @@ def load_weights(module: nn.Module, folder: str | os.PathLike, *, strict: bool =
             report.tied.update({n: present[0] for n in names if n not in files})
     report.unused = sorted(k for k in files if k not in slots)
     _check_plan(module, slots, groups, plan, files, lora, report, strict, folder)
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = {}
-    for key in plan:
-        by_file.setdefault(files[key], []).append(key)
-    for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for key in keys:
-                old = slots[key][3]
-                value = f.get_tensor(key).to(dtype=old.dtype, device="cpu" if old.is_meta else old.device)
-                _replace(slots, groups[id(old)], value)
-                report.loaded += 1
-                report.bytes += value.numel() * value.element_size()
+    for _, f, key in _open_by_file(plan, files):
+        old = slots[key][3]
+        value = f.get_tensor(key).to(dtype=old.dtype, device="cpu" if old.is_meta else old.device)
+        _replace(slots, groups[id(old)], value)
+        report.loaded += 1
+        report.bytes += value.numel() * value.element_size()
     report.lora_initialised = _init_lora(module, slots, groups, lora, lora_init)
     check_materialized(module, "load_weights")
     if isinstance(module, fx.GraphModule):
@@ -298,6 +291,16 @@ def _check_plan(module, slots, groups, plan, files, lora, report, strict, folder
     if strict and report.unused:
         raise WeightsError(f"checkpoint keys the module does not read: {report.unused[:3]} ({len(report.unused)} "
                            "in all); pass strict=False to ignore them")
+    for path, f, key in _open_by_file(plan, files):
+        shape = tuple(f.get_slice(key).get_shape())
+        want = tuple(slots[key][3].shape)
+        if shape != want:
+            raise WeightsError(f"{key}: checkpoint {os.path.basename(path)} has shape {shape}, the "
+                               f"module expects {want}; nothing was loaded")
+
+
+def _open_by_file(plan, files):
+    """Yields ``(path, open safetensors file, key)`` for each planned key, opening each file once."""
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -306,11 +309,7 @@ def _check_plan(module, slots, groups, plan, files, lora, report, strict, folder
     for path, keys in by_file.items():
         with safe_open(path, framework="pt") as f:
             for key in keys:
-                shape = tuple(f.get_slice(key).get_shape())
-                want = tuple(slots[key][3].shape)
-                if shape != want:
-                    raise WeightsError(f"{key}: checkpoint {os.path.basename(path)} has shape {shape}, the "
-                                       f"module expects {want}; nothing was loaded")
+                yield path, f, key
 
 
 def _replace(slots, names: list[str], value: torch.Tensor) -> None:
