@@ -40,14 +40,8 @@ def conv_params(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object, object,
 
 class Conv(OpKind):
     name = "conv"
-    functions = {
-        aten.conv1d.default: OpSpec("conv", 0, 1, CONV),
-        aten.conv2d.default: OpSpec("conv", 0, 1, CONV),
-        aten.conv1d.padding: OpSpec("conv", 0, 1, CONV),
-        aten.conv2d.padding: OpSpec("conv", 0, 1, CONV),
-        F.conv1d: OpSpec("conv", 0, 1, CONV),
-        F.conv2d: OpSpec("conv", 0, 1, CONV),
-    }
+    functions = {op: OpSpec("conv", 0, 1, CONV) for op in (
+        aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding, F.conv1d, F.conv2d)}
     modules = {nn.Conv1d: OpSpec("conv", 0, -1, CONV), nn.Conv2d: OpSpec("conv", 0, -1, CONV)}
     layouts = {CONV: lambda d, shape: d.reshape(shape)}
     peft_modules = {"Conv1d": "conv1d", "Conv2d": "conv2d", "Conv3d": "conv3d"}
