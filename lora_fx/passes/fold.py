@@ -26,6 +26,7 @@ from .. import delta as lora_delta
 from .. import kinds
 from .._text import plural
 from ..delta import Branch
+from ..dora import dora_output
 from ..errors import FoldError
 from ..graph_facts import untied_module_name, untied_name, weight_reads
 from ..graph_module import (
@@ -43,10 +44,9 @@ from ..graph_module import (
     recompile_as,
     set_attr_path,
 )
+from ..residual import INITIAL_KEY
 from ..sites import Site
 from ..weights import check_materialized
-from ..dora import dora_output
-from ..residual import INITIAL_KEY
 from .fused import lora_addmm
 from .lorafy import LoraState
 from .quantize_base import dequantized
