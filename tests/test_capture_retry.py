@@ -119,7 +119,7 @@ def test_hf_models_torch_export_refuses(name, tmp_path):
     lgm.train()
     first_tensor(lgm(*args, **kwargs)).pow(2).mean().backward()
     if name in NEAR_MISS:
-        with pytest.raises(lora_fx.VerifyError, match=r"max rel err 1\.\de-04 \(TOO LARGE\)"):
+        with pytest.raises(lora_fx.VerifyError, match=r"max rel err 1\.\d+e-04 \(TOO LARGE\)"):
             lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
         return
     rep = lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
