@@ -96,10 +96,13 @@ def translations(module: fx.GraphModule) -> tuple[dict[Any, Any] | None, str | N
 @dataclass
 class Fallbacks:
     """Exports with the fixes above; remembers which were needed (``applied``: fix names, ``"unoptimized"``,
-    ``"static"``) and why (``notes``)."""
+    ``"static"``) and why (``notes``). Once ``settled`` (the task file is written), later exports (the base
+    export of the proof) apply exactly those and add none: a base export that fails otherwise is an error,
+    never a file exported differently from the task's."""
 
     applied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    settled: bool = False
 
     def export(self, module: fx.GraphModule, path: str, args: tuple, kwargs: dict | None = None,
                **options: Any) -> ExportInfo:
@@ -116,14 +119,15 @@ class Fallbacks:
                                    **self._retried(options))
             except ExportError as e:
                 text = _cause_text(e)
-                fix = next((f for f in FIXES if f.name not in self.applied and f.pattern.search(text)), None)
+                fix = None if self.settled else next(
+                    (f for f in FIXES if f.name not in self.applied and f.pattern.search(text)), None)
                 if fix is not None and isinstance(module, fx.GraphModule):
                     self.applied.append(fix.name)
                     self.notes.append(fix.note)
                     module = fix.apply(module)
                     continue
                 first = first or (text, str(e))
-                if not self._retry(text, self._retried(options), args, kwargs):
+                if self.settled or not self._retry(text, self._retried(options), args, kwargs):
                     also = "" if first[0] == text else f" (retried {sorted(RETRIES & set(self.applied))}: {e})"
                     raise ExportError(explain(*first) + also) from e
 
