@@ -272,8 +272,8 @@ def _run(out: str, cfg: LlmDemoConfig, quick: bool, threads: int | None, seed: i
         f"{after.predictions[0]!r})")
 
     path = os.path.join(out, "chat.onnx")
-    report = lora_fx.fold_and_export(lgm, path, kv_cache=True)
-    tokenizer.save_pretrained(out)  # `lora-fx generate chat.onnx --prompt ...` finds it beside the file
+    # the folder then runs as is: og.Model(out), Optimum, `lora-fx generate chat.onnx` (tokenizer beside it)
+    report = lora_fx.fold_and_export(lgm, path, kv_cache=True, tokenizer=tokenizer)
     ver, st = report.verification, report.verification.structure
     res["export"] = {"verified": bool(ver.ok), "structure_identical": bool(st.ok), "nodes": st.task_nodes,
                      "base_nodes": st.base_nodes, "changed_initializers": len(st.changed_initializers),
