@@ -63,7 +63,8 @@ MODE_OPS: dict[object, ModeOp] = {
 
 
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
-          dynamic: bool = True, dynamic_shapes=None, train_capture: bool = True) -> LoraFxModule:
+          dynamic: bool = True, dynamic_shapes=None, train_capture: bool = True,
+          specialize_branches: bool = False) -> LoraFxModule:
     """Captures ``model`` into a GraphModule with torch.export (non-strict).
 
     Args:
@@ -77,6 +78,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         train_capture: read the dropout rates that only train mode shows (sdpa's ``dropout_p``) from a
             second, static-shape capture in train mode. False skips it: one capture, for listing
             sites and budgets (``.train()`` then trains with the eval graph's rates).
+        specialize_branches: when torch.export cannot decide a branch on tensor values (a data-dependent
+            guard), capture it as the example takes it (``torch.export.draft_export``). The torch graph raises
+            on inputs that branch otherwise; an ONNX file cannot check that and computes the example's branch
+            for every input, so this is off by default (a CaptureError names the line and the guard).
 
     Returns:
         A :class:`LoraFxModule` computing ``model(*args, **kwargs)``; its parameters are the
@@ -100,7 +105,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
     try:
         model.eval()
         attempt = capture(model, args, kwargs, shapes, _export, lambda a, k: dynamic_shapes_for(a, k, model),
-                          static_retry=dynamic_shapes is None)
+                          static_retry=dynamic_shapes is None, specialize=specialize_branches)
         gm, kwargs, notes = attempt.gm, attempt.kwargs, notes + attempt.notes
         dynamic = dynamic and attempt.shapes is not None  # the ladder's static rung: a static graph and file
         if functionalize(gm.graph):  # in-place writes backward would trip on (custom autograd Functions)

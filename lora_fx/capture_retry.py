@@ -9,8 +9,11 @@ NLLB-MoE: fake weights cannot be swapped), or whose export path needs an input e
     0  torch.export.export, dynamic dims         (no-op module casts skipped: the weights already have that dtype)
     1  + attention_mask=ones                      when forward takes one, none was given, and the export failed
                                                   on a None (the graph then takes the mask: pass it)
-    2  torch.export.draft_export, dynamic         on a data-dependent guard: real tensors decide each such branch
-                                                  as the example does; the graph asserts that decision at run time
+    2  torch.export.draft_export, dynamic         only with trace(..., specialize_branches=True), on a data-dependent
+                                                  guard: real tensors decide each such branch as the example does;
+                                                  the torch graph asserts that decision at run time, an ONNX file
+                                                  cannot (other inputs silently take the example's branch there),
+                                                  so it is the user's choice, never a default
     3  the same two, static shapes                the file is static (its note says so)
 
 What still fails raises :class:`~lora_fx.errors.CaptureError` from the first error, naming the model's source
@@ -101,10 +104,10 @@ def _mask_kwargs(model: nn.Module, args: tuple, kwargs: dict, e: BaseException) 
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Callable,
-            shapes_for: Callable[[tuple, dict], Any], static_retry: bool = True) -> Attempt:
+            shapes_for: Callable[[tuple, dict], Any], static_retry: bool = True, specialize: bool = False) -> Attempt:
     """Runs the ladder (module doc); ``export(model, args, kwargs, shapes)`` is one torch.export call that raises
     CaptureError, ``shapes_for`` gives the dynamic shapes for other kwargs; ``static_retry=False`` (shapes the
-    caller chose) skips rung 3.
+    caller chose) skips rung 3; ``specialize`` allows rung 2 (draft_export).
 
     Raises:
         CaptureError: every rung failed; the first failure's message, plus the source line and guard.
@@ -113,7 +116,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
     with noop_casts():
         for static in ((False, True) if shapes is not None and static_retry else (shapes is None,)):
             kw, notes = kwargs, [_STATIC_NOTE] if static and shapes is not None else []
-            for draft in (False, True):
+            for draft in ((False, True) if specialize else (False,)):
                 for _ in range(2):  # once more with attention_mask=ones when rung 1 applies
                     dyn = None if static else (shapes if kw is kwargs else shapes_for(args, kw))
                     try:
@@ -130,7 +133,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
     head = first.__cause__ if isinstance(first, CaptureError) and first.__cause__ is not None else first
     last = "" if cause is head else (f"\nthe retries (attention_mask=ones, draft_export, static shapes) got further; "
                                      f"the last failure: {short_message(cause, 3)}{where(cause)}")
-    raise CaptureError(f"{first}{where(head)}{last}") from head
+    hint = "" if specialize or not data_dependent(head) else _SPECIALIZE_HINT
+    raise CaptureError(f"{first}{where(head)}{last}{hint}") from head
 
 
 def _attempt(model, args, kw, dyn, draft: bool, export: Callable, notes: list[str]) -> Attempt:
@@ -140,6 +144,10 @@ def _attempt(model, args, kw, dyn, draft: bool, export: Callable, notes: list[st
     return Attempt(gm, kw, dyn, [*notes, _draft_note(guards)])
 
 
+_SPECIALIZE_HINT = ("\nWhat to do: rewrite that branch without reading tensor values (torch.cond, torch.where), or "
+                    "trace(..., specialize_branches=True): each such branch is captured as this example takes it, "
+                    "the torch graph raises on inputs that branch otherwise, but an ONNX export of it cannot check "
+                    "that and computes the example's branch for every input")
 _STATIC_NOTE = ("the dynamic capture failed: the graph, and every export of it, is static (it takes the example's "
                 "shapes only)")
 _MASK_NOTE = ("captured with attention_mask=ones (the model's export path needs one where eager mode builds it): "

@@ -76,7 +76,7 @@ class _Branchy(nn.Module):
 def test_a_data_dependent_branch_is_captured_as_the_example_takes_it_and_asserted():
     x = torch.rand(2, 4)
     with pytest.warns(UserWarning, match=r"could not decide 1 data-dependent branch\(es\) \(Eq\(u0, 1\)\)"):
-        gm = lora_fx.trace(_Branchy(), (x,))
+        gm = lora_fx.trace(_Branchy(), (x,), specialize_branches=True)
     torch.testing.assert_close(gm(x + 1), x + 1)
     with pytest.raises(RuntimeError):  # the other branch: the graph's runtime assertion fails, never a wrong value
         gm(-x - 1)
@@ -91,7 +91,7 @@ def test_capture_failure_names_the_source_line_and_the_guard(monkeypatch):
     monkeypatch.setattr(capture_retry, "_draft", refuse)
     with pytest.raises(lora_fx.CaptureError, match=r"(?s)torch.where.*test_capture.py:\d+ in forward: return x if "
                                                    r"x.sum\(\) > 0 else -x\nguard torch could not decide: Eq\(u0, 1\)"):
-        lora_fx.trace(_Branchy(), (torch.randn(2, 4),))
+        lora_fx.trace(_Branchy(), (torch.randn(2, 4),), specialize_branches=True)
 
 
 class _StdConv(nn.Conv2d):

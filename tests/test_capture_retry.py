@@ -44,7 +44,7 @@ def _experts_example():
 def test_a_data_dependent_expert_loop_is_captured_and_trains():
     model, x = _experts_example()
     with pytest.warns(UserWarning, match=r"could not decide \d+ data-dependent branch"):  # plain export refuses
-        gm = lora_fx.trace(model, (x,))
+        gm = lora_fx.trace(model, (x,), specialize_branches=True)
     torch.testing.assert_close(gm(x), model(x))
     lgm = lora_fx.lorafy(gm, "experts.*", rank=2)
     randomize_lora(lgm)
@@ -56,10 +56,16 @@ def test_a_data_dependent_expert_loop_is_captured_and_trains():
 @pytest.mark.slow
 def test_a_data_dependent_expert_loop_ships(tmp_path):
     model, x = _experts_example()
-    lgm = lora_fx.lorafy(lora_fx.trace(model, (x,)), "experts.*", rank=2)
+    lgm = lora_fx.lorafy(lora_fx.trace(model, (x,), specialize_branches=True), "experts.*", rank=2)
     randomize_lora(lgm)
     rep = lora_fx.fold_and_export(lgm, tmp_path / "moe.onnx")
     assert rep.verification.ok and len(rep.verification.numerics) == 2
+
+
+def test_a_data_dependent_branch_is_refused_by_default_with_what_to_do():
+    model, x = _experts_example()
+    with pytest.raises(lora_fx.CaptureError, match=r"(?s)data-dependent.*specialize_branches=True"):
+        lora_fx.trace(model, (x,))
 
 
 def test_noop_casts_skip_a_cast_that_changes_nothing():
@@ -112,7 +118,7 @@ def test_hf_models_torch_export_refuses(name, tmp_path):
         with pytest.raises(lora_fx.CaptureError, match=r"(?s)\nat .+:\d+ in \w+: "):
             lora_fx.trace(model, args, kwargs)
         return
-    gm = lora_fx.trace(model, args, kwargs)
+    gm = lora_fx.trace(model, args, kwargs, specialize_branches=True)
     kwargs = capture_of(gm).kwargs  # LongT5: the ladder added attention_mask
     lgm = lora_fx.lorafy(gm, [s.id for s in lora_fx.sites(gm) if "linear" in s.op][:3], rank=2)
     randomize_lora(lgm)
