@@ -94,7 +94,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         raise CaptureError(f"trace() needs an nn.Module, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
-    notes: list[str] = []
+    args, kwargs, notes = _unaliased(args, kwargs)
     if dynamic:
         args, kwargs, note = _batch_of_two(args, kwargs)
         notes += [note] if note else []
@@ -227,6 +227,31 @@ def example_inputs(gm: nn.Module, example_args: tuple | None = None, example_kwa
         return cap.args, dict(cap.kwargs), (cap.dynamic_shapes if dynamic else None)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
     return args, kwargs, (dynamic_shapes_for(args, kwargs) if dynamic else None)
+
+
+def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
+    """The example inputs with every tensor that shares memory with an earlier one cloned.
+
+    torch.export captures two inputs that are one tensor (``model(ids, labels=ids)``) as one graph input:
+    the graph would then read ``input_ids`` where the model reads ``labels``, for every later call.
+    """
+    seen: set[int] = set()
+    cloned: list[str] = []
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    names = [f"args{pytree.keystr(p[1:])}" if p[0].idx == 0 else f"{p[1].key}{pytree.keystr(p[2:])}"
+             for p, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
+    for i, t in enumerate(flat):
+        if isinstance(t, torch.Tensor) and t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                flat[i] = t.clone()
+                cloned.append(names[i])
+            seen.add(ptr)
+    if not cloned:
+        return args, kwargs, []
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    return args, kwargs, [f"example inputs {cloned} shared memory with an earlier input and were cloned for the "
+                          "capture (torch.export would have made them one graph input)"]
 
 
 def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict, str | None]:

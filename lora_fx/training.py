@@ -63,8 +63,7 @@ class TrainerModule(nn.Module):
 
     Args:
         lgm: what :func:`lora_fx.lorafy` (or :func:`lora_fx.checkpoint`) returned, traced with keyword
-            inputs, e.g. ``trace(model, (), {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})``
-            (labels its own tensor: torch.export merges two inputs given the same tensor).
+            inputs, e.g. ``trace(model, (), {"input_ids": ids, "attention_mask": mask, "labels": ids})``.
         config: the model's ``PretrainedConfig``; default: the traced model's ``config``.
         checkpoint_blocks: module-path patterns :meth:`activation_checkpointing_enable` recomputes; default:
             the traced model's modules whose class is in its ``_no_split_modules`` (its decoder layers).
@@ -82,12 +81,6 @@ class TrainerModule(nn.Module):
             raise TrainingError("TrainerModule needs a module traced with keyword inputs, e.g. lora_fx.trace(model, "
                                 "(), {'input_ids': ids, 'attention_mask': mask, 'labels': ids.clone()}): trainers call "
                                 "the model with keywords")
-        unread = _merged_inputs(lgm.graph, cap.kwargs)
-        if unread:
-            raise TrainingError(f"the captured graph never reads the values of {unread} (only their sizes): trace was "
-                                "given the same tensor object for two inputs, and torch.export merged them (e.g. "
-                                "labels=ids with input_ids=ids: the graph then embeds the labels). Trace with "
-                                "labels=ids.clone()")
         self.graph_module = lgm
         self.source = cap.source.module if cap.source is not None else None  # not a submodule: no second copy
         self.input_names = tuple(cap.kwargs)
@@ -295,24 +288,6 @@ def _graph_inputs(names: tuple[str, ...], given: dict[str, Any], who: str) -> di
         raise TrainingError(f"{who}: missing input(s) {missing}; the captured graph takes {list(names)} (the data "
                             "collator must produce them; trace without an input the batches do not carry)")
     return {k: given[k] for k in names}
-
-
-def _merged_inputs(graph: fx.Graph, examples: dict[str, Any]) -> list[str]:
-    """Inputs torch.export merged into another: the graph never reads their values (no use, or only size
-    queries) while another input had equal example values (the same tensor object was passed twice)."""
-    size_ops = (torch.ops.aten.sym_size.int, torch.ops.aten._assert_tensor_metadata.default)
-
-    def unread(n: fx.Node) -> bool:
-        return all(u.op == "call_function" and (u.target in size_ops or "metadata" in getattr(u.target, "__name__", ""))
-                   for u in n.users)
-
-    def twin(name: str) -> bool:
-        t = examples[name]
-        return any(k != name and isinstance(o, torch.Tensor) and o.shape == t.shape and o.dtype == t.dtype
-                   and torch.equal(o, t) for k, o in examples.items())
-
-    return [n.name for n in graph.nodes if n.op == "placeholder" and isinstance(examples.get(n.name), torch.Tensor)
-            and unread(n) and twin(n.name)]
 
 
 def _decoder_blocks(source: nn.Module | None) -> list[str]:

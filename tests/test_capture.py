@@ -188,3 +188,22 @@ def test_dynamic_token_inputs_raise_no_fixed_size_note():
         warnings.simplefilter("error")  # a note would be a UserWarning
         gm = lora_fx.trace(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4)), (torch.randint(0, 10, (2, 5)),))
     assert not lora_fx.graph_module.capture_of(gm).mode_notes
+
+
+def test_inputs_that_are_one_tensor_stay_two_graph_inputs():
+    """``model(ids, labels=ids)``: torch.export would merge them into one input and read ids for labels."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+        def forward(self, ids, labels):
+            return nn.functional.cross_entropy(self.head(self.emb(ids)).flatten(0, 1), labels.flatten())
+
+    model, ids = LM(), torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match=r"\['labels'\] shared memory with an earlier input and were cloned"):
+        gm = lora_fx.trace(model, (ids,), {"labels": ids})
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["ids", "labels"]
+    other = torch.randint(0, 10, (2, 5))
+    torch.testing.assert_close(gm(ids, labels=other), model(ids, labels=other))

@@ -112,7 +112,9 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         except ExportError:
             raise
         except Exception as exc:  # onnxscript / onnx_ir passes (ProphetNet: "PassError: ... at step 0")
-            raise ExportError(f"{OPTIMIZER_FAILED} on {path!r} (optimize={optimize!r}): {short_message(exc)}") from exc
+            # the cause first: notes keep a message's first 200 characters, and a long path would hide it
+            raise ExportError(f"{OPTIMIZER_FAILED}: {short_message(exc)} (optimize={optimize!r}, file "
+                              f"{os.path.basename(path)!r})") from exc
     if external_data is None:
         external_data = _initializer_nbytes(program.model) > _EXTERNAL_DATA_THRESHOLD
     _save(program.model, path, external_data)
