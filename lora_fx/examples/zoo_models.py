@@ -207,6 +207,10 @@ _VOCAB = 128
 _SEQ = 8
 # Small enough to run in milliseconds, big enough that every head has >1 dim and all ops appear.
 _TINY = dict(n_layers=2, hidden=64, heads=4, intermediate=128, max_pos=64)
+# the same sizes under the names BERT-style and Llama-style configs share
+_HF_TINY = dict(vocab_size=_VOCAB, hidden_size=_TINY["hidden"], num_hidden_layers=_TINY["n_layers"],
+                num_attention_heads=_TINY["heads"], intermediate_size=_TINY["intermediate"],
+                max_position_embeddings=_TINY["max_pos"])
 
 
 def _token_ids(vocab: int = _VOCAB, seq: int = _SEQ) -> torch.Tensor:
@@ -247,15 +251,7 @@ def bert() -> Example:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=_VOCAB,
-        hidden_size=_TINY["hidden"],
-        num_hidden_layers=_TINY["n_layers"],
-        num_attention_heads=_TINY["heads"],
-        intermediate_size=_TINY["intermediate"],
-        max_position_embeddings=_TINY["max_pos"],
-        pad_token_id=0,
-    )
+    config = BertConfig(**_HF_TINY, pad_token_id=0)
     ids = _token_ids()
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
@@ -269,13 +265,8 @@ def llama() -> Example:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=_VOCAB,
-        hidden_size=_TINY["hidden"],
-        intermediate_size=_TINY["intermediate"],
-        num_hidden_layers=_TINY["n_layers"],
-        num_attention_heads=_TINY["heads"],
+        **_HF_TINY,
         num_key_value_heads=2,
-        max_position_embeddings=_TINY["max_pos"],
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
