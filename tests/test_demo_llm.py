@@ -71,7 +71,8 @@ def test_demo_llm_quick_on_real_smollm2(tmp_path):
     assert saved["machine"]["date_utc"] == res["machine"]["date_utc"]
     ex = saved["export"]
     assert ex["verified"] and ex["structure_identical"] and ex["nodes"] == ex["base_nodes"]
-    assert ex["changed_initializers"] == res["lora_sites"]
+    # one changed initializer per site, or fewer where the genai builder packs q/k/v into one (30 layers)
+    assert ex["changed_initializers"] in (res["lora_sites"], res["lora_sites"] - 2 * 30)
     assert any(c.startswith("decode") for c in ex["checks"])
     assert saved["onnx"]["same_tokens_as_pytorch"] == saved["onnx"]["of"] == 8
     assert (tmp_path / "chat.onnx").exists() and (tmp_path / "tokenizer_config.json").exists()

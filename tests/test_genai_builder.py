@@ -184,3 +184,31 @@ def test_builder_refusals_fall_back_and_a_structural_difference_installs_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "config.json", "genai_config.json",
                                                          "generation_config.json", "tok", "tokenizer.json",
                                                          "tokenizer_config.json"]
+
+
+@genai
+@pytest.mark.slow
+def test_a_builder_file_failing_the_checks_falls_back_and_a_zero_adapter_changes_nothing(tmp_path, monkeypatch):
+    import lora_fx
+    from lora_fx.exporters.decoder import export as decoder_export
+    from lora_fx.exporters.verify.numerics import NumericCheck
+
+    lgm, _ = _lorafied(tiny_llama(), tmp_path)
+    zero = lora_fx.lorafy(lora_fx.strip(lgm), ["*.q_proj", "*.v_proj"], rank=4)  # B = 0: the base weights
+    rep = lora_fx.fold_and_export(zero, str(tmp_path / "z.onnx"), kv_cache=True)
+    assert rep.backend == "genai_builder" and rep.verification.structure.ok
+    assert not rep.verification.structure.changed_initializers
+    real = decoder_export.decode_checks
+
+    def wrong_on_builder_files(kv, named, *args, **kwargs):  # a builder graph that computes something else
+        checks = real(kv, named, *args, **kwargs)
+        if gb.right_padding_only(named):
+            checks[0] = NumericCheck(checks[0].shapes, 1.0, 0.5, False)
+        return checks
+
+    monkeypatch.setattr(decoder_export, "decode_checks", wrong_on_builder_files)
+    rep = lora_fx.fold_and_export(lgm, str(tmp_path / "f.onnx"), kv_cache=True)
+    assert rep.backend == "torch_onnx" and rep.verification.ok
+    assert any(n.startswith("backend genai_builder: its file failed verification") for n in rep.notes)
+    with pytest.raises(VerifyError, match="FAILED verification"):  # a backend the user chose is not replaced
+        lora_fx.fold_and_export(lgm, str(tmp_path / "g.onnx"), kv_cache=True, backend="genai_builder")

@@ -284,7 +284,7 @@ class GenaiBuilder(Backend):
                            untied=dict(report.untied) if report is not None and report.untied else None)
 
     def export(self, request: ExportRequest) -> ExportResult:
-        from ...graph_module import lora_state
+        from ...graph_module import fold_report_of, lora_state
         from .. import files
         from ..format import DECODER_KEY
 
@@ -292,6 +292,7 @@ class GenaiBuilder(Backend):
         precision = "int4" if quantize is not None else "fp32"
         work = os.path.join(request.folder, "genai_builder")
         task = {k: v.detach() for k, v in request.module.state_dict().items()}
+        fold_report = fold_report_of(request.module)
         request.module = None  # the pipeline's only reference: freed once the builder has the weights
         base = {k: v.detach() for k, v in request.base.state_dict().items()}
         built = build_pair(_hf_model(request), task, base, work, precision,
@@ -308,7 +309,10 @@ class GenaiBuilder(Backend):
         config["model"]["decoder"]["filename"] = os.path.basename(request.staged)
         with open(os.path.join(request.folder, "genai_config.json"), "w") as f:
             json.dump(config, f, indent=4)
-        adapted = sorted({br.site.weight for br in lora_state(request.lgm, "genai_builder").branches})
+        # weights the fold changed (a zero adapter, B = 0, changes none: nothing may differ then)
+        changed = fold_report.folded if fold_report is not None else None
+        adapted = sorted({br.site.weight for br in lora_state(request.lgm, "genai_builder").branches
+                          if changed is None or changed.get(br.site.id, 1.0) > 0})
         seconds = {"builder": built.seconds["builder_task"] + built.seconds["builder_base"],
                    "save_pretrained": built.seconds["save_pretrained_task"] + built.seconds["save_pretrained_base"]}
         with timed(seconds, "structure"):

@@ -15,6 +15,7 @@ multi-LoRA export of a decoder (``export_multi_lora(..., kv_cache=True)``) uses 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -22,10 +23,11 @@ from typing import TypeVar
 from torch import fx
 
 from ...capture import example_inputs
-from ...errors import VerifyError
+from ...errors import VerifyError, short_message
 from ...graph_module import LoraFxModule, lora_state
 from ...weights import check_materialized
 from .. import files
+from ..backends.base import DEFAULT_BACKEND
 from ..backends.genai_builder import right_padding_only
 from ..format import DECODER_KEY, DecoderLayout
 from ..options import ExportOptions, ExportReport, resolve_options
@@ -59,10 +61,14 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
     check_materialized(lgm, "export_decoder")
     options = resolve_options(options, overrides, "export_decoder", extra=("options",))
 
+    chosen: list[str] = []  # the backend that wrote the file
+
     def write(kv: LoraFxModule, layout: DecoderLayout, raw: str) -> tuple[ExportReport, str]:
         args, kwargs, shapes = example_inputs(kv, None, None, options.dynamic)
-        return export_staged(kv, raw, options, args, kwargs, shapes, path=final, decoder=layout,
-                             source=source_model(lgm))
+        written = export_staged(kv, raw, options, args, kwargs, shapes, path=final, decoder=layout,
+                                source=source_model(lgm))
+        chosen.append(written[0].backend)
+        return written
 
     def check(kv: LoraFxModule, layout: DecoderLayout, named: str, report: ExportReport) -> None:
         if not options.verify:
@@ -79,7 +85,16 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
                               f"written:\n{report.verification}")
 
     final = os.path.abspath(os.fspath(path))
-    report = decoder_files(lgm, final, write, check, tokenizer=options.tokenizer)
+    try:
+        report = decoder_files(lgm, final, write, check, tokenizer=options.tokenizer)
+    except VerifyError as e:
+        # "auto" chose a faster backend whose file then failed the checks against torch: nothing was
+        # installed; the default backend exports it instead, and the report says why
+        if options.backend != "auto" or not chosen or chosen[-1] == DEFAULT_BACKEND:
+            raise
+        report = export_decoder(lgm, path, dataclasses.replace(options, backend=DEFAULT_BACKEND))
+        report.notes.append(f"backend {chosen[-1]}: its file failed verification ({short_message(e, 2)}); "
+                            f"exported with {DEFAULT_BACKEND} instead")
     report.path = report.export.path = final
     return report
 
