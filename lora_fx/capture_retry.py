@@ -73,8 +73,27 @@ def data_dependent(e: BaseException) -> bool:
     return "data-dependent" in str(e) or "DataDependent" in type(e).__name__
 
 
-def _draft(model: nn.Module, args: tuple, kwargs: dict, shapes: Any) -> tuple[fx.GraphModule, list[str]]:
-    """``torch.export.draft_export``: the data-dependent guards it specialised to the example (each asserted)."""
+def _draft(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, tries: int = 4) -> tuple[fx.GraphModule, list[str]]:
+    """``torch.export.draft_export``: the data-dependent guards it specialised to the example (each asserted).
+
+    draft_export is not deterministic (torch 2.13: the same model and example gave a graph whose runtime
+    assertions fail on that very example in about half the runs): each graph is run on the example, and
+    one that fails there is drafted again, ``tries`` times in all.
+    """
+    failed: BaseException | None = None
+    for _ in range(tries):
+        gm, guards = _draft_once(model, args, kwargs, shapes)
+        try:
+            with torch.no_grad():
+                gm(*args, **kwargs)
+            return gm, guards
+        except Exception as e:  # noqa: BLE001 - any failure of the drafted graph on its own example
+            failed = e
+    raise CaptureError(f"torch.export.draft_export gave {tries} graphs that fail on the example itself "
+                       f"({short_message(failed, 2)})") from failed
+
+
+def _draft_once(model: nn.Module, args: tuple, kwargs: dict, shapes: Any) -> tuple[fx.GraphModule, list[str]]:
     loggers = [logging.getLogger(n) for n in ("torch.export._draft_export", "torch.fx.experimental.symbolic_shapes")]
     levels = [log.level for log in loggers]
     for log in loggers:  # draft_export logs each specialised guard with the whole graph: the note says it once

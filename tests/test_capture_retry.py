@@ -41,10 +41,23 @@ def _experts_example():
     return model, x
 
 
+def _specialized_trace(model, x, tries: int = 3):
+    """torch 2.13's draft_export is not deterministic on this model: about half its graphs fail their own
+    assertions on the example (capture_retry drafts again, 4 times, then tries static shapes), so a whole
+    trace can still fail now and then; the feature is specified as 'captures within a few traces'."""
+    for i in range(tries):
+        try:
+            with pytest.warns(UserWarning, match=r"could not decide \d+ data-dependent branch"):  # plain export refuses
+                return lora_fx.trace(model, (x,), specialize_branches=True)
+        except lora_fx.CaptureError:
+            if i == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def test_a_data_dependent_expert_loop_is_captured_and_trains():
     model, x = _experts_example()
-    with pytest.warns(UserWarning, match=r"could not decide \d+ data-dependent branch"):  # plain export refuses
-        gm = lora_fx.trace(model, (x,), specialize_branches=True)
+    gm = _specialized_trace(model, x)
     torch.testing.assert_close(gm(x), model(x))
     lgm = lora_fx.lorafy(gm, "experts.*", rank=2)
     randomize_lora(lgm)
@@ -56,7 +69,7 @@ def test_a_data_dependent_expert_loop_is_captured_and_trains():
 @pytest.mark.slow
 def test_a_data_dependent_expert_loop_ships(tmp_path):
     model, x = _experts_example()
-    lgm = lora_fx.lorafy(lora_fx.trace(model, (x,), specialize_branches=True), "experts.*", rank=2)
+    lgm = lora_fx.lorafy(_specialized_trace(model, x), "experts.*", rank=2)
     randomize_lora(lgm)
     rep = lora_fx.fold_and_export(lgm, tmp_path / "moe.onnx")
     assert rep.verification.ok and len(rep.verification.numerics) == 2
