@@ -22,6 +22,7 @@ from ...verify.proof import compare_files
 from ...verify.structure import StructureReport
 from ..base import Backend, ExportRequest, ExportResult, timed
 from .fallback import Fallbacks
+from .llm_fusions import DECODER_OPSET
 from .streaming import export_streaming, skeleton_spec
 
 __all__ = ["TorchOnnxBackend"]
@@ -63,9 +64,13 @@ class TorchOnnxBackend(Backend):
     @staticmethod
     def _write(module, path: str, request: ExportRequest, fallbacks: Fallbacks):
         o = request.options
+        # a decoder LLM at opset 23: torch writes sdpa as ONNX Attention, which llm_fusions builds on
+        decoder = request.decoder is not None and o.optimize is not False
+        opset = o.opset if o.opset is not None or not decoder else DECODER_OPSET
         return export_streaming(module, path, request.args, request.kwargs, dtype=o.dtype,
-                                exporter=fallbacks.export, dynamic_shapes=request.shapes, opset=o.opset,
-                                external_data=o.external_data, optimize=o.optimize, model_type=o.model_type)
+                                exporter=fallbacks.export, dynamic_shapes=request.shapes, opset=opset,
+                                external_data=o.external_data, optimize=o.optimize, model_type=o.model_type,
+                                decoder=decoder)
 
     @staticmethod
     def _skeleton_proof(request: ExportRequest, spec, info, notes: list[str]) -> StructureReport | None:

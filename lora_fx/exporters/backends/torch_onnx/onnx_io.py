@@ -54,7 +54,7 @@ OPTIMIZER_FAILED = "the ONNX optimizer failed"  # fallback.Fallbacks retries suc
 def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tuple[Any, ...],
                 kwargs: dict[str, Any] | None = None, *, dynamic_shapes: Any = None, opset: int | None = None,
                 external_data: bool | None = None, optimize: bool | str = False, model_type: str = "bert",
-                custom_translation_table: dict | None = None,
+                decoder: bool = False, custom_translation_table: dict | None = None,
                 bind: Callable[[Any], None] | None = None) -> ExportInfo:
     """Export ``module`` to ``path`` with the dynamo exporter, atomically.
 
@@ -81,6 +81,7 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
             ONNX Runtime's transformer fusions (``model_type``); ``False``: the exporter's raw graph.
             torch's own optimizer is never run: it reads weight values (see the module docstring).
         model_type: ``onnxruntime.transformers`` model type for ``optimize="ort"``.
+        decoder: a KV-cache decoder LLM: the optimizer also fuses its layers (:mod:`.llm_fusions`).
         bind: Called with the ONNXProgram before it is optimized and written (the streamed export
             binds its lazy weights there: see ``streaming.py``).
 
@@ -108,7 +109,8 @@ def export_onnx(module: torch.nn.Module, path: str | os.PathLike[str], args: tup
         report = fold_report_of(module)  # a folded module's untied copies count as their weights
         try:
             program.model, optimization = optimize_model(program.model, optimize, model_type=model_type,
-                                                         ties=dict(report.untied) if report else None)
+                                                         ties=dict(report.untied) if report else None,
+                                                         decoder=decoder)
         except ExportError:
             raise
         except Exception as exc:  # onnxscript / onnx_ir passes (ProphetNet: "PassError: ... at step 0")

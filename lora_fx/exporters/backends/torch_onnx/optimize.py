@@ -97,7 +97,7 @@ def check_mode(mode: Any) -> Any:
 
 
 def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
-                   ties: dict[str, str] | None = None) -> tuple[Any, OptimizeReport]:
+                   ties: dict[str, str] | None = None, decoder: bool = False) -> tuple[Any, OptimizeReport]:
     """Optimizes an ``onnx_ir.Model`` without letting any decision depend on weight values.
 
     Steps (onnxscript's default optimizer, reordered so that weights are opaque where it matters):
@@ -108,7 +108,8 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
        for weights read only through layout ops (a tied embedding keeps its Transpose node: one
        copy in the file, as in a plain export);
     4. lift ``Constant`` nodes to initializers, deduplicate *non-weight* initializers, CSE, fix names;
-    5. ``mode="ort"``: :func:`.ort_fusions.ort_fusions`.
+    5. ``decoder``: :func:`.llm_fusions.fuse_decoder` (attention, rotary, RMSNorm), weights hidden;
+    6. ``mode="ort"``: :func:`.ort_fusions.ort_fusions`.
 
     Args:
         model: an ``onnx_ir.Model`` (``ONNXProgram.model``), changed in place, or an
@@ -118,6 +119,7 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
         ties: ``{untied copy: weight}`` (a fold report's ``untied``): a weight and its untied copies
             count as one weight when deciding what to fold, so a folded export folds what its base
             export folds.
+        decoder: a KV-cache decoder LLM: fuse its layers (:mod:`.llm_fusions`; best at opset >= 23).
 
     Returns:
         (the optimized model: ``model`` itself, or a new one for ``"ort"`` or a ModelProto input,
@@ -134,7 +136,8 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
 
     mode = check_mode(mode)
     if not isinstance(model, ir.Model):  # an onnx.ModelProto: same steps, a ModelProto back
-        optimized, report = optimize_model(ir.serde.deserialize_model(model), mode, model_type=model_type, ties=ties)
+        optimized, report = optimize_model(ir.serde.deserialize_model(model), mode, model_type=model_type, ties=ties,
+                                           decoder=decoder)
         return ir.serde.serialize_model(optimized), report
     start = time.perf_counter()
     report = OptimizeReport(mode, _count(model), _count(model))
@@ -163,11 +166,17 @@ def optimize_model(model: Any, mode: Any = True, *, model_type: str = "bert",
     common.NameFixPass()(model)
     if report.derived:
         model.metadata_props[DERIVED_KEY] = json.dumps(report.derived, sort_keys=True)
+    if decoder:
+        from .llm_fusions import fuse_decoder
+
+        with _hidden(weights):  # the rules read op types, shapes and graph constants, never a weight
+            report.fusions.update(fuse_decoder(model))
     if mode == "ort":
         names = {v.name for v in weights}
         from .ort_fusions import ort_fusions
 
-        proto, report.fusions = ort_fusions(ir.serde.serialize_model(model), weights=names, model_type=model_type)
+        proto, fused = ort_fusions(ir.serde.serialize_model(model), weights=names, model_type=model_type)
+        report.fusions.update(fused)
         model = ir.serde.deserialize_model(proto)
     report.nodes_after = _count(model)
     report.seconds = time.perf_counter() - start
