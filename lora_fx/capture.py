@@ -118,7 +118,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
         if train_capture and _has_mode_ops(gm.graph):
             model.train()
             try:  # static shapes: only the mode ops' rates are read from this graph
-                with noop_casts():
+                with noop_casts(), attempt.context():
                     train_rates = _mode_rates(_export(model, args, kwargs, None).graph)
             except CaptureError as e:  # e.g. wav2vec2's LayerDrop: `if self.training and torch.rand([]) < p`
                 notes.append(_train_capture_note(e))

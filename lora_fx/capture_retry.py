@@ -9,12 +9,16 @@ NLLB-MoE: fake weights cannot be swapped), or whose export path needs an input e
     0  torch.export.export, dynamic dims         (no-op module casts skipped: the weights already have that dtype)
     1  + attention_mask=ones                      when forward takes one, none was given, and the export failed
                                                   on a None (the graph then takes the mask: pass it)
-    2  torch.export.draft_export, dynamic         only with trace(..., specialize_branches=True), on a data-dependent
+    2  dense routing (dense_routing.py)           on a data-dependent guard: nonzero / torch.where(mask) made dense
+                                                  and their scatter-adds masked (per-expert MoE loops run every
+                                                  expert on every token, masked: exact); accepted only when the
+                                                  graph equals the model at other input values (other routing)
+    3  torch.export.draft_export, dynamic         only with trace(..., specialize_branches=True), on a data-dependent
                                                   guard: real tensors decide each such branch as the example does;
                                                   the torch graph asserts that decision at run time, an ONNX file
                                                   cannot (other inputs silently take the example's branch there),
                                                   so it is the user's choice, never a default
-    3  the same two, static shapes                the file is static (its note says so)
+    4  the same, static shapes                    the file is static (its note says so)
 
 What still fails raises :class:`~lora_fx.errors.CaptureError` from the first error, naming the model's source
 line (the innermost frame outside torch) and the guard torch could not decide.
@@ -35,6 +39,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .dense_routing import NOTE, DenseRouting, prove_values
 from .errors import CaptureError, short_message
 
 
@@ -46,6 +51,11 @@ class Attempt:
     kwargs: dict
     shapes: Any
     notes: list[str] = field(default_factory=list)
+    dense: bool = False  # captured under DenseRouting: a train-mode capture needs it too
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """What this capture ran under besides no-op casts (a recapture, e.g. in train mode, needs the same)."""
+        return DenseRouting() if self.dense else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -126,20 +136,25 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
             shapes_for: Callable[[tuple, dict], Any], static_retry: bool = True, specialize: bool = False) -> Attempt:
     """Runs the ladder (module doc); ``export(model, args, kwargs, shapes)`` is one torch.export call that raises
     CaptureError, ``shapes_for`` gives the dynamic shapes for other kwargs; ``static_retry=False`` (shapes the
-    caller chose) skips rung 3; ``specialize`` allows rung 2 (draft_export).
+    caller chose) skips rung 4; ``specialize`` allows rung 3 (draft_export).
 
     Raises:
         CaptureError: every rung failed; the first failure's message, plus the source line and guard.
     """
     first: BaseException | None = None
+    refused: list[str] = []  # why dense routing's graph was not accepted (tried once: the proof would not change)
+    ways = ("export", "dense", "draft") if specialize else ("export", "dense")
     with noop_casts():
         for static in ((False, True) if shapes is not None and static_retry else (shapes is None,)):
             kw, notes = kwargs, [_STATIC_NOTE] if static and shapes is not None else []
-            for draft in ((False, True) if specialize else (False,)):
-                for _ in range(2):  # once more with attention_mask=ones when rung 1 applies
+            for way in ways:
+                for _ in range(2 if way != "dense" or not refused else 0):  # again with attention_mask=ones (rung 1)
                     dyn = None if static else (shapes if kw is kwargs else shapes_for(args, kw))
                     try:
-                        return _attempt(model, args, kw, dyn, draft, export, notes)
+                        return _attempt(model, args, kw, dyn, way, export, notes)
+                    except _Refused as e:
+                        refused.append(str(e))
+                        break
                     except Exception as e:  # torch.export raises many types
                         cause = e.__cause__ if isinstance(e, CaptureError) and e.__cause__ is not None else e
                         first = first or e
@@ -148,19 +163,40 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
                         break
                     kw, notes = masked, [*notes, _MASK_NOTE]
                 if not data_dependent(cause):
-                    break  # draft_export only gets past data-dependent guards
+                    break  # dense routing and draft_export only get past data-dependent guards
     head = first.__cause__ if isinstance(first, CaptureError) and first.__cause__ is not None else first
-    last = "" if cause is head else (f"\nthe retries (attention_mask=ones, draft_export, static shapes) got further; "
-                                     f"the last failure: {short_message(cause, 3)}{where(cause)}")
+    last = "" if cause is head else (f"\nthe retries (attention_mask=ones, dense routing, draft_export, static shapes) "
+                                     f"got further; the last failure: {short_message(cause, 3)}{where(cause)}")
+    last += "".join(f"\ndense routing (rung 2) was refused: {r}" for r in refused)
     hint = "" if specialize or not data_dependent(head) else _SPECIALIZE_HINT
     raise CaptureError(f"{first}{where(head)}{last}{hint}") from head
 
 
-def _attempt(model, args, kw, dyn, draft: bool, export: Callable, notes: list[str]) -> Attempt:
-    if not draft:
+class _Refused(CaptureError):
+    """Rung 2 captured a graph that its proof refused (or had nothing to make dense): the next rung is tried."""
+
+
+def _attempt(model, args, kw, dyn, way: str, export: Callable, notes: list[str]) -> Attempt:
+    if way == "export":
         return Attempt(export(model, args, kw, dyn), kw, dyn, list(notes))
+    if way == "dense":
+        return _dense(model, args, kw, dyn, export, notes)
     gm, guards = _draft(model, args, kw, dyn)
     return Attempt(gm, kw, dyn, [*notes, _draft_note(guards)])
+
+
+def _dense(model, args, kw, dyn, export: Callable, notes: list[str]) -> Attempt:
+    """Rung 2 (dense_routing.py): the capture with per-expert loops dense, accepted once proven at other values."""
+    routing = DenseRouting()
+    with routing:
+        gm = export(model, args, kw, dyn)
+    if not routing.used:
+        raise _Refused("the model has no data-dependent index op (nonzero / torch.where(mask)) "
+                           "to make dense")
+    why = prove_values(model, gm, args, kw)
+    if why is not None:
+        raise _Refused(f"its graph differs from the model: {why}")
+    return Attempt(gm, kw, dyn, [*notes, NOTE], dense=True)
 
 
 _SPECIALIZE_HINT = ("\nWhat to do: rewrite that branch without reading tensor values (torch.cond, torch.where), or "

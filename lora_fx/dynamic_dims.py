@@ -30,8 +30,8 @@ from .errors import short_message
 from .graph_facts import input_sizes
 from .graph_module import capture_of
 
-__all__ = ["dynamic_dims", "grow", "grown", "GROWTH", "input_names", "prove_dims", "RTOL", "Symbol",
-    "symbols"]
+__all__ = ["dynamic_dims", "grow", "grown", "GROWTH", "input_names", "prove_dims", "redraw", "RTOL", "runs_as_model",
+    "Symbol", "symbols"]
 
 GROWTH = (1, 3)  # each symbol is proven at size + 1 and size + 3 (verification grows batch + 1, sequence + 3)
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 1e-1}
@@ -149,6 +149,23 @@ def _run(model: nn.Module | None, gm: nn.Module, inputs: tuple, exact: bool) -> 
         return f"the model itself fails there ({short_message(e, 1)[:240]})"
     why = _mismatch(got, want)
     return None if why is None or not exact else f"the captured graph's {why}"
+
+
+def runs_as_model(model: nn.Module, gm: nn.Module, inputs: tuple) -> str | None:
+    """None when the captured graph runs on ``inputs`` (an ``(args, kwargs)`` pair) and equals the model there;
+    else why not (the proof of other input values: :func:`lora_fx.dense_routing.prove_values`)."""
+    return _run(model, gm, inputs, exact=True)
+
+
+def redraw(t: torch.Tensor, shape: list[int], gen: torch.Generator) -> torch.Tensor:
+    """A tensor like ``t`` of ``shape`` with other values: random floats, random token ids below ``t``'s largest
+    + 1, ones for a 0/1 mask (what verification and the proof of other values feed a captured graph)."""
+    if t.is_floating_point():
+        return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
+    hi = int(t.max()) + 1 if t.numel() else 2
+    if hi <= 2:  # a mask
+        return torch.ones(shape, dtype=t.dtype, device=t.device)
+    return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype).to(t.device)
 
 
 def _materialized(model: nn.Module, inputs: tuple) -> bool:

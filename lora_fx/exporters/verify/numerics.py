@@ -23,7 +23,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ...capture import auto_dims
-from ...dynamic_dims import asserts_values, dynamic_dims, grow_to, grown_failure
+from ...dynamic_dims import asserts_values, dynamic_dims, grow_to, grown_failure, redraw
 from ...errors import ExportError, VerifyError
 from ...graph_module import copy_module
 from ...passes.dtype import cast_inputs, float_dtype
@@ -146,12 +146,7 @@ def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> lis
                 shape[d] += 1 if d == 0 else 3
         if repeat:  # the graph asserts the example's data-dependent branches: keep its values
             return grow_to(t, shape)
-        if t.is_floating_point():
-            return torch.randn(shape, generator=gen, dtype=t.dtype).to(t.device)
-        hi = int(t.max()) + 1 if t.numel() else 2
-        if hi <= 2:  # a mask
-            return torch.ones(shape, dtype=t.dtype, device=t.device)
-        return torch.randint(0, hi, shape, generator=gen, dtype=t.dtype).to(t.device)
+        return redraw(t, shape, gen)
 
     flat, spec = pytree.tree_flatten((args, kwargs))
     grown = [grow(k, t) for k, t in enumerate(flat)]
