@@ -44,12 +44,106 @@ def fuse_decoder(model: Any) -> dict[str, int]:
         rules = _rules()
         counts["RotaryEmbedding"] = rules["rotary"].apply_to_model(model)
         counts["Attention (grouped kv)"] = rules["gqa"].apply_to_model(model)
+        counts["Attention (3-D, past inside)"] = _attention_3d(model)
     if any(counts.values()):
         if "com.microsoft" not in model.opset_imports and any(n.domain == "com.microsoft" for n in model.graph):
             model.opset_imports["com.microsoft"] = 1
         common.RemoveUnusedNodesPass()(model)
         common.CommonSubexpressionEliminationPass()(model)  # one Cos(f) / Sin(f) for every layer
     return counts
+
+
+def _attention_3d(model: Any) -> int:
+    """``Attention`` on ``[B, S, H*D]`` projections with the cache concatenated inside (ONNX Attention's
+    ``past_key`` / ``past_value`` inputs and ``present`` outputs): the per-head Reshape/Transpose of q, k, v
+    and of the output, and the cache's Concat, go (8 to 10 nodes per layer). Applied where every piece has
+    the exported form: ``Transpose(Reshape(x))`` (optionally through a RotaryEmbedding, rewritten to its
+    3-D form), keys/values ``Concat(past, new, axis=2)``, the output ``Reshape(Transpose(y))`` to 3-D."""
+    import onnx_ir as ir
+
+    done = 0
+    for node in list(model.graph):
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 4 \
+                or "q_num_heads" in node.attributes or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            continue
+        q, (past_k, k), (past_v, v) = _heads(node.inputs[0]), _cached(node.inputs[1]), _cached(node.inputs[2])
+        out = _merged(node.outputs[0])
+        if q is None or k is None or v is None or out is None or v[3] is not None or q[2] != k[2] or k[1] != v[1]:
+            continue
+        if out.shape is None or out.shape[-1] != q[1] * q[2]:
+            continue
+        new: list = []
+        attrs = {a.name: a.value for a in node.attributes.values()} | {"q_num_heads": q[1], "kv_num_heads": k[1]}
+        fused = ir.node("Attention", [_flat(q, new), _flat(k, new), v[0], node.inputs[3], past_k, past_v], attrs,
+                        num_outputs=3)
+        model.graph.insert_before(node, [*new, fused])
+        for old, value in zip((out, node.inputs[1], node.inputs[2]), fused.outputs, strict=True):
+            name, old.name = old.name, None
+            old.replace_all_uses_with(value, replace_graph_outputs=True)
+            value.name, value.shape, value.type = name, old.shape, old.type
+        done += 1
+    return done
+
+
+def _flat(heads: tuple, new: list) -> Any:
+    """The 3-D input of ``heads`` (``_heads``' tuple): its source, or a 3-D RotaryEmbedding of it (appended
+    to ``new``)."""
+    import onnx_ir as ir
+
+    source, n, _, rotary = heads
+    if rotary is None:
+        return source
+    attrs = {a.name: a.value for a in rotary.attributes.values()} | {"num_heads": n}
+    new.append(ir.node("RotaryEmbedding", [source, *rotary.inputs[1:]], attrs))
+    return new[-1].outputs[0]
+
+
+def _heads(value: Any) -> tuple | None:
+    """``(x, heads, head_dim, rotary node or None)`` when ``value`` is ``[RotaryEmbedding](Transpose(Reshape(x),
+    perm=[0, 2, 1, 3]))`` with ``x`` ``[B, S, heads * head_dim]``, read only by this chain; else None."""
+    node = value.producer()
+    rotary = None
+    if node is not None and node.op_type == "RotaryEmbedding" and "num_heads" not in node.attributes \
+            and len(node.inputs) == 3 and len(value.uses()) == 1:
+        rotary, value = node, node.inputs[0]
+        node = value.producer()
+    if node is None or node.op_type != "Transpose" or len(value.uses()) != 1 \
+            or list(node.attributes["perm"].value) != [0, 2, 1, 3]:
+        return None
+    split = node.inputs[0]
+    reshape = split.producer()
+    if reshape is None or reshape.op_type != "Reshape" or len(split.uses()) != 1:
+        return None
+    x, shape = reshape.inputs[0], split.shape
+    if x.shape is None or len(x.shape) != 3 or shape is None or len(shape) != 4 \
+            or not all(isinstance(d, int) for d in (shape[2], shape[3], x.shape[2])) or shape[2] * shape[3] != x.shape[2]:
+        return None
+    return x, shape[2], shape[3], rotary
+
+
+def _cached(value: Any) -> tuple[Any, tuple | None]:
+    """``(past, _heads(new))`` when ``value`` is ``Concat(past, new, axis=2)`` read only by this attention."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2 or len(value.uses()) != 1 \
+            or node.attributes["axis"].value not in (2, -2):
+        return None, None
+    return node.inputs[0], _heads(node.inputs[1])
+
+
+def _merged(value: Any) -> Any:
+    """The ``[B, S, heads * head_dim]`` value when ``value`` ``[B, H, S, D]`` is only read by
+    ``Reshape(Transpose(value, perm=[0, 2, 1, 3]))`` to 3-D; else None."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node = uses[0].node
+    if node.op_type != "Transpose" or list(node.attributes["perm"].value) != [0, 2, 1, 3]:
+        return None
+    uses = node.outputs[0].uses()
+    if len(uses) != 1 or uses[0].node.op_type != "Reshape" or node.outputs[0].is_graph_output():
+        return None
+    out = uses[0].node.outputs[0]
+    return out if out.shape is not None and len(out.shape) == 3 and isinstance(out.shape[2], int) else None
 
 
 def _ints(value: Any) -> list[int] | None:
