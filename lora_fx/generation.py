@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import LoraFxError
+from .exporters.backends.genai_support import right_padded
 from .exporters.format import BUILDER_KEY, DecoderLayout
 from .exporters.format import DECODER_KEY as METADATA_KEY
 from .exporters.verify.ort import available_providers, ort_session
@@ -64,9 +65,10 @@ class OnnxGenerator:
         past_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self._dtype = np.float16 if "float16" in past_type else np.float32
         overridable = [i.name for i in self.session.get_overridable_initializers()]
-        # a builder-made file (GroupQueryAttention) reads the mask as row lengths: padding only at the end
+        # a builder-made file (GroupQueryAttention) reads the mask as row lengths: padded rows are packed
         self.right_padding_only = json.loads(meta.get(BUILDER_KEY, "{}")).get("padding") == "right"
         self.extra_inputs = [n for n in names + overridable if n not in self.layout.input_names]
+        self._positions = "position_ids" in names  # a builder file with a RotaryEmbedding outside attention
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, eos_token_id=None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -102,23 +104,22 @@ class OnnxGenerator:
             [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
         pad = pad_token_id if pad_token_id is not None else (
             self.layout.pad_token_id if self.layout.pad_token_id is not None else (eos[0] if eos else 0))
-        if self.right_padding_only and not mask.all():  # left padding: each row alone, unpadded
-            kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, do_sample=do_sample, temperature=temperature,
-                      top_k=top_k, top_p=top_p, seed=seed, pad_token_id=pad, adapter=adapter, run_options=run_options)
-            rows = [self.generate(row[m.astype(bool)][None], **kw)[0, int(m.sum()):]
-                    for row, m in zip(ids, mask, strict=True)]
-            width = max(len(r) for r in rows)
-            rows = [torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows]
-            return torch.cat([torch.from_numpy(ids), torch.stack(rows)], 1)
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         extra = self._adapter(adapter)
         binding = self.session.io_binding()
         past = [self._empty(batch, shape) for k, v in self.layout.kv for shape in (k, v)]
-        step_ids, out = ids, [ids]
+        step_ids, out, last = ids, [ids], None
+        packed = self.right_padding_only and not mask.all()
+        if packed:  # GroupQueryAttention reads the mask as row lengths: each row's tokens moved to its front
+            step_ids, mask = right_padded(ids, mask)
+            last = mask.sum(1) - 1
         finished = np.zeros(batch, dtype=bool)
+        # position ids (a file that takes them): the prefill's cumsum of the mask - 1, then the tokens so far
+        positions = np.where(mask == 0, 0, mask.cumsum(-1) - 1) if self._positions else None
         for _ in range(max_new_tokens):
-            logits = self._step(binding, step_ids, mask, past, run_options, extra)
+            logits = self._step(binding, step_ids, mask, past, run_options, extra, last, positions)
+            last = None
             if do_sample:
                 nxt = _sample(logits, temperature, top_k, top_p, rng)
             else:
@@ -131,11 +132,16 @@ class OnnxGenerator:
             past = binding.get_outputs()[1:]
             step_ids = nxt[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            if packed:  # the new token right after each row's last one
+                mask = -np.sort(-mask, axis=1)
+            positions = mask.sum(1, keepdims=True) - 1 if self._positions else None
         return torch.from_numpy(np.concatenate(out, axis=1))
 
     def _step(self, binding, ids: np.ndarray, mask: np.ndarray, past: list, run_options,
-              extra: dict | None = None) -> np.ndarray:
-        """One run through I/O binding; returns the last position's logits ``[B, V]`` as numpy."""
+              extra: dict | None = None, last: np.ndarray | None = None,
+              positions: np.ndarray | None = None) -> np.ndarray:
+        """One run through I/O binding; returns the logits ``[B, V]`` at the last position (or at each
+        row's ``last`` index) as numpy."""
         import onnxruntime as ort
 
         binding.clear_binding_inputs()
@@ -144,6 +150,8 @@ class OnnxGenerator:
             binding.bind_ortvalue_input(name, value)
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
+        if positions is not None:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
         for name, value in zip(self.layout.input_names[2:], past, strict=True):
             if not isinstance(value, ort.OrtValue):
                 value = ort.OrtValue.ortvalue_from_numpy(value, self._device, 0)
@@ -152,7 +160,8 @@ class OnnxGenerator:
             binding.bind_output(name, self._device if name != "logits" else "cpu")
         self.session.run_with_iobinding(binding, run_options)
         logits = binding.get_outputs()[0].numpy()
-        return logits[:, -1].astype(np.float32)
+        at = logits[:, -1] if last is None else logits[np.arange(len(last)), last]
+        return at.astype(np.float32)
 
     def _adapter(self, adapter) -> dict:
         """The A/B OrtValues of an ORT adapter file, checked against this export's inputs."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -60,6 +61,61 @@ def test_support_follows_the_builders_table():
     assert "quantize='int8'" in gb.unsupported(tiny_llama(), quantize="int8")
 
 
+def _tiny(family: str, **kw):
+    """A tiny random Hugging Face causal LM of ``family`` (hidden 64, 4 heads of 16, 2 KV heads, vocab 160)."""
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(**{**_SIZES, **extra, **kw})
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(cfg).eval()
+
+
+_SIZES = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, vocab_size=160, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              use_cache=False)
+# family -> (config class, model class, settings); the builder's routes measured on these (docs/llm_deploy.md)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # original_max_position_embeddings 4096 by default
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(hidden_size=128)),  # partial rotary 0.5: rotary size 16
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(hidden_size=128, head_dim=32)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(head_dim=16)),
+    "hunyuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(head_dim=16)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+@genai
+def test_support_refuses_what_the_builder_builds_wrong():
+    """Refused before building: a Linear as wide as the vocabulary (the builder takes it for the LM head:
+    the zoo's Llama, vocab 128 = intermediate 128, came out 0.53 off), OLMo (its LayerNorm built as
+    RMSNorm), a rotary size GroupQueryAttention refuses; a fitting config of the same family is built."""
+    clash = _tiny("llama", vocab_size=128, intermediate_size=128)
+    assert "model.layers.0.mlp.gate_proj (Linear) is as wide as the vocabulary (128)" in gb.unsupported(clash)
+    assert "model.layers.0.self_attn.q_proj" in gb.unsupported(_tiny("llama", vocab_size=64))  # = hidden size
+    assert gb.unsupported(_tiny("llama")) is None
+    assert "LayerNorm as an RMSNorm" in gb.unsupported(_tiny("olmo"))
+    assert "rotary size 8 (head size 16 x partial_rotary_factor 0.5)" in gb.unsupported(_tiny("phi", hidden_size=64))
+    assert gb.unsupported(_tiny("phi")) is None and gb.unsupported(_tiny("nemotron")) is None
+    assert "does not support Olmo2ForCausalLM" in gb.unsupported(_tiny("olmo2"))
+
+
+def test_right_padded_moves_each_rows_tokens_to_its_front():
+    ids = np.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 0, 12]])
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1]])
+    packed, front = gb.right_padded(ids, mask)
+    assert packed.tolist() == [[5, 6, 0, 0], [7, 8, 9, 10], [11, 12, 0, 0]]
+    assert front.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]] and front.dtype == mask.dtype
+
+
 def test_not_installed_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime_genai" else real(n, *a))
@@ -106,13 +162,13 @@ def test_prove_fails_on_a_stray_change_and_on_a_structural_difference(tmp_path):
         gb.prove(built.base, built.task, adapted)
 
 
-def _lorafied(model, tmp_path):
+def _lorafied(model, tmp_path, targets=("*.q_proj", "*.v_proj")):
     import lora_fx
 
     gb.byte_level_tokenizer(96).save_pretrained(tmp_path / "tok")
     model.name_or_path = str(tmp_path / "tok")
     ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
-    lgm = lora_fx.lorafy(lora_fx.trace(model, (ids,)), ["*.q_proj", "*.v_proj"], rank=4)
+    lgm = lora_fx.lorafy(lora_fx.trace(model, (ids,)), list(targets), rank=4)
     with torch.no_grad():
         for name, p in lgm.named_parameters():
             if "lora_B" in name:
@@ -212,3 +268,41 @@ def test_a_builder_file_failing_the_checks_falls_back_and_a_zero_adapter_changes
     assert any(n.startswith("backend genai_builder: its file failed verification") for n in rep.notes)
     with pytest.raises(VerifyError, match="FAILED verification"):  # a backend the user chose is not replaced
         lora_fx.fold_and_export(lgm, str(tmp_path / "g.onnx"), kv_cache=True, backend="genai_builder")
+
+
+# the backend each tiny config takes with onnxruntime-genai 0.18 (measured: docs/llm_deploy.md); a refusal is
+# decided before building (no builder time spent), and both paths match torch on a left-padded batch
+ROUTES = {**{f: (f, {}, "genai_builder") for f in FAMILIES},
+          "olmo": ("olmo", {}, "torch_onnx"),  # the builder's LayerNorm is an RMSNorm
+          "olmo2": ("olmo2", {}, "torch_onnx"),  # not in the builder's table
+          "llama-vocab128": ("llama", dict(vocab_size=128, intermediate_size=128), "torch_onnx"),  # vocab clash
+          "phi-rotary8": ("phi", dict(hidden_size=64), "torch_onnx")}  # GroupQueryAttention refuses it
+
+
+@genai
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(ROUTES))
+def test_every_builder_family_takes_its_route_and_matches_torch(tmp_path, case):
+    import lora_fx
+    from lora_fx.exporters.decoder.capture import merged_model
+
+    family, settings, backend = ROUTES[case]
+    lgm, ids = _lorafied(_tiny(family, **settings), tmp_path,
+                         ["*.qkv_proj"] if family == "phi3" else ["*.q_proj", "*.v_proj"])
+    out = tmp_path / "out"
+    out.mkdir()
+    rep = lora_fx.fold_and_export(lgm, str(out / "model.onnx"), kv_cache=True)
+    assert rep.backend == backend and rep.verification.ok
+    if backend == "torch_onnx":
+        assert "builder" not in rep.seconds and any("'genai_builder' not used" in n for n in rep.notes)
+    assert [c.shapes[:26] for c in rep.verification.numerics][-4:] == [
+        "prefill (2, 7) left-padded", "decode step 1, past 7", "decode step 2, past 8", "decode step 3, past 9"]
+    merged = merged_model(lgm)
+    merged.generation_config.eos_token_id = None
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    padded = ids.masked_fill(mask == 0, 0)
+    want = merged.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = lora_fx.OnnxGenerator(out / "model.onnx").generate(padded, mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(got, want)
+    assert og_greedy(str(out), ids[1:], 6) == want[1].tolist()

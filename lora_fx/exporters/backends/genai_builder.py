@@ -14,16 +14,17 @@ packed q/k/v MatMul and, for int4, MatMulNBits at accuracy level 4. If its graph
 values, base and task would differ in structure and the export fails with a VerifyError naming the
 first differing node (nothing is installed).
 
-GroupQueryAttention reads the attention mask as per-row lengths: padding is only allowed at the END
-of a row (left-padded rows come out wrong, in onnxruntime-genai too); the decode checks use unpadded
-rows and :class:`lora_fx.OnnxGenerator` runs left-padded rows of such a file one at a time.
+GroupQueryAttention reads the attention mask as per-row lengths (ReduceSum) and places each row's keys
+from position 0: padding is only allowed at the END of a row (a left-padded batch fed as is comes out
+wrong, relative error ~0.5). :func:`right_padded` turns any padded batch into that form (tokens moved
+to the front, same positions); the decode checks and :class:`lora_fx.OnnxGenerator` feed builder files
+left-padded batches that way, in one batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import io
 import json
 import logging
@@ -36,59 +37,38 @@ from typing import Any
 from ...errors import ExportError, VerifyError
 from ..format import BUILDER_KEY  # metadata: the builder's settings (and "padding": "right")
 from .base import Backend, ExportRequest, ExportResult, timed
+from .genai_support import (
+    GENAI_EXTRA,
+    WRONG_GRAPHS,
+    builder_architectures,
+    right_padded,
+    right_padding_only,
+    unsupported,
+    vocab_clash,
+)
 
-__all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "GenaiBuilder", "build_pair", "builder_architectures", "byte_level_tokenizer", "explained",
-           "hf_checkpoint", "prove", "right_padding_only", "run_builder",
-           "unsupported"]
+__all__ = ["BUILDER_KEY", "GENAI_EXTRA", "Built", "GenaiBuilder", "build_pair", "builder_architectures",
+           "byte_level_tokenizer", "explained", "hf_checkpoint", "prove", "right_padded", "right_padding_only",
+           "run_builder", "unsupported", "vocab_clash", "WRONG_GRAPHS"]
 
-GENAI_EXTRA = 'pip install "lora-fx[genai]"'
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
            "query_key_value": ("q_proj", "k_proj", "v_proj")}
-
-
-def builder_architectures() -> frozenset[str]:
-    """The ``architectures[0]`` names the installed builder dispatches on (its ``create_model``)."""
-    import inspect
-
-    from onnxruntime_genai.models import builder
-
-    return frozenset(re.findall(r'architectures\[0\] == "(\w+)"', inspect.getsource(builder.create_model)))
-
-
-def unsupported(model: Any, *, quantize: Any = None, dtype: Any = None, untied: dict | None = None) -> str | None:
-    """None when the builder can build ``model`` (a Hugging Face causal LM) as asked; else why not."""
-    import torch
-
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        return f"onnxruntime-genai is not installed ({GENAI_EXTRA})"
-    config = getattr(model, "config", None)
-    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    if arch not in builder_architectures():
-        return f"the model builder does not support {arch}"
-    if dtype not in (None, torch.float32):
-        return f"dtype={dtype} on CPU (the builder's CPU precisions are fp32 and int4)"
-    if quantize is not None and not _default_int4(quantize):
-        return f"quantize={quantize!r}: the builder makes its own int4 only (quantize='int4')"
-    if untied:
-        return f"the fold untied {sorted(untied)} (an adapted tied weight): the builder would tie them again"
-    heads = getattr(config, "num_attention_heads", 0) or 1
-    head = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
-    if head % 16:
-        return f"head size {head} (ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16)"
-    return None
-
-
-def _default_int4(quantize: Any) -> bool:
-    """``"int4"`` or a config equal to lora-fx's default int4 one (the builder has its own settings)."""
-    from ..quantize import as_config
-
-    return quantize == "int4" or not isinstance(quantize, str) and as_config(quantize) == as_config("int4")
 
 
 def _plain_model(model: Any, state: dict) -> Any:
     """``type(model)(config)`` holding ``state`` (a GGUF-loaded model cannot save_pretrained itself)."""
     config = copy.deepcopy(model.config)
     config.use_cache = True
+    rope = getattr(config, "rope_parameters", None) or {}
+    if type(model).__name__ == "Phi3ForCausalLM" and rope.get("rope_type") != "longrope":
+        # the builder picks its LongRoPE Phi-3 (and fails) when the two differ; without longrope Hugging
+        # Face never reads original_max_position_embeddings (tiny configs keep its default 4096)
+        config.original_max_position_embeddings = config.max_position_embeddings
+    eps = [getattr(config, a) for a in ("layer_norm_eps", "norm_eps", "layer_norm_epsilon") if hasattr(config, a)]
+    if not hasattr(config, "rms_norm_eps") and eps:
+        # the builder reads every norm's epsilon from rms_norm_eps (else 1e-6): Phi's and Nemotron's
+        # LayerNorm eps 1e-5 was lost (relative error 0.01-0.02 on tiny configs); Hugging Face ignores the name
+        config.rms_norm_eps = eps[0]
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
@@ -307,6 +287,9 @@ class GenaiBuilder(Backend):
         _canonical(built.base, base_path, request.decoder, meta)
         config = dict(built.genai_config)
         config["model"]["decoder"]["filename"] = os.path.basename(request.staged)
+        eos, vocab = config["model"].get("eos_token_id"), config["model"].get("vocab_size")
+        if isinstance(eos, list) and vocab:  # a tokenizer class's default EOS added past the vocabulary
+            config["model"]["eos_token_id"] = [e for e in eos if e < vocab] or eos  # (og.Model refuses it)
         with open(os.path.join(request.folder, "genai_config.json"), "w") as f:
             json.dump(config, f, indent=4)
         # weights the fold changed (a zero adapter, B = 0, changes none: nothing may differ then)
@@ -329,14 +312,6 @@ class GenaiBuilder(Backend):
 def _hf_model(request: ExportRequest) -> Any:
     """The user's Hugging Face model (a decoder export's source is its KV-cache wrapper)."""
     return getattr(request.source, "decoder", request.source)
-
-
-def right_padding_only(path: str) -> bool:
-    """Whether the decoder file at ``path`` was made by the builder (padding only at the end of a row)."""
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    return json.loads(meta.get(BUILDER_KEY, "{}")).get("padding") == "right"
 
 
 def _version() -> str:

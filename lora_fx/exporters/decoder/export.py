@@ -28,7 +28,7 @@ from ...graph_module import LoraFxModule, lora_state
 from ...weights import check_materialized
 from .. import files
 from ..backends.base import DEFAULT_BACKEND
-from ..backends.genai_builder import right_padding_only
+from ..backends.genai_support import right_padding_only
 from ..format import DECODER_KEY, DecoderLayout
 from ..options import ExportOptions, ExportReport, resolve_options
 from ..steps import export_staged
@@ -73,8 +73,14 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
     def check(kv: LoraFxModule, layout: DecoderLayout, named: str, report: ExportReport) -> None:
         if not options.verify:
             return
-        checks = decode_checks(kv, named, layout, dtype=options.dtype, providers=options.providers,
-                               left_padding=not right_padding_only(named))
+        try:
+            checks = decode_checks(kv, named, layout, dtype=options.dtype, providers=options.providers,
+                                   packed=right_padding_only(named))
+        except Exception as e:  # ONNX Runtime refused to run the file (a kernel's limit): it failed verification
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise VerifyError(f"the KV-cache export for {final} FAILED verification: ONNX Runtime could not run "
+                              f"it ({short_message(e, 2)})") from e
         if options.quantize is not None:
             report.verification.notes += [f"{c.shapes}: max rel err vs fp32 torch {c.max_rel_err:.2e} "
                                           "(quantized: not enforced)" for c in checks]

@@ -34,6 +34,10 @@ __all__ = ["FolderFiles", "TOKENIZER_FILES", "folder_files", "genai_config", "in
            "write_beside"]
 
 GENAI_CONFIG = "genai_config.json"
+# onnxruntime-genai 0.18's decoder-only model types; it refuses any other ("Unsupported model_type"), and runs
+# lora-fx's file (plain decoder I/O) as its generic "decoder" type
+GENAI_TYPES = frozenset({"ernie4_5", "gemma", "gemma2", "gemma3_text", "gpt2", "granite", "llama", "mistral",
+                         "nemotron", "olmo", "phi3", "qwen2", "qwen3", "smollm3"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -97,7 +101,7 @@ def genai_config(model: Any, layout: Any, filename: str, *, share_buffer: bool =
             },
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": int(pad),
-            "type": config.model_type,
+            "type": config.model_type if config.model_type in GENAI_TYPES else "decoder",
             "vocab_size": int(layout.vocab_size),
         },
         "search": {
