@@ -10,10 +10,24 @@ next to the model's own), and passes when::
 
 (:func:`tolerance`: the looser of the model's and the file's precision). The decoder's prefill/decode
 checks and the quantized files' error measurement use the same comparison.
+
+**A model's own error.** Some graphs differ between ORT and torch by more than that with no LoRA at all:
+Longformer's and LED's sliding-window attention (long sums, chunked matmuls) come out at 1.1-1.3e-4 relative
+in fp32, for the base model's file as for the folded one. Such a file is judged against what the base model's
+file achieves: when a check misses the tolerance by at most :data:`NEAR_MISS` x, the task file with every LoRA
+initializer set to the model's own base weight (the same graph with the base weights: the base model's file;
+never weights recovered from the file, which would carry a wrong fold into the reference) is run against torch
+on the base model (``strip``) at the same inputs, and the check passes when the task's error
+is at most :data:`BASE_FACTOR` x the base's (a note says so). The fold then adds no error of its own beyond the
+model's; a file that is wrong (a fold error, a broken graph) is off by orders of magnitude, not by 1.5x. The
+global tolerance is unchanged: every other model still meets it outright.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,16 +38,18 @@ from torch.utils import _pytree as pytree
 
 from ...capture import auto_dims
 from ...dynamic_dims import asserts_values, dynamic_dims, grow_to, grown_failure, redraw
-from ...errors import ExportError, VerifyError
+from ...errors import ExportError, LoraFxError, VerifyError
 from ...graph_module import copy_module
 from ...passes.dtype import cast_inputs, float_dtype
 from .ort import available_providers, run_onnx
 from .segments import bounded_session
 
-__all__ = ["RTOL", "Errors", "NumericCheck", "check_numerics", "output_errors", "tolerance", "torch_outputs",
+__all__ = ["BASE_FACTOR", "NEAR_MISS", "RTOL", "Errors", "NumericCheck", "check_numerics", "output_errors", "tolerance", "torch_outputs",
            "variants"]
 
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+NEAR_MISS = 10.0  # a check up to this many tolerances off is compared with the base model's file (module doc)
+BASE_FACTOR = 1.5  # ... and passes within this factor of the base file's own error at the same inputs
 
 
 def tolerance(model_dtype: torch.dtype, export_dtype: torch.dtype | None = None) -> float:
@@ -51,6 +67,7 @@ class NumericCheck:
     max_abs_err: float
     max_rel_err: float  # max |ort - torch| / max |torch|
     ok: bool
+    base_rel_err: float | None = None  # the base model's file at the same inputs (measured on a near miss only)
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,71 @@ def check_numerics(lgm: fx.GraphModule, task: str, args: tuple, kwargs: dict, dt
         shapes = ", ".join(str(tuple(t.shape)) for t in pytree.tree_leaves((a, k)) if isinstance(t, torch.Tensor))
         checks.append(NumericCheck(shapes, err.max_abs, err.max_rel,
                                    err.max_rel <= rtol and len(got) == len(expected)))
+    near = [i for i, c in enumerate(checks) if not c.ok and rtol < c.max_rel_err <= NEAR_MISS * rtol]
+    if near and all(c.ok or i in near for i, c in enumerate(checks)):
+        del session  # the base file's session replaces it
+        _judge_by_base(lgm, task, [cases[i] for i in near], [checks[i] for i in near], dtype, providers, notes)
     return provider, checks
+
+
+def _judge_by_base(lgm: fx.GraphModule, task: str, cases: list, checks: list[NumericCheck], dtype: torch.dtype | None,
+                   providers: list[str], notes: list[str]) -> None:
+    """Near-miss ``checks`` pass when within :data:`BASE_FACTOR` x the base model's file (module doc)."""
+    errors = _base_errors(lgm, task, [(a, k) for a, k, _ in cases], dtype, providers)
+    if errors is None:
+        notes.append("near miss of the tolerance: the base model's file could not be made from this one to compare "
+                     "(external data, an untied copy, or a weight layout other than W and W.T)")
+        return
+    for check, base in zip(checks, errors, strict=True):
+        check.base_rel_err = base
+        check.ok = check.max_rel_err <= BASE_FACTOR * base
+        notes.append(f"at {check.shapes}: max rel err {check.max_rel_err:.2e} is over the tolerance; the base "
+                     f"model's file (same graph, base weights) has {base:.2e} against torch at the same inputs: "
+                     + (f"accepted (within {BASE_FACTOR}x: the model's own ORT-vs-torch error, not the fold's)"
+                        if check.ok else f"refused (over {BASE_FACTOR}x the base's)"))
+
+
+def _base_errors(lgm: fx.GraphModule, task: str, inputs: list[tuple[tuple, dict]], dtype: torch.dtype | None,
+                 providers: list[str]) -> list[float] | None:
+    """Max rel err, per input, of the base model's file (``task`` with each adapted initializer set to the
+    model's own base weight, not one recovered from the file) against torch on the base model (``strip``);
+    None when that file cannot be made here (external data, an untied copy, a layout other than W or W.T)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from ...graph_module import lora_state
+    from ...passes.fold import strip
+    from ..format import derived_source
+
+    weights = {br.site.weight for br in lora_state(lgm, "verify").branches}
+    model = onnx.load(task, load_external_data=False)
+    for t in model.graph.initializer:
+        source, ops = derived_source(t.name)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        if source not in weights:
+            if any(w in source for w in weights):  # fold's untied copy of an adapted weight
+                return None
+            continue
+        if ops not in ((), ("Transpose",)):
+            return None
+        w = lgm.get_parameter(source).detach().float().cpu().numpy()
+        t.CopyFrom(numpy_helper.from_array((w.T if ops else w).astype(numpy_helper.to_array(t).dtype), t.name))
+    folder = tempfile.mkdtemp(prefix="base-", dir=os.path.dirname(os.path.abspath(task)))
+    try:
+        base_file = os.path.join(folder, "base.onnx")
+        onnx.save_model(model, base_file)
+        del model
+        base = strip(lgm).eval()
+        expected = [torch_outputs(base, a, k) for a, k in inputs]
+        del base
+        session = bounded_session(base_file, providers=providers)
+        return [output_errors(run_onnx(session, *cast_inputs((a, k), dtype)), e).max_rel
+                for (a, k), e in zip(inputs, expected, strict=True)]
+    except (LoraFxError, RuntimeError, ValueError):
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def variants(args: tuple, kwargs: dict, gm: fx.GraphModule | None = None) -> list[tuple[tuple, dict]]:
