@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from .errors import LoraFxError
-from .exporters.backends.genai_support import right_padded
 from .exporters.format import BUILDER_KEY, DecoderLayout
 from .exporters.format import DECODER_KEY as METADATA_KEY
 from .exporters.verify.ort import available_providers, ort_session
@@ -112,6 +111,8 @@ class OnnxGenerator:
         step_ids, out, last = ids, [ids], None
         packed = self.right_padding_only and not mask.all()
         if packed:  # GroupQueryAttention reads the mask as row lengths: each row's tokens moved to its front
+            from .exporters.backends.genai_support import right_padded  # (import lora_fx loads no onnx)
+
             step_ids, mask = right_padded(ids, mask)
             last = mask.sum(1) - 1
         finished = np.zeros(batch, dtype=bool)
