@@ -12,6 +12,9 @@ Llama with trained-looking norms), LoRA r=8 on q/v with random B, folded. Varian
   the process start included);
 * ``builder_again``: the builder's fp32 folder timed a second time: the noise control.
 
+``LLM_DEPLOY_VARIANTS=lorafx`` (a comma list of ``lorafx``, ``lorafx_builder``) runs only those lora-fx variants
+beside the builder's (each lora-fx int4 export is two full exports on a shared 2-core machine: minutes).
+
 One thread, batch 1, interleaved rounds in one process: decode ms/token (``decode_tokens`` new tokens from
 a ``prompt``-token prompt, the first token excluded), prefill of ``prefill`` tokens, export seconds, nodes,
 MiB, and whether greedy tokens are equal (to the builder's fp32 file and to Hugging Face ``generate`` on the
@@ -197,6 +200,8 @@ def run(out: str, smoke: bool = False) -> dict[str, str]:
     try:
         for precision, q in (("fp32", None), ("int4", "int4")):
             for variant, backend in (("lorafx", "torch_onnx"), ("lorafx_builder", "genai_builder")):
+                if variant not in os.environ.get("LLM_DEPLOY_VARIANTS", "lorafx,lorafx_builder").split(","):
+                    continue
                 log(f"export {variant} {precision}")
                 e = _export_lorafx(lgm, os.path.join(work, f"{variant}_{precision}"), q, backend, tokenizer)
                 if e:

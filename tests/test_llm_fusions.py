@@ -66,6 +66,7 @@ def test_tiny_llama_decoder_is_fused_and_still_proven():
     assert ops["Expand"] <= 3  # the mask's, none repeating keys/values
     fusions = rep.export.optimization.fusions
     assert fusions["RotaryEmbedding"] == 2 * layers and fusions["Attention (grouped kv)"] == layers
+    assert fusions["Attention (3-D, past inside)"] == layers and ops["Transpose"] == 0  # no per-head layout ops
     assert rep.export.nodes < 0.5 * rep.export.optimization.nodes_before
     # the fusions saw no weight value (base and task fuse alike), and the proof by construction holds
     assert seen and all(not names for names in seen)
