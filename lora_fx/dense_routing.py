@@ -112,15 +112,27 @@ class DenseRouting(TorchFunctionMode):
 def prove_values(model: torch.nn.Module, gm: torch.nn.Module, args: tuple, kwargs: dict, tries: int = 3
                  ) -> str | None:
     """None when the captured graph equals the model on the example and on ``tries`` inputs of the same
-    shapes with other values (random token ids below the example's maximum, random floats, masks kept):
-    other routing. Else why not."""
+    shapes with other values (random token ids below the example's maximum, random floats; the last try also
+    right-pads every 0/1 mask to a random length, so index ops on a padding mask are checked too): other
+    routing. Else why not. An input the model itself cannot take (a padding mask it does not support) is
+    skipped."""
     from .dynamic_dims import redraw, runs_as_model  # dynamic_dims imports capture's helpers
 
     gen = torch.Generator().manual_seed(0)
     for k in range(tries + 1):
         inputs = (args, kwargs) if k == 0 else pytree.tree_map_only(
             torch.Tensor, lambda t: redraw(t, list(t.shape), gen), (args, kwargs))
+        if k == tries:
+            inputs = pytree.tree_map_only(torch.Tensor, lambda t: _padded(t, gen), inputs)
         why = runs_as_model(model, gm, inputs)
-        if why is not None:
+        if why is not None and not why.startswith("the model itself fails"):
             return f"{why} ({'at the example' if k == 0 else 'at other input values'})"
     return None
+
+
+def _padded(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A 2-D 0/1 mask of ones right-padded: each row keeps a random number (>= 1) of leading ones."""
+    if t.dim() != 2 or t.is_floating_point() or t.numel() == 0 or int(t.min()) != 1 or int(t.max()) != 1:
+        return t
+    keep = torch.randint(1, t.shape[1] + 1, (t.shape[0], 1), generator=gen)
+    return (torch.arange(t.shape[1]).unsqueeze(0) < keep).to(t.dtype)

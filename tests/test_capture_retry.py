@@ -72,6 +72,20 @@ class _CountingRows(nn.Module):
         return self.proj(x[rows]).mean(0)
 
 
+class _PaddedSum(nn.Module):
+    """Sums the rows a padding mask keeps: dense routing equals it only while the mask is all ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, attention_mask):
+        rows = torch.where(attention_mask.reshape(-1))[0]
+        if rows.numel() == 0:
+            return x.sum((0, 1)) * 0
+        return self.proj(x.reshape(-1, 4)[rows]).sum(0)
+
+
 def _specialized_trace(model, x, tries: int = 3):
     """torch 2.13's draft_export is not deterministic: about half its graphs fail their own assertions on the
     example (capture_retry drafts again, 4 times, then tries static shapes), so a whole trace can still fail
@@ -129,6 +143,12 @@ def test_dense_routing_that_changes_the_function_is_refused_naming_the_line():
         lora_fx.trace(model, (torch.randn(6, 4),))
 
 
+def test_dense_routing_is_proven_on_padded_masks_too():
+    x, mask = torch.randn(2, 5, 4), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(lora_fx.CaptureError, match=r"(?s)dense routing \(rung 2\) was refused: its graph differs"):
+        lora_fx.trace(_PaddedSum(), (x, mask))
+
+
 def test_a_data_dependent_branch_is_refused_by_default_with_what_to_do():
     with pytest.raises(lora_fx.CaptureError, match=r"(?s)data-dependent.*if y.sum\(\) > 0.*specialize_branches=True"):
         lora_fx.trace(_Branchy(), (torch.randn(2, 4),))
@@ -176,8 +196,9 @@ REFUSED = {
                                attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0})),
     "nystromformer": ("base", "ids", dict(num_landmarks=4, segment_means_seq_len=8, conv_kernel_size=3)),
 }
-SHIPPED = {"fsmt", "longt5"}  # measured (docs/capture.md): captured, trained, exported and verified
-NEAR_MISS = {"led", "longformer"}  # captured and trained; ORT vs torch 1.1-1.7e-4, over fp32's 1e-4: VerifyError
+BY_DEFAULT = {"longt5", "switch_transformers", "nllb-moe"}  # attention_mask=ones; dense routing (exact, proven)
+WITH_FLAG = {"fsmt", "led", "longformer"}  # draft_export: branches specialised to the example (specialize_branches)
+NEAR_MISS = {"led", "longformer"}  # ORT vs torch 1.1-1.3e-4 for the base model's file too: judged against it
 
 
 @pytest.mark.slow
@@ -187,24 +208,26 @@ def test_hf_models_torch_export_refuses(name, tmp_path):
 
     head, inputs, overrides = REFUSED[name]
     model, args, kwargs = hf(name, head, inputs, **overrides)()
-    if name not in SHIPPED | NEAR_MISS:
-        with pytest.raises(lora_fx.CaptureError, match=r"(?s)\nat .+:\d+ in \w+: "):
+    if name not in BY_DEFAULT:  # a CaptureError naming the model's line (and the flag where draft_export applies)
+        pattern = r"(?s)\nat .+:\d+ in \w+: .*specialize_branches=True" if name in WITH_FLAG else r"(?s)\nat .+:\d+ in \w+: "
+        with pytest.raises(lora_fx.CaptureError, match=pattern):
             lora_fx.trace(model, args, kwargs)
-        return
+        if name not in WITH_FLAG:
+            return
     try:
-        gm = lora_fx.trace(model, args, kwargs, specialize_branches=True)
+        gm = lora_fx.trace(model, args, kwargs, specialize_branches=name in WITH_FLAG)
     except lora_fx.CaptureError as e:
-        if name == "longt5":  # captured by the attention_mask rung, no draft_export involved
+        if name in BY_DEFAULT:
             raise
         pytest.xfail(f"torch.export.draft_export failed (not deterministic): {str(e)[:200]}")
-    kwargs = capture_of(gm).kwargs  # LongT5: the ladder added attention_mask
-    lgm = lora_fx.lorafy(gm, [s.id for s in lora_fx.sites(gm) if "linear" in s.op][:3], rank=2)
+    kwargs = capture_of(gm).kwargs  # LongT5, Switch: the ladder added attention_mask
+    experts = [s.id for s in lora_fx.sites(gm) if ".experts." in s.id]
+    assert bool(experts) == (name in ("switch_transformers", "nllb-moe"))  # the experts' linears are sites
+    lgm = lora_fx.lorafy(gm, experts or [s.id for s in lora_fx.sites(gm) if "linear" in s.op][:3], rank=2)
     randomize_lora(lgm)
     lgm.train()
     first_tensor(lgm(*args, **kwargs)).pow(2).mean().backward()
-    if name in NEAR_MISS:
-        with pytest.raises(lora_fx.VerifyError, match=r"max rel err 1\.\d+e-04 \(TOO LARGE\)"):
-            lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
-        return
     rep = lora_fx.fold_and_export(lgm.eval(), tmp_path / "m.onnx")
     assert rep.verification.ok and rep.verification.numerics
+    for c in rep.verification.numerics:  # within fp32's tolerance, or (a near miss) within 1.5x the base model's file
+        assert c.max_rel_err <= 1e-4 or (name in NEAR_MISS and c.max_rel_err <= 1.5 * c.base_rel_err)
