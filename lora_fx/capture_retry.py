@@ -188,17 +188,23 @@ def _attempt(model, args, kw, dyn, way: str, export: Callable, notes: list[str])
 def _dense(model, args, kw, dyn, export: Callable, notes: list[str]) -> Attempt:
     """Rung 2 (dense_routing.py): the capture with per-expert loops dense, accepted once proven at other values."""
     routing = DenseRouting()
-    with routing:
-        gm = export(model, args, kw, dyn)
+    try:
+        with routing:
+            gm = export(model, args, kw, dyn)
+    except Exception as e:  # the next rung (draft_export) still gets the original data-dependent guard
+        cause = e.__cause__ if isinstance(e, CaptureError) and e.__cause__ is not None else e
+        if routing.used:
+            raise _Refused(f"its capture failed: {short_message(cause, 1)[:300]}{where(cause)}") from e
+        raise _Refused(_NO_INDEX_OPS) from e
     if not routing.used:
-        raise _Refused("the model has no data-dependent index op (nonzero / torch.where(mask)) "
-                           "to make dense")
+        raise _Refused(_NO_INDEX_OPS)
     why = prove_values(model, gm, args, kw)
     if why is not None:
         raise _Refused(f"its graph differs from the model: {why}")
     return Attempt(gm, kw, dyn, [*notes, NOTE], dense=True)
 
 
+_NO_INDEX_OPS = "the model has no data-dependent index op (nonzero, torch.where(mask)) to make dense"
 _SPECIALIZE_HINT = ("\nWhat to do: rewrite that branch without reading tensor values (torch.cond, torch.where), or "
                     "trace(..., specialize_branches=True): each such branch is captured as this example takes it, "
                     "the torch graph raises on inputs that branch otherwise, but an ONNX export of it cannot check "
