@@ -191,7 +191,7 @@ def test_kv_export_goes_through_the_builder(tmp_path, quantize):
     assert any("model builder" in n for n in rep.notes) and rep.seconds["builder"] > 0
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"} <= {
         p.name for p in out.iterdir()}
-    if quantize is None:  # the decode checks ran (unpadded rows: GroupQueryAttention)
+    if quantize is None:  # the decode checks ran (a left-padded batch, fed packed: GroupQueryAttention)
         assert [c.shapes.split(",")[0] for c in rep.verification.numerics][-4:] == [
             "prefill (2", "decode step 1", "decode step 2", "decode step 3"]
         assert all(c.ok for c in rep.verification.numerics if "step" in c.shapes or "prefill" in c.shapes)
@@ -206,7 +206,7 @@ def test_kv_export_goes_through_the_builder(tmp_path, quantize):
         assert got == merged.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None,
                                       pad_token_id=0)[0].tolist()
         mask = torch.ones_like(ids)
-        mask[0, :3] = 0  # left padding: OnnxGenerator runs such rows of a builder file one at a time
+        mask[0, :3] = 0  # left padding: OnnxGenerator feeds a builder file the rows packed to the front
         padded = ids.masked_fill(mask == 0, 0)
         assert torch.equal(gen.generate(padded, mask, max_new_tokens=6, eos_token_id=[]),
                            merged.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False,
