@@ -12,7 +12,12 @@ Stages (each records ``"ok"`` or the error it raised, first line)::
 A stage after a failed one is ``"skipped"``. When ``export`` fails, the plain ``torch.onnx.export`` of the
 base model is tried, so the table can say whether the base model exports at all.
 
-    python tests/sweep.py [--only NAME,...] [--family F] [--out tests/sweep_results.json] [--readme]
+With ``--kv`` a decoder (families ``KV_FAMILIES``, causal-LM heads) that passed every stage also goes through
+``fold_and_export(lgm, path, kv_cache=True)`` (the KV-cache export: recapture with past/present, proof, ORT
+prefill + decode checks); its result is the row's ``kv_cache`` ("ok" or the error), kept across runs without
+``--kv``.
+
+    python tests/sweep.py [--only NAME,...] [--family F] [--kv] [--out tests/sweep_results.json] [--readme]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sweep_models import FAMILIES, SWEEP, SweepModel, vision_import  # noqa: E40
 import lora_fx  # noqa: E402
 
 STAGES = ("trace", "lorafy", "train", "fold", "export", "verify")
+KV_FAMILIES = ("decoder", "moe")  # causal-LM heads: the families the kv_cache=True export applies to
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_results.json")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "coverage.md")
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
@@ -54,6 +60,7 @@ class SweepResult:
     nodes: int = 0
     max_rel_err: float | None = None
     base_exports: bool | None = None  # None: not checked (export passed)
+    kv_cache: str | None = None  # the kv_cache=True export: "ok", its error, or None (not run)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
@@ -68,8 +75,11 @@ def _first_line(e: BaseException) -> str:
     return " ".join(text.split("\n")[:3])[:400]
 
 
-def run_model(entry: SweepModel, workdir: str) -> SweepResult:
-    """Runs one model through every stage; never raises (errors are recorded per stage)."""
+def run_model(entry: SweepModel, workdir: str, kv: bool = False) -> SweepResult:
+    """Runs one model through every stage; never raises (errors are recorded per stage).
+
+    ``kv``: a model of ``KV_FAMILIES`` that passed every stage is also exported with ``kv_cache=True``.
+    """
     res = SweepResult(entry.family, entry.name)
     start = time.perf_counter()
     state: dict = {}
@@ -149,8 +159,27 @@ def run_model(entry: SweepModel, workdir: str) -> SweepResult:
         stage(name, fn)
     if res.stages["export"] not in ("ok", "skipped"):
         res.base_exports = _base_exports(state, workdir)
+    if kv and res.ok and entry.family in KV_FAMILIES:
+        res.kv_cache = _kv_export(state, entry, workdir, res)
     res.seconds = round(time.perf_counter() - start, 2)
     return res
+
+
+def _kv_export(state: dict, entry: SweepModel, workdir: str, res: SweepResult) -> str:
+    """``fold_and_export(lgm, folder/model.onnx, kv_cache=True)`` of the trained module: "ok" or the error."""
+    t0 = time.perf_counter()
+    folder = os.path.join(workdir, f"{entry.family}_{entry.name}_kv")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora_fx.fold_and_export(state["lgm"], os.path.join(folder, "model.onnx"), kv_cache=True)
+        return "ok"
+    except Exception as e:  # recorded, not raised
+        if os.environ.get("SWEEP_TRACEBACK"):
+            traceback.print_exc()
+        return _first_line(e)
+    finally:
+        res.times["kv_cache"] = round(time.perf_counter() - t0, 2)
 
 
 def _base_exports(state: dict, workdir: str) -> bool:
@@ -167,7 +196,7 @@ def _base_exports(state: dict, workdir: str) -> bool:
         return False
 
 
-def run(entries: list[SweepModel], out: str | None = RESULTS, log=print) -> list[SweepResult]:
+def run(entries: list[SweepModel], out: str | None = RESULTS, log=print, kv: bool = False) -> list[SweepResult]:
     results = []
     with tempfile.TemporaryDirectory(prefix="lora_fx_sweep.") as tmp:
         for entry in entries:
@@ -176,13 +205,14 @@ def run(entries: list[SweepModel], out: str | None = RESULTS, log=print) -> list
                 if out:
                     merge(out, results[-1:])
                 continue
-            r = run_model(entry, tmp)
+            r = run_model(entry, tmp, kv=kv)
             results.append(r)
             if out:  # after every model: a sweep stopped half-way keeps what it measured
                 merge(out, [r])
             log(f"{r.family:<16} {r.name:<22} {'PASS' if r.ok else 'FAIL'} {r.seconds:6.1f}s "
                 + " ".join(f"{k}={v:.1f}" for k, v in r.times.items()) + " "
-                + ("" if r.ok else next(f"{s}: {v}" for s, v in r.stages.items() if v != "ok")))
+                + ("" if r.ok else next(f"{s}: {v}" for s, v in r.stages.items() if v != "ok"))
+                + ("" if r.kv_cache in (None, "ok") else f"kv_cache: {r.kv_cache}"))
     return results
 
 
@@ -193,7 +223,12 @@ def merge(path: str, results: list[SweepResult]) -> None:
         with open(path) as f:
             old = json.load(f)["models"]
     keys = {(r.family, r.name) for r in results}
-    rows = [o for o in old if (o["family"], o["name"]) not in keys] + [asdict(r) for r in results]
+    kept_kv = {(o["family"], o["name"]): o.get("kv_cache") for o in old}
+    new = [asdict(r) for r in results]
+    for row in new:  # a run without --kv keeps the kv_cache result of an earlier --kv run
+        if row["kv_cache"] is None and all(row["stages"].get(s) == "ok" for s in STAGES):
+            row["kv_cache"] = kept_kv.get((row["family"], row["name"]))
+    rows = [o for o in old if (o["family"], o["name"]) not in keys] + new
     order = {(m.family, m.name): i for i, m in enumerate(SWEEP)}
     rows.sort(key=lambda o: order.get((o["family"], o["name"]), 1 << 30))
     meta = {"torch": torch.__version__, "transformers": _version("transformers"), "timm": _version("timm"),
@@ -221,16 +256,25 @@ def table(path: str = RESULTS) -> str:
     lines = [f"{passed} of {len(rows)} models pass every stage (random tiny configs; torch {meta['torch']}, "
              f"transformers {meta['transformers']}, timm {meta['timm']}; `python tests/sweep.py --readme` "
              "regenerates this). A cell is ✓ or the error the stage raised; `*` LoRA on every site.", ""]
+    kv_rows = [r for r in rows if r.get("kv_cache") is not None]
+    if kv_rows:
+        lines[0] += (f" `kv_cache`: `fold_and_export(lgm, path, kv_cache=True)` of the trained module (`--kv`): "
+                     f"{sum(r['kv_cache'] == 'ok' for r in kv_rows)} of {len(kv_rows)} decoders run pass; "
+                     "empty: not run.")
     for fam in FAMILIES:
         fam_rows = [r for r in rows if r["family"] == fam]
         if not fam_rows:
             continue
+        stages = STAGES + (("kv_cache",) if any(r.get("kv_cache") for r in fam_rows) else ())
         lines += [f"**{fam}** ({sum(all(r['stages'].get(s) == 'ok' for s in STAGES) for r in fam_rows)}"
                   f"/{len(fam_rows)})", "",
-                  "| model | class | sites | " + " | ".join(STAGES) + " | ORT rel err | note |",
-                  "|---|---|---|" + "---|" * len(STAGES) + "---|---|"]
+                  "| model | class | sites | " + " | ".join(stages) + " | ORT rel err | note |",
+                  "|---|---|---|" + "---|" * len(stages) + "---|---|"]
         for r in fam_rows:
             cells = ["✓" if r["stages"].get(s) == "ok" else _cell(r["stages"].get(s, "")) for s in STAGES]
+            if len(stages) > len(STAGES):
+                kv = r.get("kv_cache")
+                cells.append("" if kv is None else "✓" if kv == "ok" else _cell(kv))
             err = f"{r['max_rel_err']:.1e}" if r.get("max_rel_err") is not None else ""
             note = _short_notes(r.get("notes") or [])
             if r.get("base_exports") is False:
@@ -281,6 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--readme", action="store_true", help="regenerate the tables of docs/coverage.md from --out")
     ap.add_argument("--no-run", action="store_true")
+    ap.add_argument("--kv", action="store_true", help="also the kv_cache=True export of decoders that pass")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -288,7 +333,7 @@ def main(argv=None) -> int:
     entries = [m for m in SWEEP if (not a.only or m.name in a.only.split(","))
                and (not a.family or m.family == a.family)]
     if not a.no_run:
-        run(entries, a.out)
+        run(entries, a.out, kv=a.kv)
     if a.readme:
         write_readme(results=a.out)
     return 0
