@@ -127,6 +127,14 @@ def test_an_expert_loop_is_captured_densely_by_default_exact_at_other_routing_an
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora_fx.lora_parameters(lgm))
 
 
+def test_an_expert_loop_on_the_meta_device_is_captured_densely_for_the_export_to_prove():
+    with torch.device("meta"):
+        model = _Experts().eval()
+    gm = _dense_trace(model, torch.randn(2, 6, 8, device="meta"))  # nothing to run: no proof at capture
+    assert sum(n.target is torch.ops.aten.index_add.default for n in gm.graph.nodes) == 3  # one per expert
+    assert len(lora_fx.sites(gm)) == 4  # the gate and the 3 experts
+
+
 @pytest.mark.slow
 def test_an_expert_loop_ships_verified_at_other_routing(tmp_path):
     model, x = _experts_example()
