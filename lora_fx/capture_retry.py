@@ -165,8 +165,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, export: Ca
                 if not data_dependent(cause):
                     break  # dense routing and draft_export only get past data-dependent guards
     head = first.__cause__ if isinstance(first, CaptureError) and first.__cause__ is not None else first
-    last = "" if cause is head else (f"\nthe retries (attention_mask=ones, dense routing, draft_export, static shapes) "
-                                     f"got further; the last failure: {short_message(cause, 3)}{where(cause)}")
+    tried = "attention_mask=ones, dense routing, " + ("draft_export, " if specialize else "") + "static shapes"
+    last = "" if cause is head else (f"\nthe retries ({tried}) got further; the last failure: "
+                                     f"{short_message(cause, 3)}{where(cause)}")
     last += "".join(f"\ndense routing (rung 2) was refused: {r}" for r in refused)
     hint = "" if specialize or not data_dependent(head) else _SPECIALIZE_HINT
     raise CaptureError(f"{first}{where(head)}{last}{hint}") from head
