@@ -492,6 +492,25 @@ MORE_MODELS += [
     SweepModel("timm", "sequencer", timm_model("sequencer2d_s", 32, layers=(1, 1, 1, 1)), ("*.mlp_channels.fc1",)),
 ]
 
+
+def _with_mask(build: Callable[[], Example]) -> Callable[[], Example]:
+    """The example with attention_mask=ones (what trace's ladder adds when the export path needs one)."""
+
+    def wrapped() -> Example:
+        model, args, kwargs = build()
+        return model, args, {**kwargs, "attention_mask": torch.ones_like(args[0])}
+
+    return wrapped
+
+
+# models torch.export refuses (per-expert MoE loops), captured by trace's dense routing (docs/capture.md)
+MORE_MODELS += [
+    _m("encoder-decoder", "switch_transformers", ["wi", "wo"], _with_mask(hf(
+        "switch_transformers", "s2s", "s2s", num_experts=4, expert_capacity=8, num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1))),
+    _m("encoder-decoder", "nllb-moe", ["fc1", "fc2"], num_experts=4, expert_capacity=8, encoder_sparse_step=1,
+       decoder_sparse_step=1),
+]
 SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS + MORE_MODELS
 FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "multimodal", "timm",
             "torchvision")
