@@ -82,6 +82,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *,
             guard), capture it as the example takes it (``torch.export.draft_export``). The torch graph raises
             on inputs that branch otherwise; an ONNX file cannot check that and computes the example's branch
             for every input, so this is off by default (a CaptureError names the line and the guard).
+            Per-expert MoE routing loops need no flag: they are captured densely (every expert on every token,
+            masked: exact; ``lora_fx/dense_routing.py``) once the graph equals the model at other inputs.
 
     Returns:
         A :class:`LoraFxModule` computing ``model(*args, **kwargs)``; its parameters are the
