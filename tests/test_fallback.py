@@ -179,6 +179,28 @@ def test_a_dynamic_export_failure_ships_a_static_file(tmp_path, monkeypatch):
                for n in rep.verification.notes)
 
 
+def test_an_export_failing_at_the_opset_the_backend_chose_is_retried_at_torchs_default(tmp_path, monkeypatch):
+    real, seen = fallback.export_onnx, []
+
+    def no_opset_23(module, path, *args, **kwargs):
+        seen.append(kwargs.get("opset"))
+        if kwargs.get("opset") == 23:
+            raise ExportError("torch.onnx.export failed: AssertionError: only 4D query, key, and value are supported")
+        return real(module, path, *args, **kwargs)
+
+    monkeypatch.setattr(fallback, "export_onnx", no_opset_23)
+    fb = Fallbacks(default_opset=23)
+    args, shapes = (torch.randn(2, 5, 8),), ({0: torch.export.Dim.AUTO},)
+    info = fb.export(_gm(), str(tmp_path / "a.onnx"), args, {}, dynamic_shapes=shapes, opset=23)
+    assert fb.applied == ["opset"] and fb.notes[0].startswith("opset: the export at opset 23")
+    assert seen == [23, None] and info.nodes > 0 and info.opset != 23  # dynamic kept: no static retry
+    fb.settled = True
+    fb.export(_gm(), str(tmp_path / "b.onnx"), args, {}, dynamic_shapes=shapes, opset=23)
+    assert seen[2:] == [None]  # the base export repeats it at once
+    with pytest.raises(ExportError, match="only 4D"):  # an opset the user asked for is not dropped
+        Fallbacks().export(_gm(), str(tmp_path / "c.onnx"), args, {}, opset=23)
+
+
 def test_when_the_retries_fail_too_the_error_explains_the_first_failure(tmp_path, monkeypatch):
     def broken(module, path, *args, **kwargs):
         if kwargs.get("dynamic_shapes") is not None:

@@ -67,6 +67,8 @@ class TorchOnnxBackend(Backend):
         # a decoder LLM at opset 23: torch writes sdpa as ONNX Attention, which llm_fusions builds on
         decoder = request.decoder is not None and o.optimize is not False
         opset = o.opset if o.opset is not None or not decoder else DECODER_OPSET
+        if opset != o.opset and not fallbacks.settled:
+            fallbacks.default_opset = opset  # chosen here, not by the user: dropped if torch fails at it
         return export_streaming(module, path, request.args, request.kwargs, dtype=o.dtype,
                                 exporter=fallbacks.export, dynamic_shapes=request.shapes, opset=opset,
                                 external_data=o.external_data, optimize=o.optimize, model_type=o.model_type,

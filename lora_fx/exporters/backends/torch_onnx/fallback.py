@@ -18,6 +18,8 @@ a note (``report.notes``), in this order:
 * ``unoptimized``: onnxscript's optimizer failed on the exported graph (ProphetNet's n-gram streams, Laguna,
   Solar-Open: constant folding of ``SplitToSequence`` under dynamic shapes, "PassError: ... at step 0"):
   the file is the exporter's graph unoptimized, its dynamic dims kept (ONNX Runtime optimizes at load);
+* ``opset``: a decoder exported at the opset the backend chose for its fusions (``default_opset``, 23:
+  llm_fusions.py) failed inside torch.onnx: exported again at torch's default opset, unfused attention;
 * ``static``: the dynamic export itself failed inside torch.onnx: the file is exported at the example
   inputs' shapes, and takes only those.
 
@@ -103,6 +105,7 @@ class Fallbacks:
     applied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settled: bool = False
+    default_opset: int | None = None  # an opset the backend chose (not the user): the "opset" retry drops it
 
     def export(self, module: fx.GraphModule, path: str, args: tuple, kwargs: dict | None = None,
                **options: Any) -> ExportInfo:
@@ -138,6 +141,8 @@ class Fallbacks:
             out["optimize"] = False
         if "static" in self.applied:
             out["dynamic_shapes"] = None
+        if "opset" in self.applied:
+            out["opset"] = None
         return out
 
     def _retry(self, text: str, options: dict[str, Any], args: tuple, kwargs: dict | None) -> bool:
@@ -148,6 +153,12 @@ class Fallbacks:
             self.notes.append(f"unoptimized: onnxscript's optimizer failed on this graph ({said}); the file is the "
                               "exporter's graph, not optimized (ONNX Runtime optimizes it when loading), with its "
                               "dynamic dims; the base export of the proof is unoptimized alike")
+            return True
+        if self.default_opset is not None and options.get("opset") == self.default_opset:
+            self.applied.append("opset")
+            self.notes.append(f"opset: the export at opset {self.default_opset} (for the decoder fusions) failed "
+                              f"inside torch.onnx ({said}); exported at torch's default opset, attention not fused; "
+                              "the base export of the proof alike")
             return True
         if options.get("dynamic_shapes") is not None and not _NO_FUNCTION.search(text):
             self.applied.append("static")
@@ -160,7 +171,7 @@ class Fallbacks:
         return False
 
 
-RETRIES = frozenset({"unoptimized", "static"})
+RETRIES = frozenset({"unoptimized", "opset", "static"})
 
 
 def _first_line(text: str) -> str:
