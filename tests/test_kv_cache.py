@@ -73,9 +73,23 @@ def test_llama_kv_export_verified_and_generates_like_hf():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "phi3", "qwen2", "qwen3", "gemma", "tied_llama"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "phi3", "qwen2", "qwen3", "gemma", "tied_llama", "mistral"])
 def test_family(name):
-    check_family(name)
+    check_family(name)  # mistral: sliding window 4 < prompt + new tokens, tokens == HF generate's
+
+
+def test_sliding_window_layers_keep_every_position():
+    """Mistral / Gemma 2-3 sliding-window layers: the KV graph's cache keeps every position (present = past +
+    new, as genai and OnnxGenerator feed it); the model's mask applies the window (test_family[mistral])."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from lora_fx.exporters.decoder.capture import full_cache, layout_of
+
+    model, _, _ = build("mistral")
+    assert {type(layer) for layer in DynamicCache(config=model.config).layers} == {DynamicSlidingWindowLayer}
+    assert [type(layer) for layer in full_cache(model.config).layers] == [DynamicLayer, DynamicLayer]
+    layout = layout_of(model)
+    assert len(layout.kv) == 2 and layout.kv[0] == ((2, 8), (2, 8))  # (kv heads, head dim) of keys and values
 
 
 @pytest.mark.slow

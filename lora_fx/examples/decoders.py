@@ -75,8 +75,15 @@ def _gemma():
     return GemmaForCausalLM(cfg), ["*.q_proj", "*.v_proj", "*.up_proj"]
 
 
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**{**_SMALL, "num_key_value_heads": 2, "sliding_window": 4})  # window < prompt + new tokens
+    return MistralForCausalLM(cfg), ["*.q_proj", "*.v_proj"]
+
+
 DECODERS = {"llama": _llama, "tied_llama": _tied_llama, "gpt2": _gpt2, "gpt_neox": _neox, "phi3": _phi3,
-            "qwen2": _qwen2, "qwen3": _qwen3, "gemma": _gemma}
+            "qwen2": _qwen2, "qwen3": _qwen3, "gemma": _gemma, "mistral": _mistral}
 
 
 def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, list]:

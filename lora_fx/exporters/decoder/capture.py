@@ -51,9 +51,7 @@ class DecoderWithCache(nn.Module):
         self.cache_arg = _cache_argument(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=self.decoder.config)
+        cache = full_cache(self.decoder.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         positions = attention_mask.long().cumsum(-1) - 1
@@ -64,6 +62,17 @@ class DecoderWithCache(nn.Module):
         if present is None:
             present = out.past_key_values
         return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
+
+
+def full_cache(config):
+    """``DynamicCache(config)`` with each sliding-window layer (Mistral, Gemma 2/3, Cohere 2) keeping every
+    position: the file's cache grows by Concat, present = past + new, as genai and OnnxGenerator feed it;
+    the model's own mask still limits attention to the window, so the outputs are the windowed ones."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -85,14 +94,14 @@ def _cache_argument(model: nn.Module) -> str:
 
 def layout_of(model: nn.Module) -> DecoderLayout:
     """Runs the model once on two tokens to read the cache shapes each layer produces."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    from transformers.cache_utils import DynamicLayer
 
     config = model.config
-    cache = DynamicCache(config=config)
+    cache = full_cache(config)
     bad = [i for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer]
     if bad:
         raise ExportError(f"kv_cache=True: layers {bad} of {type(model).__name__} use "
-                          f"{type(cache.layers[bad[0]]).__name__} (sliding-window or other special "
+                          f"{type(cache.layers[bad[0]]).__name__} (linear-attention, state-space or other special "
                           "caches), which the KV export does not support; export without kv_cache")
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
