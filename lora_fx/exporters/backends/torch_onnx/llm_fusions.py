@@ -25,6 +25,7 @@ repetition) stays as exported.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __all__ = ["DECODER_OPSET", "fuse_decoder"]
@@ -48,7 +49,13 @@ def fuse_decoder(model: Any) -> dict[str, int]:
     if any(counts.values()):
         if "com.microsoft" not in model.opset_imports and any(n.domain == "com.microsoft" for n in model.graph):
             model.opset_imports["com.microsoft"] = 1
-        common.RemoveUnusedNodesPass()(model)
+        removal = logging.getLogger("onnx_ir.passes.common.unused_removal")
+        level = removal.level
+        removal.setLevel(logging.WARNING)  # it logs each ORT op it has no schema for, with a stack, at INFO
+        try:
+            common.RemoveUnusedNodesPass()(model)
+        finally:
+            removal.setLevel(level)
         common.CommonSubexpressionEliminationPass()(model)  # one Cos(f) / Sin(f) for every layer
     return counts
 
