@@ -71,7 +71,7 @@ class DenseRouting(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self.consts[id(t)] = t
             return out
-        if func in _WHERE and len(args) == 1 and set(kwargs) <= {"as_tuple"}:
+        if func in _WHERE and len(args) == 1 and set(kwargs) <= {"as_tuple"} and args[0].dim() > 0:
             return self._dense(args[0], as_tuple=func is torch.where or bool(kwargs.get("as_tuple")))
         if func in _ADDS and len(args) >= 4:
             args = (*args[:3], self._masked(args[3], args[2], args[1]), *args[4:])
