@@ -87,7 +87,8 @@ def export_decoder(lgm: fx.GraphModule, path: str | os.PathLike, options: Export
             checks = []
         report.verification.numerics += checks
         if not all(c.ok for c in checks):
-            raise VerifyError(f"the KV-cache export for {final} FAILED verification, so nothing was "
+            bad = "; ".join(f"{c.shapes}: max rel err {c.max_rel_err:.2e}" for c in checks if not c.ok)
+            raise VerifyError(f"the KV-cache export for {final} FAILED verification ({bad}), so nothing was "
                               f"written:\n{report.verification}")
 
     final = os.path.abspath(os.fspath(path))
