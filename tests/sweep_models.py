@@ -511,6 +511,28 @@ MORE_MODELS += [
     _m("encoder-decoder", "nllb-moe", ["fc1", "fc2"], num_experts=4, expert_capacity=8, encoder_sparse_step=1,
        decoder_sparse_step=1),
 ]
+# issue #27, a wider sweep (2): families a hidden set may hold, probed outside the list above
+LINEAR_ATTN = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+                   layer_types=["linear_attention", "full_attention"])  # gated DeltaNet beside attention (Qwen3-Next)
+MORE_MODELS += [
+    _m("decoder", "minicpm3", ("q_b_proj", "kv_b_proj"), **MLA),
+    _m("decoder", "data2vec-text", BERT, is_decoder=True), _m("decoder", "xlm-roberta-xl", BERT, is_decoder=True),
+    _m("decoder", "roc_bert", BERT, is_decoder=True),
+    _m("decoder", "trocr", QKV, d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64),
+    _m("decoder", "cpmant", ["project_q", "project_v"], dim_model=32, num_heads=4, dim_head=8, dim_ff=64, num_layers=2,
+       prompt_length=4, vocab_size=200),  # a loop over the sequence: static length
+    _m("decoder", "lfm3", ["in_proj"]), _m("decoder", "zaya", ["q_proj", "k_proj"]),
+    _m("moe", "qwen3_next", QKV, **LINEAR_ATTN),
+    _m("moe", "deepseek_v2", ("q_b_proj", "kv_b_proj"), **{**MLA, "q_lora_rank": None}),  # complex-valued rotary
+    _m("encoder", "flaubert", ["q_lin", "v_lin"], emb_dim=32, n_layers=2, n_heads=4), _m("encoder", "gte", QKV),
+    _m("encoder", "layoutlm", BERT), _m("encoder", "luke", BERT, entity_vocab_size=16, entity_emb_size=16),
+    _m("encoder", "mra", BERT),
+    _m("vision", "efficientnet", ["*.expand_conv"]), _m("vision", "data2vec-vision", BERT), _m("vision", "ijepa", QKV),
+    _m("audio", "unispeech", QKV), _m("audio", "unispeech-sat", QKV),
+    _m("audio", "sew-d", ["query_proj", "value_proj"]),  # XSoftmax: an autograd.Function writing in place
+    SweepModel("multimodal", "altclip", dual("altclip"), BERT + QKV),
+    SweepModel("multimodal", "chinese_clip", dual("chinese_clip"), BERT + QKV),
+]
 SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS + MORE_MODELS
 FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "multimodal", "timm",
             "torchvision")
