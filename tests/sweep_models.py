@@ -532,6 +532,17 @@ MORE_MODELS += [
     _m("audio", "sew-d", ["query_proj", "value_proj"]),  # XSoftmax: an autograd.Function writing in place
     SweepModel("multimodal", "altclip", dual("altclip"), BERT + QKV),
     SweepModel("multimodal", "chinese_clip", dual("chinese_clip"), BERT + QKV),
+    _m("encoder", "splinter", BERT), _m("vision", "mobilenet_v1", ["convolution"]), _m("vision", "vit_msn", QKV),
+    SweepModel("audio", "wav2vec2-bert", hf_inputs("wav2vec2-bert", _features(20, 160), **AUDIO,
+                                                   feature_projection_input_dim=160), ["linear_q", "linear_v"]),
+    SweepModel("multimodal", "owlvit", dual("owlvit"), QKV), SweepModel("multimodal", "groupvit", dual("groupvit"), QKV),
+    _m("encoder", "yoso", BERT), _m("encoder", "data2vec-text", BERT), _m("encoder", "markuplm", BERT),
+    _m("encoder", "dpr", BERT), _m("encoder", "jina_embeddings_v3", QKV),
+    _m("vision", "vitdet", ["qkv"]), _m("vision", "hgnet_v2", ["convolution"]), _m("vision", "dinov3_convnext",
+                                                                                  ["pointwise_conv1"]),
+    _m("vision", "glpn", BERT, num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+       sr_ratios=[2, 1], decoder_hidden_size=16),
+    _m("vision", "swiftformer", ["point_wise_conv1"]),
 ]
 SWEEP: list[SweepModel] = HF_MODELS + VISION_MODELS + MORE_MODELS
 FAMILIES = ("decoder", "moe", "classifier", "encoder", "encoder-decoder", "vision", "audio", "multimodal", "timm",
