@@ -196,4 +196,7 @@ def bounded_session(path: str | os.PathLike[str], *, providers: list[str] | None
         proto, _ = files.load(path)
         if sum(files.stored_nbytes(t) for t in proto.graph.initializer) > budget:
             return SegmentedSession(path, budget=budget, providers=providers)
-    return ort_session(path, providers=providers, low_memory=True)
+    # log_severity 4: a run ORT refuses raises with its message, which the caller notes or raises;
+    # ORT's own ERROR log line would print it a second time (e.g. a builder file refusing a batch-2
+    # prefill with past, which the decode checks cover)
+    return ort_session(path, providers=providers, low_memory=True, log_severity=4)
