@@ -537,7 +537,7 @@ MORE_MODELS += [
                                                    feature_projection_input_dim=160), ["linear_q", "linear_v"]),
     SweepModel("multimodal", "owlvit", dual("owlvit"), QKV), SweepModel("multimodal", "groupvit", dual("groupvit"), QKV),
     _m("encoder", "yoso", BERT), _m("encoder", "data2vec-text", BERT), _m("encoder", "markuplm", BERT),
-    _m("encoder", "dpr", BERT), _m("encoder", "jina_embeddings_v3", QKV),
+    _m("encoder", "dpr", BERT), _m("encoder", "jina_embeddings_v3", QKV), _m("encoder", "ultrabert", QKV),
     _m("vision", "vitdet", ["qkv"]), _m("vision", "hgnet_v2", ["convolution"]), _m("vision", "dinov3_convnext",
                                                                                   ["pointwise_conv1"]),
     _m("vision", "glpn", BERT, num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
